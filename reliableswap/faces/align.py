@@ -1,0 +1,183 @@
+"""Face alignment (FFHQ quad, ArcFace 5-point similarity), warping, and paste-back.
+
+Coordinates are pixel ``(x, y)`` with pixel centres at integers (kornia ``align_corners=True``).
+All functions are batched: images B×3×H×W, landmarks B×68×2, matrices B×2×3.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import warp_affine
+
+from reliableswap.faces.landmarks import LEFT_EYE, RIGHT_EYE, apply_affine, invert_affine
+
+#: ArcFace (insightface) 5-point template for 112×112: right eye, left eye, nose, mouth corners.
+ARCFACE_112 = torch.tensor(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+
+#: FFHQ 5-point template for 512×512 crops (eye centres, nose tip, mouth corners), as used by
+#: GFPGAN/facexlib for FFHQ-aligned faces. Where the FFHQ quad puts an average face's points.
+FFHQ_512 = torch.tensor(
+    [[192.98138, 239.94708], [318.90277, 240.19360], [256.63416, 314.01935],
+     [201.26117, 371.41043], [313.08905, 371.15118]]
+)
+
+ALIGN_MODES = ("ffhq", "arcface")
+
+
+def five_points(landmarks: torch.Tensor) -> torch.Tensor:
+    """B×68×2 → B×5×2: right-eye centre, left-eye centre, nose tip, right and left mouth corners."""
+    return torch.stack(
+        [
+            landmarks[:, RIGHT_EYE].mean(1),
+            landmarks[:, LEFT_EYE].mean(1),
+            landmarks[:, 30],
+            landmarks[:, 48],
+            landmarks[:, 54],
+        ],
+        1,
+    )
+
+
+def similarity_lstsq(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares 2D similarity (rotation, uniform scale, translation; no reflection).
+
+    Solved in closed form with complex numbers: ``dst ≈ a·src + b``.
+
+    Args:
+        src: B×N×2 points.
+        dst: B×N×2 or N×2 target points.
+        weights: N or B×N non-negative weights (default 1).
+    Returns:
+        B×2×3 matrices mapping ``src`` to ``dst``.
+    """
+    dst = dst.to(src).expand_as(src)
+    w = torch.ones(src.shape[:2], dtype=src.dtype, device=src.device) if weights is None else \
+        weights.to(src).expand(src.shape[:2])
+    w = w / w.sum(1, keepdim=True)
+    zs = torch.complex(src[..., 0], src[..., 1])
+    zd = torch.complex(dst[..., 0], dst[..., 1])
+    ms = (w * zs).sum(1, keepdim=True)
+    md = (w * zd).sum(1, keepdim=True)
+    zs_c, zd_c = zs - ms, zd - md
+    a = (w * zs_c.conj() * zd_c).sum(1) / (w * zs_c.abs() ** 2).sum(1).clamp_min(1e-12)
+    b = md.squeeze(1) - a * ms.squeeze(1)
+    row0 = torch.stack([a.real, -a.imag, b.real], -1)
+    row1 = torch.stack([a.imag, a.real, b.imag], -1)
+    return torch.stack([row0, row1], -2)
+
+
+def ffhq_transform(landmarks: torch.Tensor, size: int) -> torch.Tensor:
+    """Image → crop matrices of the FFHQ recipe (NVlabs ffhq-dataset ``recreate_aligned_images``).
+
+    The oriented square ("quad") comes from the eye and mouth centres; its edges map onto the
+    ``size``×``size`` crop's edges.
+
+    Args:
+        landmarks: B×68×2 image pixels.
+        size: crop side in pixels.
+    Returns:
+        B×2×3 matrices (image → crop).
+    """
+    lm = landmarks.to(torch.float64)
+    eye_r, eye_l = lm[:, RIGHT_EYE].mean(1), lm[:, LEFT_EYE].mean(1)
+    eye_avg = (eye_r + eye_l) / 2
+    eye_to_eye = eye_l - eye_r
+    mouth_avg = (lm[:, 48] + lm[:, 54]) / 2
+    eye_to_mouth = mouth_avg - eye_avg
+    # x = eye_to_eye - flipud(eye_to_mouth) * [-1, 1]
+    x = eye_to_eye - torch.stack([-eye_to_mouth[:, 1], eye_to_mouth[:, 0]], -1)
+    x = x / x.norm(dim=-1, keepdim=True)
+    x = x * torch.maximum(eye_to_eye.norm(dim=-1) * 2.0, eye_to_mouth.norm(dim=-1) * 1.8).unsqueeze(-1)
+    y = torch.stack([-x[:, 1], x[:, 0]], -1)
+    c = eye_avg + eye_to_mouth * 0.1
+    # p = c + u x + v y, u, v ∈ [-1, 1]  →  crop edge coords (size/2)(1+u, 1+v); centres −0.5.
+    half = size / 2.0
+    rows = torch.stack([x / x.norm(dim=-1, keepdim=True) ** 2, y / y.norm(dim=-1, keepdim=True) ** 2], 1) * half
+    t = half - 0.5 - (rows @ c.unsqueeze(-1)).squeeze(-1)
+    return torch.cat([rows, t.unsqueeze(-1)], -1).to(landmarks.dtype)
+
+
+def arcface_transform(landmarks: torch.Tensor, size: int) -> torch.Tensor:
+    """Image → crop matrices aligning the 5 points to the ArcFace template scaled to ``size``."""
+    dst = (ARCFACE_112.to(landmarks) + 0.5) * (size / 112.0) - 0.5
+    return similarity_lstsq(five_points(landmarks), dst)
+
+
+def align_transform(landmarks: torch.Tensor, size: int, mode: str = "ffhq") -> torch.Tensor:
+    """Dispatch to :func:`ffhq_transform` or :func:`arcface_transform`."""
+    if mode == "ffhq":
+        return ffhq_transform(landmarks, size)
+    if mode == "arcface":
+        return arcface_transform(landmarks, size)
+    raise ValueError(f"unknown alignment {mode!r} (one of {ALIGN_MODES})")
+
+
+def template_points(mode: str, size: int) -> torch.Tensor:
+    """5×2 template positions (eyes, nose, mouth corners) of an aligned ``size`` crop."""
+    base, side = (FFHQ_512, 512.0) if mode == "ffhq" else (ARCFACE_112, 112.0)
+    return (base + 0.5) * (size / side) - 0.5
+
+
+def affine_scale(m: torch.Tensor) -> torch.Tensor:
+    """Uniform scale of B×2×3 similarity matrices (sqrt of |det|)."""
+    return m[..., :2].det().abs().sqrt()
+
+
+def warp_faces(image: torch.Tensor, m: torch.Tensor, size: int, padding_mode: str = "reflection") -> torch.Tensor:
+    """Warp faces out of images with image→crop matrices, antialiased when shrinking.
+
+    Args:
+        image: 1×C×H×W (shared by all faces) or B×C×H×W.
+        m: B×2×3 image → crop matrices.
+        size: crop side.
+        padding_mode: kornia padding outside the image (``reflection``, ``border``, ``zeros``).
+    Returns:
+        B×C×size×size.
+    """
+    b = m.shape[0]
+    s = float(affine_scale(m).max())
+    if s < 0.75:
+        # Shrink once with an antialiased resize so the bilinear sampler does not alias.
+        f = min(1.0, s * 1.5)
+        h, w = image.shape[-2:]
+        nh, nw = max(1, round(h * f)), max(1, round(w * f))
+        image = F.interpolate(image, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        sx, sy = (nw / w), (nh / h)
+        # small = S · big with pixel centres: x_s = (x_b + 0.5) sx − 0.5
+        scale = torch.tensor([[1 / sx, 0, 0.5 / sx - 0.5], [0, 1 / sy, 0.5 / sy - 0.5], [0, 0, 1]], dtype=m.dtype, device=m.device)
+        m = m @ scale
+    if image.shape[0] == 1 and b > 1:
+        image = image.expand(b, -1, -1, -1)
+    return warp_affine(image, m.to(image.dtype), (size, size), mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
+def paste_back(image: torch.Tensor, face: torch.Tensor, inverse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return aligned faces into their images.
+
+    Args:
+        image: B×3×H×W originals.
+        face: B×3×S×S aligned faces (edited or not).
+        inverse: B×2×3 crop → image matrices (as stored in faces.jsonl).
+        mask: B×1×S×S soft mask in crop space (1 = take the face).
+    Returns:
+        B×3×H×W composite.
+    """
+    h, w = image.shape[-2:]
+    fw = warp_affine(face, inverse.to(face.dtype), (h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
+    mw = warp_affine(mask.to(face.dtype), inverse.to(face.dtype), (h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return fw * mw + image * (1 - mw)
+
+
+def transform_points(points: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """B×K×2 points through B×2×3 matrices (re-exported for callers of this module)."""
+    return apply_affine(points, m)
+
+
+__all__ = [
+    "ALIGN_MODES", "ARCFACE_112", "FFHQ_512", "affine_scale", "align_transform", "arcface_transform",
+    "ffhq_transform", "five_points", "invert_affine", "paste_back", "similarity_lstsq", "template_points",
+    "transform_points", "warp_faces",
+]

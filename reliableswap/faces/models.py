@@ -1,0 +1,40 @@
+"""Where model weights live, with errors that name the missing file."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DLIB_FILES = {
+    "landmarks68": "shape_predictor_68_face_landmarks.dat",
+    "landmarks5": "shape_predictor_5_face_landmarks.dat",
+    "cnn_detector": "mmod_human_face_detector.dat",
+    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
+}
+
+
+class MissingWeightsError(RuntimeError):
+    """A weights file is not where it must be; the message names the file and how to get it."""
+
+
+def dlib_models_dir() -> Path:
+    """The ``models/`` folder of the ``face_recognition_models`` package.
+
+    Located with importlib without importing the package: its ``__init__`` imports
+    ``pkg_resources``, which recent setuptools no longer ships.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise MissingWeightsError(
+            "dlib model files not found: install the 'face_recognition_models' package "
+            "(pip install face_recognition_models)"
+        )
+    return Path(spec.origin).parent / "models"
+
+
+def dlib_model(name: str) -> Path:
+    """Path of one dlib model file (``name`` a key of :data:`DLIB_FILES`)."""
+    path = dlib_models_dir() / DLIB_FILES[name]
+    if not path.is_file():
+        raise MissingWeightsError(f"dlib model file missing: {path}")
+    return path

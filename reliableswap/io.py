@@ -1,0 +1,211 @@
+"""Robust image and video reading, image encoding, tensor conversion, atomic writes.
+
+This is the numpy/OpenCV edge of the project: everything past it works on tensors.
+Every failure to read an input raises :class:`InputError` whose message is a one-line reason
+suitable for ``rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl  # noqa: F401
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+#: Smallest image side we try to find a face in.
+MIN_IMAGE_SIDE = 32
+#: JPEGs are decoded at a reduced DCT scale while the long side stays at least this big.
+DECODE_MIN_SIDE = 2048
+
+# 8000×8000 (64 MP) is legitimate input; refuse only absurd sizes (decompression bombs).
+Image.MAX_IMAGE_PIXELS = 300_000_000
+
+
+class InputError(Exception):
+    """An input that cannot be used. ``str(err)`` is a one-line reason."""
+
+
+def _sniff(path: Path) -> str:
+    head = path.open("rb").read(64).lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<svg")):
+        return "not an image: file contains HTML/XML text"
+    if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "not an image: file contains plain text"
+    return "not an image: unknown or unsupported format"
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale integer/float arrays of any bit depth to uint8."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return np.clip(arr.astype(np.float32) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    a = arr.astype(np.float32)
+    hi = 1.0 if a.max(initial=0) <= 1.0 else float(a.max())
+    return np.clip(a * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode → H×W×3 uint8 RGB. Alpha is dropped (transparent pixels keep their colour)."""
+    mode = img.mode
+    if mode in ("RGB",):
+        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        gray = _to_uint8(np.asarray(img))
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "CMYK":
+        return np.asarray(img.convert("RGB"))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"))[..., :3].copy()
+    return np.asarray(img.convert("RGB"))
+
+
+def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE) -> tuple[np.ndarray, float]:
+    """Read an image file as upright RGB.
+
+    Handles EXIF orientation, CMYK, grayscale, palette, alpha, 16-bit and float TIFF/PNG.
+    Large JPEGs are decoded at a reduced DCT scale (long side stays >= ``min_side``).
+
+    Returns:
+        ``(rgb, scale)``: ``rgb`` H×W×3 uint8, and ``scale`` = original pixels per decoded pixel
+        (1.0 unless the JPEG was decoded reduced), so original coordinates are ``xy * scale``.
+
+    Raises:
+        InputError: with a one-line reason (empty, not an image, corrupt/truncated, too small).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror})") from None
+    if size == 0:
+        raise InputError("empty file (0 bytes)")
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise InputError(_sniff(path)) from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image too large to decode safely ({e})") from None
+    except OSError as e:
+        raise InputError(f"cannot open image ({e})") from None
+    with img:
+        w0, h0 = img.size
+        if min(w0, h0) < MIN_IMAGE_SIDE:
+            raise InputError(f"image too small ({w0}x{h0} px, need >= {MIN_IMAGE_SIDE} px a side)")
+        if img.format == "JPEG" and max(w0, h0) >= 2 * min_side:
+            k = 1
+            while max(w0, h0) // (k * 2) >= min_side and k < 8:
+                k *= 2
+            if k > 1:
+                img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else "RGB", (w0 // k, h0 // k))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"corrupt image: {msg}") from None
+        scale = w0 / img.size[0]
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # broken EXIF block: keep the stored orientation
+            pass
+        rgb = _pil_to_rgb(img)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InputError(f"unsupported pixel layout {rgb.shape}")
+    return np.ascontiguousarray(rgb), float(scale)
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
+def iter_video_frames(path: str | os.PathLike, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(frame_index, rgb)`` for every ``every``-th frame, in order, decoding sequentially.
+
+    Raises:
+        InputError: the file cannot be opened as a video or holds no frame.
+    """
+    if every < 1:
+        raise ValueError("every must be >= 1")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise InputError("cannot open video (unsupported codec or not a video)")
+    try:
+        idx, got_any = 0, False
+        while True:
+            if not cap.grab():
+                break
+            got_any = True
+            if idx % every == 0:
+                ok, bgr = cap.retrieve()
+                if ok and bgr is not None:
+                    yield idx, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            idx += 1
+        if not got_any:
+            raise InputError("video holds no decodable frame")
+    finally:
+        cap.release()
+
+
+def encode_image(rgb: np.ndarray, ext: str = ".png", quality: int = 95) -> bytes:
+    """Encode H×W×3 uint8 RGB (or H×W gray) to bytes with OpenCV (``.png``, ``.jpg``, ``.webp``)."""
+    ext = ext.lower()
+    arr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    params: list[int] = []
+    if ext in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    elif ext == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    elif ext == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
+    ok, buf = cv2.imencode(ext, arr, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {ext}")
+    return buf.tobytes()
+
+
+def save_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> Path:
+    """Encode and write an RGB uint8 image atomically (format from the suffix)."""
+    path = Path(path)
+    return atomic_write_bytes(path, encode_image(rgb, path.suffix, quality))
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Fast read of a file this project wrote (no EXIF/mode handling): H×W×3 uint8 RGB."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InputError(f"cannot read image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def to_tensor(rgb: np.ndarray | list[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
+    """H×W×3 uint8 (or a list of same-size ones) → B×3×H×W float32 in [0, 1]."""
+    arr = np.stack(rgb) if isinstance(rgb, list) else rgb[None]
+    t = torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(device=device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """B×3×H×W float in [0, 1] → B×H×W×3 uint8 (on the CPU)."""
+    x = images.detach().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

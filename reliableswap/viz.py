@@ -1,0 +1,55 @@
+"""Contact sheets for people to look at (numpy/OpenCV edge)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from reliableswap.io import load_rgb, save_image
+
+
+def _label(img: np.ndarray, lines: list[str]) -> np.ndarray:
+    out = img.copy()
+    scale = max(0.35, img.shape[1] / 640)
+    y = int(14 * scale / 0.45)
+    for line in lines:
+        cv2.putText(out, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        y += int(16 * scale / 0.45)
+    return out
+
+
+def draw_landmarks(img: np.ndarray, lm: np.ndarray, color=(0, 255, 0)) -> np.ndarray:
+    out = img.copy()
+    r = max(1, img.shape[0] // 200)
+    for x, y in np.asarray(lm):
+        cv2.circle(out, (int(round(x)), int(round(y))), r, color, -1, cv2.LINE_AA)
+    return out
+
+
+def grid(tiles: list[np.ndarray], cols: int) -> np.ndarray:
+    """Tile same-size H×W×3 images row-major into one image."""
+    h, w = tiles[0].shape[:2]
+    rows = math.ceil(len(tiles) / cols)
+    sheet = np.full((rows * h, cols * w, 3), 32, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+    return sheet
+
+
+def faces_sheet(folder: Path, records: list[dict], out: Path, n: int = 16, tile: int = 192) -> Path:
+    """Aligned crops with their landmarks and pose, ``n`` at most, 4 a row."""
+    tiles = []
+    for r in records[:n]:
+        img = load_rgb(folder / r["image"])
+        img = draw_landmarks(img, r["landmarks68"])
+        img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
+        p = r["pose"]
+        tiles.append(_label(img, [r["id"][:26], f"yaw {p['yaw']:.0f} pitch {p['pitch']:.0f} roll {p['roll']:.0f}"]))
+    if not tiles:
+        raise ValueError("no faces to show")
+    return save_image(out, grid(tiles, min(4, len(tiles))))
