@@ -140,7 +140,9 @@ class FaceProcessor:
         """Returns ``(records, crops, reason)``; ``reason`` is set when no face is kept."""
         from kornia.filters import laplacian
 
-        from reliableswap.faces.align import align_transform, invert_affine, transform_points, warp_faces
+        import cv2
+
+        from reliableswap.faces.align import affine_scale, align_transform, invert_affine, transform_points, warp_faces
         from reliableswap.faces.pose import head_pose
 
         cfg = self.cfg
@@ -166,9 +168,16 @@ class FaceProcessor:
         m = align_transform(lm_t, cfg.size, cfg.align)
         # Convert only the region the crops cover (big photos, small faces), shifting the matrices.
         x0, y0, x1, y1 = crop_region(m, cfg.size, rgb.shape[1], rgb.shape[0])
-        img = to_tensor(rgb[y0:y1, x0:x1], self.device)
-        shift = torch.tensor([[1, 0, x0], [0, 1, y0], [0, 0, 1]], dtype=m.dtype, device=m.device)
-        crops_t = warp_faces(img, (m @ shift).float(), cfg.size)
+        roi = rgb[y0:y1, x0:x1]
+        # roi pixel → image pixel: x + x0 (then, if shrunk by f, small → roi: (x + 0.5) / f − 0.5)
+        pre = torch.tensor([[1, 0, x0], [0, 1, y0], [0, 0, 1]], dtype=m.dtype, device=m.device)
+        f = min(1.0, 1.5 * float(affine_scale(m).max()))
+        if f < 0.9:  # shrink once with INTER_AREA here, at the numpy edge (cheaper than in torch)
+            roi = cv2.resize(roi, (max(1, round(roi.shape[1] * f)), max(1, round(roi.shape[0] * f))), interpolation=cv2.INTER_AREA)
+            fx, fy = (x1 - x0) / roi.shape[1], (y1 - y0) / roi.shape[0]
+            pre = pre @ torch.tensor([[fx, 0, 0.5 * fx - 0.5], [0, fy, 0.5 * fy - 0.5], [0, 0, 1]], dtype=m.dtype, device=m.device)
+        img = to_tensor(roi, self.device)
+        crops_t = warp_faces(img, (m @ pre).float(), cfg.size)
         lm_crop = transform_points(lm_t, m)
         pose = head_pose(lm_t)
         sharp = laplacian(crops_t.mean(1, keepdim=True), 3).flatten(1).var(1) * 1e3

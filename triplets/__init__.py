@@ -14,9 +14,13 @@ from triplets.schema import (
     SchemaError,
     check_record,
 )
+from triplets.layout import FILES, TYPE_TABLE
 from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 __all__ = [
+    "FILES",
+    "TYPE_TABLE",
+    "TripletDataset",
     "FACES_SCHEMA",
     "PAIRS_SCHEMA",
     "MANIFEST_SCHEMA",
@@ -29,3 +33,12 @@ __all__ = [
     "atomic_write_jsonl",
     "read_jsonl",
 ]
+
+
+def __getattr__(name: str):
+    # torch is imported only when the dataset is asked for
+    if name == "TripletDataset":
+        from triplets.dataset import TripletDataset
+
+        return TripletDataset
+    raise AttributeError(name)

@@ -139,7 +139,7 @@ def warp_faces(image: torch.Tensor, m: torch.Tensor, size: int, padding_mode: st
     """
     b = m.shape[0]
     s = float(affine_scale(m).max())
-    if s < 0.75:
+    if s < 0.6:
         # Shrink once with an antialiased resize so the bilinear sampler does not alias.
         f = min(1.0, s * 1.5)
         h, w = image.shape[-2:]

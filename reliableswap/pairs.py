@@ -1,0 +1,82 @@
+"""Pairing faces for triplets: random or pose-aware, never one identity with itself.
+
+Two faces are the same identity when both carry the same ``identity`` label, or, when both have
+dlib embeddings, when their descriptor distance is below 0.6 (dlib's threshold). Deterministic
+for a seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reliableswap.faces.embed import SAME_PERSON_DISTANCE
+from triplets.schema import PAIRS_SCHEMA
+
+
+def same_identity_matrix(faces: list[dict], threshold: float = SAME_PERSON_DISTANCE) -> np.ndarray:
+    """N×N bool: True where two faces are (or may be) the same person; the diagonal is True."""
+    n = len(faces)
+    same = np.eye(n, dtype=bool)
+    labels = [f.get("identity") for f in faces]
+    for i in range(n):
+        if labels[i] is not None:
+            same[i] |= np.array([labels[i] == l for l in labels])
+    if all("embedding" in f for f in faces) and n:
+        e = np.asarray([f["embedding"] for f in faces], np.float32)
+        d = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
+        same |= d < threshold
+    return same
+
+
+def pose_vector(f: dict) -> np.ndarray:
+    p = f["pose"]
+    return np.array([p["yaw"], p["pitch"], p["roll"]], np.float64)
+
+
+def make_pairs(
+    faces: list[dict], n: int | None = None, strategy: str = "pose", max_yaw_diff: float = 20.0,
+    seed: int = 0, k_nearest: int = 5,
+) -> list[dict]:
+    """Pick ``n`` pairs (default: one per face) of different identities.
+
+    ``random``: any partner of another identity. ``pose``: partners within ``max_yaw_diff`` degrees
+    of yaw, drawn among the ``k_nearest`` by pose distance (yaw, pitch, roll), so similar head
+    poses are preferred. Faces without an eligible partner are skipped. Each unordered pair is
+    used once.
+    """
+    if strategy not in ("random", "pose"):
+        raise ValueError(f"unknown strategy {strategy!r} (random or pose)")
+    rng = np.random.default_rng(seed)
+    m = len(faces)
+    if m < 2:
+        return []
+    same = same_identity_matrix(faces)
+    poses = np.stack([pose_vector(f) for f in faces])
+    dpose = np.sqrt(((poses[:, None] - poses[None]) ** 2).sum(-1))
+    yawd = np.abs(poses[:, None, 0] - poses[None, :, 0])
+    eligible = ~same
+    if strategy == "pose":
+        eligible &= yawd <= max_yaw_diff
+    want = m if n is None else n
+    order = rng.permutation(m)
+    used: set[tuple[int, int]] = set()
+    pairs: list[dict] = []
+    rounds = 0
+    while len(pairs) < want and rounds < max(1, (want + m - 1) // m) + 2:
+        rounds += 1
+        for a in order:
+            if len(pairs) >= want:
+                break
+            cand = [int(b) for b in np.flatnonzero(eligible[a]) if (min(a, b), max(a, b)) not in used]
+            if not cand:
+                continue
+            if strategy == "pose":
+                cand = sorted(cand, key=lambda b: (dpose[a, b], b))[:k_nearest]
+            b = int(rng.choice(cand))
+            used.add((min(a, b), max(a, b)))
+            pairs.append({
+                "schema": PAIRS_SCHEMA, "a": faces[a]["id"], "b": faces[b]["id"],
+                "pose_delta": {k: round(float(poses[b, i] - poses[a, i]), 2) for i, k in enumerate(("yaw", "pitch", "roll"))},
+                "seed": seed,
+            })
+    return pairs

@@ -1,0 +1,90 @@
+"""Blending a face into a target: batched multi-band (Laplacian pyramid), or Poisson (OpenCV)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    """Gaussian 5-tap blur then 2× decimation (Burt–Adelson REDUCE)."""
+    x = gaussian_blur2d(x, (5, 5), (1.0, 1.0), border_type="reflect")
+    return x[..., ::2, ::2]
+
+
+def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """EXPAND to ``size`` (bilinear, then the same Gaussian)."""
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return gaussian_blur2d(x, (5, 5), (1.0, 1.0), border_type="reflect")
+
+
+def gaussian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """``levels`` images, full size first (B×C×H×W each)."""
+    pyr = [x]
+    for _ in range(levels - 1):
+        pyr.append(_down(pyr[-1]))
+    return pyr
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Band-pass levels, then the low-pass residual; :func:`collapse` inverts it exactly."""
+    g = gaussian_pyramid(x, levels)
+    return [g[i] - _up(g[i + 1], g[i].shape[-2:]) for i in range(levels - 1)] + [g[-1]]
+
+
+def collapse(lap: list[torch.Tensor]) -> torch.Tensor:
+    x = lap[-1]
+    for band in reversed(lap[:-1]):
+        x = _up(x, band.shape[-2:]) + band
+    return x
+
+
+def max_levels(h: int, w: int, smallest: int = 4) -> int:
+    n = 1
+    while min(h, w) >> n >= smallest:
+        n += 1
+    return n
+
+
+def multiband_blend(fg: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor, levels: int = 6) -> torch.Tensor:
+    """Multi-band blend (Burt & Adelson): each frequency band mixed with a mask blurred to its scale.
+
+    Args:
+        fg, bg: B×C×H×W images.
+        mask: B×1×H×W in [0, 1] (1 = foreground).
+        levels: pyramid levels (clipped to what the size allows).
+    Returns:
+        B×C×H×W. Mask 1 everywhere gives ``fg`` and mask 0 gives ``bg`` (up to float rounding).
+    """
+    levels = max(1, min(levels, max_levels(*fg.shape[-2:])))
+    lf, lb = laplacian_pyramid(fg, levels), laplacian_pyramid(bg, levels)
+    gm = gaussian_pyramid(mask.to(fg.dtype), levels)
+    return collapse([m * f + (1 - m) * b for f, b, m in zip(lf, lb, gm)])
+
+
+def poisson_blend(fg: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Poisson (gradient-domain) blending with OpenCV's seamlessClone, one image at a time.
+
+    Args as :func:`multiband_blend`; the mask is thresholded at 0.5.
+    """
+    from reliableswap.io import to_tensor, to_uint8
+
+    out = []
+    f8, b8 = to_uint8(fg), to_uint8(bg)
+    m8 = (mask[:, 0] > 0.5).to(torch.uint8).mul(255).cpu().numpy()
+    for f, b, m in zip(f8, b8, m8):
+        m = m.copy()
+        m[[0, -1], :] = 0
+        m[:, [0, -1]] = 0  # seamlessClone needs the region inside the frame
+        ys, xs = np.nonzero(m)
+        if len(xs) == 0:
+            out.append(b)
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        centre = (int((x0 + x1 + 1) // 2), int((y0 + y1 + 1) // 2))
+        res = cv2.seamlessClone(np.ascontiguousarray(f[..., ::-1]), np.ascontiguousarray(b[..., ::-1]), m, centre, cv2.NORMAL_CLONE)
+        out.append(res[..., ::-1])
+    return to_tensor(list(out), fg.device).to(fg.dtype)

@@ -1,0 +1,178 @@
+"""The synthesis pipeline: reenact → appearance → blend → reshape, from a recipe, batched.
+
+For a batch of pairs (a, b) one call renders both fakes: ``st`` (a's identity on b) and ``ts``
+(b's identity on a), by running the chain on the identity batch [a; b] against the attribute
+batch [b; a].
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reliableswap.faces.masks import face_mask
+from reliableswap.synth import appearance, blend
+from reliableswap.synth.reenact import load_reenactor
+from reliableswap.synth.reshape import reshape
+
+
+@dataclass
+class ReenactCfg:
+    backend: str = "tps"  # or "package.module:Class" implementing synth.reenact.Reenactor
+    identity_layout: float = 1.0
+
+
+@dataclass
+class AppearanceCfg:
+    method: str = "lct"  # none | reinhard | lct | sot
+
+
+@dataclass
+class BlendCfg:
+    method: str = "multiband"  # multiband | poisson
+    levels: int = 6
+    forehead: float = 0.2
+    feather: float = 0.03
+    erode: float = 0.04  # shrink the blend region by this fraction of face size
+
+
+@dataclass
+class ReshapeCfg:
+    enabled: bool = True
+    strength: float = 1.0
+
+
+@dataclass
+class QCCfg:
+    enabled: bool = False
+    min_id_margin: float | None = None
+
+
+@dataclass
+class PairsCfg:
+    strategy: str = "pose"
+    n: int | None = None
+    max_yaw_diff: float = 30.0
+    seed: int = 0
+
+
+@dataclass
+class OutputCfg:
+    format: str = "folder"  # folder | webdataset
+    quality: int = 95
+    shard_size: int = 1000
+
+
+@dataclass
+class Recipe:
+    """Every knob of a triplet run; written next to the outputs as ``recipe.resolved.toml``."""
+
+    name: str = "cycle"
+    pairs: PairsCfg = field(default_factory=PairsCfg)
+    reenact: ReenactCfg = field(default_factory=ReenactCfg)
+    appearance: AppearanceCfg = field(default_factory=AppearanceCfg)
+    blend: BlendCfg = field(default_factory=BlendCfg)
+    reshape: ReshapeCfg = field(default_factory=ReshapeCfg)
+    qc: QCCfg = field(default_factory=QCCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            if f.name == "name":
+                kw["name"] = d["name"]
+                continue
+            sub = f.default_factory()  # type: ignore[misc]
+            known = {x.name for x in fields(sub)}
+            extra = set(d[f.name]) - known
+            if extra:
+                raise ValueError(f"recipe [{f.name}] has unknown keys {sorted(extra)} (known: {sorted(known)})")
+            kw[f.name] = type(sub)(**d[f.name])
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Recipe":
+        if path is None:
+            return cls()
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        def val(v: Any) -> str:
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, str):
+                return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return repr(v)
+
+        d = self.to_dict()
+        lines = [f"name = {val(d.pop('name'))}"]
+        for sec, kv in d.items():
+            lines.append(f"\n[{sec}]")
+            lines += [f"{k} = {val(v)}" for k, v in kv.items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+
+class Synthesizer:
+    """Renders fakes from aligned crops with 68 landmarks (crop pixels), on the crops' device."""
+
+    def __init__(self, recipe: Recipe):
+        self.r = recipe
+        self.reenactor = load_reenactor(recipe.reenact.backend, identity_layout=recipe.reenact.identity_layout) \
+            if recipe.reenact.backend in (None, "", "tps") else load_reenactor(recipe.reenact.backend)
+
+    def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Soft region where the reenacted face replaces the target (B×1×H×W)."""
+        c = lm[:, 17:].mean(1, keepdim=True)
+        shrunk = c + (lm - c) * (1 - self.r.blend.erode)
+        return face_mask(shrunk, h, w, forehead=self.r.blend.forehead, feather=self.r.blend.feather)
+
+    @torch.no_grad()
+    def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
+
+        Args:
+            img_id, img_attr: B×3×S×S in [0, 1]; lm_id, lm_attr: B×68×2.
+        Returns:
+            dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
+            ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
+        """
+        h, w = img_attr.shape[-2:]
+        reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
+        mask = self.blend_mask(lm_reen, h, w)
+        m_attr = self.blend_mask(lm_attr, h, w)
+        reen = appearance.transfer(self.r.appearance.method, reen, img_attr, mask, m_attr)
+        if self.r.blend.method == "multiband":
+            fake = blend.multiband_blend(reen, img_attr, mask, self.r.blend.levels)
+        elif self.r.blend.method == "poisson":
+            fake = blend.poisson_blend(reen, img_attr, mask)
+        else:
+            raise ValueError(f"unknown blend method {self.r.blend.method!r} (multiband or poisson)")
+        lm_out = lm_reen
+        flow = torch.zeros(fake.shape[0], 2, h, w, dtype=fake.dtype, device=fake.device)
+        if self.r.reshape.enabled:
+            fake, flow, lm_shape = reshape(fake, lm_reen, lm_id, self.r.reshape.strength)
+            lm_out = lm_shape
+        if not torch.isfinite(fake).all():
+            bad = (~torch.isfinite(fake)).flatten(1).any(1)
+            fake = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(fake, float("nan")), fake)
+        return {"fake": fake.clamp(0, 1), "landmarks": lm_out, "mask": mask, "flow": flow}
+
+    def cycle(self, img_a, lm_a, img_b, lm_b) -> dict[str, torch.Tensor]:
+        """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a)."""
+        out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]))
+        n = img_a.shape[0]
+        return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}

@@ -1,0 +1,137 @@
+"""``TripletDataset``: ReliableSwap triplets for trainers (torch Dataset), per the official type codes.
+
+Sources: a ``reliableswap triplets`` output folder, its ``manifest.jsonl``, a folder of WebDataset
+shards (``*.tar``), an official pickle (a list of triplet folders), or a text file with one folder
+a line. Every triplet gives the cycle types 4 and 5 (``use_real=False``, the official default) or
+all of 2–5 (``use_real=True``). Optional mixing: ``vanilla_rate`` of the samples are vanilla pairs
+(type 0, source and target from two different folders, no reference), and ``same_rate`` of the
+samples are same-identity reconstructions (type 1: source = target = reference). ``rec_code``
+picks which types carry a reference; the others get a zero reference and ``has_reference`` False.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from triplets.layout import DEFAULT_REC_CODE, FILES, SAME, TYPE_TABLE, VANILLA
+from triplets.webdataset import iter_shard
+
+
+class _ListOnly(pickle.Unpickler):
+    """Official triplet pickles hold a list of folder strings: refuse any global."""
+
+    def find_class(self, module, name):  # noqa: D102
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a triplet list pickle")
+
+
+def _folders_from(path: Path) -> list[Path] | None:
+    if path.suffix in (".pkl", ".pickle"):
+        with path.open("rb") as f:
+            items = _ListOnly(f).load()
+        return [Path(str(p)) for p in items]
+    if path.suffix == ".txt":
+        return [Path(l.strip()) for l in path.read_text().splitlines() if l.strip()]
+    if path.name.endswith(".jsonl"):
+        base = path.parent
+        return [base / json.loads(l)["folder"] for l in path.read_text().splitlines() if l.strip()]
+    if path.is_dir():
+        if (path / "manifest.jsonl").is_file() and not list(path.glob("*.tar")):
+            return _folders_from(path / "manifest.jsonl")
+        if all((path / f).is_file() for f in FILES.values()):
+            return [path]
+        if not list(path.glob("*.tar")):
+            return sorted(p for p in path.iterdir() if p.is_dir() and all((p / f).is_file() for f in FILES.values()))
+    return None
+
+
+class TripletDataset(Dataset):
+    """Samples ``{"source", "target", "reference"}`` (3×H×W float), ``"type_code"`` (int64),
+    ``"same"`` (bool, type 1) and ``"has_reference"`` (bool), as the official loader builds them.
+
+    Args:
+        path: see module doc.
+        use_real: types 2–5 per triplet (4 samples a folder) instead of 4–5 (2 a folder).
+        rec_code: type codes whose samples carry a reference.
+        same_rate: probability that a sample becomes type 1 (reconstruction of one image).
+        vanilla_rate: probability that a sample becomes type 0 (two real faces, no reference).
+        image_size: resize to this side (None keeps the stored size).
+        value_range: ``(0, 1)`` or ``(-1, 1)``.
+        seed: the random choices of index ``i`` depend only on ``(seed, i)``: deterministic.
+    """
+
+    def __init__(self, path: str | Path, use_real: bool = False, rec_code: Sequence[int] = DEFAULT_REC_CODE,
+                 same_rate: float = 0.0, vanilla_rate: float = 0.0, image_size: int | None = None,
+                 value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        path = Path(path)
+        self.codes = (2, 3, 4, 5) if use_real else (4, 5)
+        self.rec_code = set(rec_code)
+        self.same_rate, self.vanilla_rate = float(same_rate), float(vanilla_rate)
+        self.image_size, self.value_range, self.seed, self.transform = image_size, value_range, seed, transform
+        folders = _folders_from(path)
+        self._mem: list[dict[str, bytes]] | None = None
+        if folders is None:
+            shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+            self._mem = [s for sh in shards for s in iter_shard(sh)]
+            self._n = len(self._mem)
+        else:
+            self.folders = folders
+            self._n = len(folders)
+        if self._n == 0:
+            raise ValueError(f"no triplets found in {path}")
+
+    def __len__(self) -> int:
+        return self._n * len(self.codes)
+
+    def _image(self, i: int, key: str) -> torch.Tensor:
+        if self._mem is not None:
+            data = self._mem[i][FILES[key]]
+        else:
+            data = (self.folders[i] / FILES[key]).read_bytes()
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if self.image_size and img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)
+        lo, hi = self.value_range
+        t = t * (hi - lo) + lo
+        return self.transform(t) if self.transform else t
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        folder, k = divmod(index, len(self.codes))
+        code = self.codes[k]
+        rng = np.random.default_rng([self.seed, index])
+        if rng.random() < self.vanilla_rate:
+            other = (folder + 1 + int(rng.integers(self._n - 1))) % self._n if self._n > 1 else folder
+            s = self._image(folder, "source")
+            t = self._image(other, "target")
+            if rng.random() < self.same_rate:
+                s, code, ref = t, SAME, t
+            else:
+                code, ref = VANILLA, None
+        elif rng.random() < self.same_rate:
+            fake = self._image(folder, "output_ts" if rng.random() < 0.5 else "output_st")
+            s = t = ref = fake
+            code = SAME
+        else:
+            ks, kt, kr = TYPE_TABLE[code]
+            s, t, ref = self._image(folder, ks), self._image(folder, kt), self._image(folder, kr)
+        has_ref = ref is not None and code in self.rec_code
+        if not has_ref:
+            ref = torch.zeros_like(t)
+        return {
+            "source": s, "target": t, "reference": ref,
+            "type_code": torch.tensor(code, dtype=torch.int64),
+            "same": torch.tensor(code == SAME),
+            "has_reference": torch.tensor(has_ref),
+        }
