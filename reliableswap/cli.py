@@ -84,18 +84,107 @@ def prep(
 
 
 @app.command()
-def inspect(
+def pairs(
     folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="pairs.jsonl to write.")],
+    n: Annotated[Optional[int], typer.Option(help="Number of pairs (default: one per face).", min=1)] = None,
+    strategy: Annotated[str, typer.Option(help="random, or pose (prefer partners with a similar head pose).")] = "pose",
+    max_yaw_diff: Annotated[float, typer.Option("--max-yaw-diff", help="pose: largest yaw difference in degrees.")] = 20.0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same pairs).")] = 0,
+    min_face_px: Annotated[float, typer.Option("--min-face-px", help="Leave out faces narrower than this in their photo.")] = 64.0,
+) -> None:
+    """Pair faces of different identities (label, or dlib embedding distance >= 0.6)."""
+    import time
+
+    from reliableswap.pairs import has_identity_info, make_pairs
+    from reliableswap.prep import load_faces
+    from triplets.jsonl import atomic_write_json, atomic_write_jsonl
+    from triplets.schema import SUMMARY_SCHEMA
+
+    if strategy not in ("random", "pose"):
+        _fail("--strategy must be random or pose")
+    if not (folder / "faces.jsonl").is_file():
+        _fail(f"{folder} has no faces.jsonl (run `reliableswap prep` first)")
+    t = time.perf_counter()
+    faces = load_faces(folder)
+    with _progress() as bar:
+        task = bar.add_task("pairs", total=1)
+        ps = make_pairs(faces, n, strategy, max_yaw_diff, seed, min_face_px=min_face_px)
+    warn = None
+    if not has_identity_info(faces):
+        warn = "faces carry neither identity labels nor embeddings: pairs may join one person with themself (use prep --embed or --identity-from-folder)"
+        err.print(f"[yellow]warning:[/] {warn}")
+        bar.update(task, completed=1)
+    if not ps:
+        _fail(f"no eligible pair among {len(faces)} faces (all one identity, or poses too far apart)", 1)
+    atomic_write_jsonl(out, ps)
+    wall = time.perf_counter() - t
+    atomic_write_json(out.with_name(out.stem + ".summary.json"), {
+        "schema": SUMMARY_SCHEMA, "command": "pairs", "version": __import__("reliableswap").__version__,
+        "counts": {"in": len(faces), "written": len(ps), "rejected_by_reason": {}},
+        "timings": {"wall_s": round(wall, 3)}, "throughput": {"pairs_per_s": round(len(ps) / max(wall, 1e-9), 1)},
+        "settings": {"strategy": strategy, "n": n, "max_yaw_diff": max_yaw_diff, "seed": seed, "min_face_px": min_face_px},
+        "warning": warn,
+    })
+    err.print(f"wrote {len(ps)} pairs from {len(faces)} faces to {out}")
+
+
+@app.command()
+def triplets(
+    folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl + crops).")],
+    pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl from `reliableswap pairs`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one folder per pair, manifest.jsonl, summary.json).")],
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML (default: built-in cycle recipe).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1)] = 16,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="folder (official layout) or webdataset (tar shards). Overrides the recipe.")] = None,
+    qc: Annotated[bool, typer.Option("--qc", help="Measure identity margin, pose error and seam per fake (dlib work per fake).")] = False,
+    min_id_margin: Annotated[Optional[float], typer.Option("--min-id-margin", help="Drop pairs whose fakes have a smaller identity margin (implies --qc).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This process's shard (default: $RANK or 0).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Number of shards (default: $WORLD_SIZE or 1).")] = None,
+) -> None:
+    """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable."""
+    from reliableswap.synth.pipeline import Recipe
+    from reliableswap.synth.run import run_triplets
+
+    try:
+        r = Recipe.load(recipe)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(f"cannot read recipe {recipe}: {e}")
+    if fmt is not None:
+        if fmt not in ("folder", "webdataset"):
+            _fail("--format must be folder or webdataset")
+        r.output.format = fmt
+    with _progress() as bar:
+        task = bar.add_task("triplets", total=None)
+        try:
+            s = run_triplets(folder, pairs_file, out, r, device, batch, qc, min_id_margin, shard_index, num_shards,
+                             progress=lambda d, t: bar.update(task, completed=d, total=t))
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            _fail(str(e))
+    c = s["counts"]
+    err.print(f"{c['written']} triplets of {c['in']} pairs; {c['rejected']} rejected {c['rejected_by_reason'] or ''}; "
+              f"{s['throughput']['triplets_per_s']} triplets/s on {s['device']}")
+    err.print(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A prep output (faces.jsonl) or a triplets output (manifest.jsonl).")],
     sheet: Annotated[Path, typer.Option(help="PNG contact sheet to write.")],
     n: Annotated[int, typer.Option(help="How many rows/faces to show.", min=1)] = 16,
 ) -> None:
-    """Render a contact sheet of a prep output for people to look at."""
-    from reliableswap.prep import load_faces
-    from reliableswap.viz import faces_sheet
+    """Render a contact sheet (prep: faces with landmarks; triplets: source, target, st, ts + qc per row)."""
+    from reliableswap.viz import faces_sheet, triplets_sheet
 
-    if not (folder / "faces.jsonl").is_file():
-        _fail(f"{folder} has no faces.jsonl")
-    path = faces_sheet(folder, load_faces(folder), sheet, n)
+    if (folder / "manifest.jsonl").is_file():
+        path = triplets_sheet(folder, sheet, n)
+    elif (folder / "faces.jsonl").is_file():
+        from reliableswap.prep import load_faces
+
+        path = faces_sheet(folder, load_faces(folder), sheet, n)
+    else:
+        _fail(f"{folder} has neither faces.jsonl nor manifest.jsonl")
     err.print(f"wrote {path}")
 
 
@@ -104,7 +193,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its results.")] = Path("demo_out"),
     cache: Annotated[Optional[Path], typer.Option(help="Cache for the default faces (default: ~/.cache/reliableswap).")] = None,
 ) -> None:
-    """Run the main job on the embedded default faces (scikit-image's astronaut, insightface's t1.jpg)."""
+    """Run prep → pairs → triplets → inspect on the embedded default faces (astronaut, insightface t1.jpg)."""
     from reliableswap.demo import DemoFacesError, default_faces
 
     try:
@@ -112,10 +201,14 @@ def demo(
     except DemoFacesError as e:
         _fail(str(e))
     err.print(f"default faces in {faces_dir}")
-    prep([faces_dir], out / "prep", workers=2)
+    prep([faces_dir], out / "prep", workers=2, embed=True)
     inspect(out / "prep", out / "prep_sheet.png", 16)
-    err.print(f"\n[bold green]done.[/] Open {out / 'prep_sheet.png'} (aligned faces with landmarks and pose); "
-              f"records in {out / 'prep' / 'faces.jsonl'}, counts and timings in {out / 'prep' / 'summary.json'}.")
+    pairs(out / "prep", out / "pairs.jsonl", strategy="pose", max_yaw_diff=25.0, seed=0)
+    triplets(out / "prep", out / "pairs.jsonl", out / "triplets", device="auto", batch=8, qc=True)
+    inspect(out / "triplets", out / "triplets_sheet.png", 8)
+    err.print(f"\n[bold green]done.[/] Open {out / 'triplets_sheet.png'} (per row: source, target, output_st, output_ts "
+              f"with identity margins) and {out / 'prep_sheet.png'} (aligned faces, landmarks, pose). "
+              f"Triplet folders in {out / 'triplets'}, records in manifest.jsonl, counts and timings in summary.json.")
 
 
 def main() -> None:

@@ -35,18 +35,20 @@ def pose_vector(f: dict) -> np.ndarray:
 
 def make_pairs(
     faces: list[dict], n: int | None = None, strategy: str = "pose", max_yaw_diff: float = 20.0,
-    seed: int = 0, k_nearest: int = 5,
+    seed: int = 0, k_nearest: int = 5, min_face_px: float = 64.0,
 ) -> list[dict]:
     """Pick ``n`` pairs (default: one per face) of different identities.
 
     ``random``: any partner of another identity. ``pose``: partners within ``max_yaw_diff`` degrees
     of yaw, drawn among the ``k_nearest`` by pose distance (yaw, pitch, roll), so similar head
     poses are preferred. Faces without an eligible partner are skipped. Each unordered pair is
-    used once.
+    used once. Faces narrower than ``min_face_px`` in their photo (blurry when upsampled to the
+    crop) are left out.
     """
     if strategy not in ("random", "pose"):
         raise ValueError(f"unknown strategy {strategy!r} (random or pose)")
     rng = np.random.default_rng(seed)
+    faces = [f for f in faces if f.get("quality", {}).get("face_px", min_face_px) >= min_face_px]
     m = len(faces)
     if m < 2:
         return []
@@ -80,3 +82,8 @@ def make_pairs(
                 "seed": seed,
             })
     return pairs
+
+
+def has_identity_info(faces: list[dict]) -> bool:
+    """Whether pairing can tell people apart (labels or embeddings on every face)."""
+    return bool(faces) and all(f.get("identity") is not None or "embedding" in f for f in faces)

@@ -53,3 +53,29 @@ def faces_sheet(folder: Path, records: list[dict], out: Path, n: int = 16, tile:
     if not tiles:
         raise ValueError("no faces to show")
     return save_image(out, grid(tiles, min(4, len(tiles))))
+
+
+def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Path:
+    """One row per triplet: source, target, output_st, output_ts, with its qc figures."""
+    import json
+
+    recs = [json.loads(l) for l in (folder / "manifest.jsonl").read_text().splitlines() if l.strip()][:n]
+    if not recs:
+        raise ValueError("no triplets to show")
+    tiles = []
+    for r in recs:
+        if r.get("folder") is None:
+            from triplets.webdataset import iter_shard
+
+            sample = next(s for s in iter_shard(folder / r["shard"]) if s["__key__"] == r["key"])
+            imgs = [cv2.cvtColor(cv2.imdecode(np.frombuffer(sample[r["files"][k]], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                    for k in ("source", "target", "output_st", "output_ts")]
+        else:
+            imgs = [load_rgb(folder / r["folder"] / r["files"][k]) for k in ("source", "target", "output_st", "output_ts")]
+        q = r.get("qc") or {}
+        labels = [[f"{r['folder'] or r['key']} source"], ["target"],
+                  ["st" + (f" id {q['id_margin_st']:+.2f} pose {q['pose_err_st']:.0f}" if "id_margin_st" in q else "")],
+                  ["ts" + (f" id {q['id_margin_ts']:+.2f} pose {q['pose_err_ts']:.0f}" if "id_margin_ts" in q else "")]]
+        for im, lab in zip(imgs, labels):
+            tiles.append(_label(cv2.resize(im, (tile, tile), interpolation=cv2.INTER_AREA), lab))
+    return save_image(out, grid(tiles, 4))

@@ -58,9 +58,12 @@ def face_mask(
         B×1×H×W in [0, 1].
     """
     poly = face_polygon(landmarks.float(), forehead)
-    hard = polygon_mask(poly, height, width)
     if feather <= 0:
-        return hard
+        return polygon_mask(poly, height, width)
+    # The edge gets blurred anyway: rasterize at half resolution (4× less work) and upsample.
+    hh, hw = (height + 1) // 2, (width + 1) // 2
+    half = polygon_mask((poly + 0.5) / 2 - 0.5, hh, hw)
+    hard = torch.nn.functional.interpolate(half, size=(hh * 2, hw * 2), mode="bilinear", align_corners=False)[..., :height, :width]
     face_h = (poly[:, 17:].mean(1) - landmarks[:, 8].float()).norm(dim=-1).mean()
     sigma = float((feather * face_h).clamp_min(0.5))
     k = int(2 * round(3 * sigma) + 1)

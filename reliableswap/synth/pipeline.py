@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from reliableswap.faces.landmarks import MIRROR68
 from reliableswap.faces.masks import face_mask
+from reliableswap.faces.pose import head_pose
 from reliableswap.synth import appearance, blend
 from reliableswap.synth.reenact import load_reenactor
 from reliableswap.synth.reshape import reshape
@@ -24,6 +26,7 @@ from reliableswap.synth.reshape import reshape
 class ReenactCfg:
     backend: str = "tps"  # or "package.module:Class" implementing synth.reenact.Reenactor
     identity_layout: float = 1.0
+    mirror: bool = True  # flip the identity face when that brings its yaw closer to the target's
 
 
 @dataclass
@@ -35,9 +38,9 @@ class AppearanceCfg:
 class BlendCfg:
     method: str = "multiband"  # multiband | poisson
     levels: int = 6
-    forehead: float = 0.2
+    forehead: float = 0.1
     feather: float = 0.03
-    erode: float = 0.04  # shrink the blend region by this fraction of face size
+    erode: float = 0.06  # shrink the blend region by this fraction of face size
 
 
 @dataclass
@@ -126,6 +129,20 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
 
+def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror the faces whose yaw is closer to the reference's once flipped (B×3×H×W, B×68×2)."""
+    yaw = head_pose(lm)[:, 0]
+    yaw_ref = head_pose(lm_ref)[:, 0]
+    flip = (yaw + yaw_ref).abs() < (yaw - yaw_ref).abs()
+    if not bool(flip.any()):
+        return img, lm
+    w = img.shape[-1]
+    lm_f = lm[:, MIRROR68].clone()
+    lm_f[..., 0] = w - 1 - lm_f[..., 0]
+    f4 = flip.view(-1, 1, 1, 1)
+    return torch.where(f4, img.flip(-1), img), torch.where(flip.view(-1, 1, 1), lm_f, lm)
+
+
 class Synthesizer:
     """Renders fakes from aligned crops with 68 landmarks (crop pixels), on the crops' device."""
 
@@ -151,6 +168,8 @@ class Synthesizer:
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
         """
         h, w = img_attr.shape[-2:]
+        if self.r.reenact.mirror:
+            img_id, lm_id = mirror_toward(img_id, lm_id, lm_attr)
         reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
         mask = self.blend_mask(lm_reen, h, w)
         m_attr = self.blend_mask(lm_attr, h, w)
