@@ -227,11 +227,13 @@ def crop_region(m: torch.Tensor, size: int, width: int, height: int, margin: int
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: PrepConfig) -> None:
-    torch.set_num_threads(1)
-    import cv2
+def _init_worker(cfg: PrepConfig, single_thread: bool = True) -> None:
+    """Load the models for this process; a pool worker also keeps torch/OpenCV to one thread."""
+    if single_thread:
+        import cv2
 
-    cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
     _WORKER["proc"] = FaceProcessor(cfg)
 
 
@@ -338,7 +340,8 @@ def run_prep(
         progress(done, len(units))
     if todo:
         if workers <= 1 or len(todo) == 1:
-            _init_worker(cfg) if "proc" not in _WORKER or _WORKER["proc"].cfg != cfg else None
+            if "proc" not in _WORKER or _WORKER["proc"].cfg != cfg:
+                _init_worker(cfg, single_thread=False)  # in-process: leave the caller's thread settings
             for u in todo:
                 process_unit(u, out)
                 done += 1

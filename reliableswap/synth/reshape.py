@@ -24,7 +24,7 @@ def contour_targets(lm_attr: torch.Tensor, lm_id: torch.Tensor, strength: float 
     return lm_attr[:, JAW] + strength * (a_in_b[:, JAW] - lm_attr[:, JAW])
 
 
-def reshape_flow(lm_attr: torch.Tensor, jaw_target: torch.Tensor, h: int, w: int, ring: float = 0.35, reg: float = 1e-3) -> torch.Tensor:
+def reshape_flow(lm_attr: torch.Tensor, jaw_target: torch.Tensor, h: int, w: int, ring: float = 0.35, reg: float = 1e-6) -> torch.Tensor:
     """Dense backward flow (B×2×H×W, pixels) taking b's jaw to ``jaw_target``.
 
     The flow is zero on the inner face landmarks, on a ring ``ring`` × face size outside the jaw,

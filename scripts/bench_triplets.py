@@ -1,0 +1,118 @@
+"""Benchmark triplet synthesis, side by side in one run:
+
+1. triplets/s from prepped 256 px faces (``run_triplets``, no QC and with ``--qc``);
+2. the same pairs with only the I/O (decode two crops, encode four JPEGs, write the folder):
+   the ratio synthesis-run / I/O-only says how much the synthesis adds;
+3. multi-band blending of a batch of 32 at 256 px: ``synth.blend.multiband_blend`` against
+   OpenCV's ``cv2.detail_MultiBandBlender`` with the same number of bands.
+
+Usage: ``.venv/bin/python scripts/bench_triplets.py [--faces DIR] [--pairs 64] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from reliableswap.io import encode_image, load_rgb, to_tensor
+from reliableswap.pairs import make_pairs
+from reliableswap.prep import PrepConfig, load_faces, run_prep
+from reliableswap.synth.blend import multiband_blend
+from reliableswap.synth.pipeline import Recipe
+from reliableswap.synth.run import run_triplets
+from triplets.jsonl import atomic_write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def io_only(prep: Path, pairs: list[dict], out: Path) -> float:
+    faces = {f["id"]: f for f in load_faces(prep)}
+    t = time.perf_counter()
+    for i, p in enumerate(pairs):
+        a, b = load_rgb(prep / faces[p["a"]]["image"]), load_rgb(prep / faces[p["b"]]["image"])
+        d = out / f"{i:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, img in (("source", a), ("target", b), ("output_st", b), ("output_ts", a)):
+            (d / f"{name}.jpg").write_bytes(encode_image(img, ".jpg", 95))
+    return time.perf_counter() - t
+
+
+def blend_bench(device: str, levels: int = 6, n: int = 32, reps: int = 3) -> dict:
+    g = torch.Generator().manual_seed(0)
+    fg = torch.rand(n, 3, 256, 256, generator=g)
+    bg = torch.rand(n, 3, 256, 256, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    mask = (((xx - 128) ** 2 + (yy - 128) ** 2) < 80 ** 2).float().expand(n, 1, -1, -1).contiguous()
+    dev = torch.device(device)
+    f, b, m = fg.to(dev), bg.to(dev), mask.to(dev)
+    multiband_blend(f, b, m, levels)
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        multiband_blend(f, b, m, levels)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    f8 = (fg.permute(0, 2, 3, 1).numpy() * 255).astype(np.int16)
+    b8 = (bg.permute(0, 2, 3, 1).numpy() * 255).astype(np.int16)
+    m8 = (mask[:, 0].numpy() * 255).astype(np.uint8)
+    tc = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for i in range(n):
+            bl = cv2.detail_MultiBandBlender(0, levels - 1)  # OpenCV counts bands above the base
+            bl.prepare((0, 0, 256, 256))
+            bl.feed(f8[i], m8[i], (0, 0))
+            bl.feed(b8[i], 255 - m8[i], (0, 0))
+            bl.blend(None, None)
+        tc.append(time.perf_counter() - t)
+    ours, ocv = min(ts), min(tc)
+    return {"batch": n, "size": 256, "levels": levels, "device": device, "ours_s": round(ours, 4),
+            "opencv_s": round(ocv, 4), "speedup_vs_opencv": round(ocv / ours, 2),
+            "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "data" / "faces")
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    work = ROOT / "bench_out"
+    prep = work / "prep_shared"
+    if not (prep / "faces.jsonl").exists():
+        run_prep([a.faces / d for d in ("london_set", "cc0_one_person", "ffhq", "video_frames", "triplet_official", "public_domain")],
+                 prep, PrepConfig(embed=True), workers=2)
+    pairs = make_pairs(load_faces(prep), n=a.pairs, strategy="pose", max_yaw_diff=25, seed=0)
+    atomic_write_jsonl(work / "pairs.jsonl", pairs)
+    res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "pairs": len(pairs)}
+    for name, qc in (("triplets", False), ("triplets_qc", True)):
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        s = run_triplets(prep, work / "pairs.jsonl", out, Recipe(), a.device, a.batch, qc=qc)
+        wall = time.perf_counter() - t
+        res[name] = {"written": s["counts"]["written"], "wall_s": round(wall, 2),
+                     "triplets_per_s": round(s["counts"]["written"] / wall, 2), "stage_s": s["timings"]["stage_s"]}
+    shutil.rmtree(work / "io_only", ignore_errors=True)
+    t_io = io_only(prep, pairs, work / "io_only")
+    res["io_only"] = {"wall_s": round(t_io, 2), "triplets_per_s": round(len(pairs) / t_io, 2)}
+    res["synthesis_over_io"] = round(res["triplets"]["wall_s"] / t_io, 2)
+    res["multiband"] = blend_bench(a.device)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

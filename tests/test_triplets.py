@@ -1,0 +1,176 @@
+"""pairs → triplets end to end on the shared faces; TripletDataset on ours and the official sample."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reliableswap.pairs import make_pairs
+from reliableswap.prep import load_faces
+from reliableswap.synth.pipeline import Recipe
+from reliableswap.synth.run import run_triplets
+from triplets import TripletDataset
+from triplets.jsonl import atomic_write_jsonl, read_jsonl
+from triplets.layout import FILES, TYPE_TABLE
+from triplets.schema import MANIFEST_SCHEMA
+
+CLI = [sys.executable, "-m", "reliableswap.cli"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(prepped, tmp_path_factory):
+    out, _ = prepped
+    faces = load_faces(out)
+    ps = make_pairs(faces, n=24, strategy="pose", max_yaw_diff=20, seed=3)
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    atomic_write_jsonl(path, ps)
+    return path
+
+
+@pytest.fixture(scope="module")
+def triplet_run(prepped, pairs_file, tmp_path_factory):
+    out, _ = prepped
+    dst = tmp_path_factory.mktemp("trip")
+    summary = run_triplets(out, pairs_file, dst, Recipe.load(Path(__file__).parents[1] / "recipes" / "cycle.toml"),
+                           device="cpu", batch=8, qc=True)
+    return dst, summary
+
+
+def test_pairs_deterministic_and_never_same_identity(prepped):
+    out, _ = prepped
+    faces = load_faces(out)
+    by_id = {f["id"]: f for f in faces}
+    p1 = make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=7)
+    assert p1 == make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=7)
+    assert p1 != make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=8)
+    for p in p1:
+        a, b = by_id[p["a"]], by_id[p["b"]]
+        d = np.linalg.norm(np.subtract(a["embedding"], b["embedding"]))
+        assert d >= 0.6 and abs(p["pose_delta"]["yaw"]) <= 15
+    # London neutral/smiling of one person are never paired (embedding distance)
+    for p in make_pairs(faces, strategy="random", seed=1):
+        na, nb = (Path(by_id[p[k]]["origin"]["path"]).stem for k in ("a", "b"))
+        if na.startswith("london_") and nb.startswith("london_"):
+            assert na.split("_")[1] != nb.split("_")[1]
+    labelled = [dict(f, identity="same") for f in faces[:10]]
+    assert make_pairs(labelled, strategy="random") == []
+
+
+def test_triplet_folders_official_layout_and_manifest(triplet_run):
+    dst, s = triplet_run
+    recs = list(read_jsonl(dst / "manifest.jsonl", MANIFEST_SCHEMA))
+    assert s["counts"]["written"] == len(recs) >= 20
+    for r in recs:
+        folder = dst / r["folder"]
+        assert sorted(p.name for p in folder.iterdir()) == sorted(FILES.values())
+        im = Image.open(folder / "output_st.jpg")
+        assert im.size == (256, 256) and im.mode == "RGB"
+        assert set(r["qc"]) >= {"id_margin_st", "id_margin_ts", "pose_err_st", "pose_err_ts", "seam_st", "seam_ts"}
+    assert (dst / "recipe.resolved.toml").is_file()
+    assert Recipe.load(dst / "recipe.resolved.toml") == Recipe.load(Path(__file__).parents[1] / "recipes" / "cycle.toml")
+    assert s["synthesis"]["geometry"].startswith("2D")
+
+
+def test_fakes_have_positive_identity_margin(triplet_run):
+    """Each fake is closer (dlib 128-D) to its identity donor than to its attribute donor."""
+    _, s = triplet_run
+    assert s["qc"]["positive_id_margin_rate"] >= 0.8, s["qc"]
+    assert s["qc"]["id_margin_st"]["mean"] > 0.05 and s["qc"]["id_margin_ts"]["mean"] > 0.05
+
+
+def test_dataset_reads_our_output_per_type_table(triplet_run):
+    dst, _ = triplet_run
+    ds = TripletDataset(dst, use_real=True)
+    recs = list(read_jsonl(dst / "manifest.jsonl"))
+    assert len(ds) == 4 * len(recs)
+    for i in range(8):
+        item = ds[i]
+        code = int(item["type_code"])
+        assert code == 2 + i % 4
+        ks, kt, kr = TYPE_TABLE[code]
+        folder = dst / recs[i // 4]["folder"]
+        ref = torch.from_numpy(np.array(Image.open(folder / FILES[kr]))).permute(2, 0, 1).float() / 255
+        assert torch.equal(item["reference"], ref) and bool(item["has_reference"]) and not bool(item["same"])
+
+
+def test_official_triplet_loads(faces_dir):
+    folder = faces_dir / "triplet_official"
+    ds = TripletDataset(folder)  # official default: cycle types 4 and 5
+    assert len(ds) == 2 and [int(ds[i]["type_code"]) for i in range(2)] == [4, 5]
+    load = lambda n: torch.from_numpy(np.array(Image.open(folder / n).convert("RGB"))).permute(2, 0, 1).float() / 255  # noqa: E731
+    a = ds[0]
+    assert torch.equal(a["source"], load("output_st.jpg")) and torch.equal(a["target"], load("output_ts.jpg"))
+    assert torch.equal(a["reference"], load("source.jpg"))
+    b = ds[1]
+    assert torch.equal(b["reference"], load("target.jpg")) and torch.equal(b["source"], load("output_ts.jpg"))
+    real = TripletDataset(folder, use_real=True, value_range=(-1, 1), image_size=128)
+    assert [int(real[i]["type_code"]) for i in range(4)] == [2, 3, 4, 5]
+    assert real[0]["source"].shape == (3, 128, 128) and real[0]["source"].min() < -0.5
+
+
+def test_dataset_mixing_and_rec_code(faces_dir, triplet_run, tmp_path):
+    dst, _ = triplet_run
+    same = TripletDataset(dst, same_rate=1.0)
+    it = same[0]
+    assert int(it["type_code"]) == 1 and bool(it["same"]) and torch.equal(it["source"], it["target"])
+    van = TripletDataset(dst, vanilla_rate=1.0)
+    it = van[3]
+    assert int(it["type_code"]) == 0 and not bool(it["has_reference"]) and float(it["reference"].abs().max()) == 0
+    sel = TripletDataset(dst, rec_code=(4,))
+    assert bool(sel[0]["has_reference"]) and not bool(sel[1]["has_reference"])
+    mixed = TripletDataset(dst, vanilla_rate=0.3, same_rate=0.2, seed=5)
+    codes = [int(mixed[i]["type_code"]) for i in range(len(mixed))]
+    assert codes == [int(TripletDataset(dst, vanilla_rate=0.3, same_rate=0.2, seed=5)[i]["type_code"]) for i in range(len(mixed))]
+    assert {0, 4, 5} <= set(codes)
+    # a pickled list of folders, as the official code stores it
+    import pickle
+
+    (tmp_path / "list.pkl").write_bytes(pickle.dumps([str(faces_dir / "triplet_official")]))
+    assert len(TripletDataset(tmp_path / "list.pkl")) == 2
+
+
+def test_webdataset_format_and_sharding(prepped, pairs_file, tmp_path):
+    out, _ = prepped
+    r = Recipe()
+    r.output.format, r.output.shard_size = "webdataset", 8
+    s = run_triplets(out, pairs_file, tmp_path / "wds", r, device="cpu", batch=8)
+    shards = sorted((tmp_path / "wds").glob("shard-*.tar"))
+    assert len(shards) == 3 and s["counts"]["written"] == len(TripletDataset(tmp_path / "wds")) // 2
+    # two processes' shards into one folder give the whole set
+    r2 = Recipe()
+    for i in range(2):
+        run_triplets(out, pairs_file, tmp_path / "sh", r2, device="cpu", batch=8, shard_index=i, num_shards=2)
+    assert len(list(read_jsonl(tmp_path / "sh" / "manifest.jsonl"))) == s["counts"]["written"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_folders(prepped, pairs_file, triplet_run, tmp_path):
+    out, _ = prepped
+    ref_dir, _ = triplet_run
+    cut = tmp_path / "cut"
+    recipe = str(Path(__file__).parents[1] / "recipes" / "cycle.toml")
+    args = [*CLI, "triplets", str(out), "--pairs", str(pairs_file), "--out", str(cut), "--recipe", recipe,
+            "--device", "cpu", "--batch", "8", "--qc"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((cut / ".records").glob("chunk-*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((cut / ".records").glob("chunk-*.json")))
+    assert 1 <= done < 3
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    for r in read_jsonl(ref_dir / "manifest.jsonl"):
+        for f in FILES.values():
+            assert (cut / r["folder"] / f).read_bytes() == (ref_dir / r["folder"] / f).read_bytes(), (r["folder"], f)
+    assert (cut / "manifest.jsonl").read_bytes() == (ref_dir / "manifest.jsonl").read_bytes()
+    assert not list(cut.glob(".tmp-*"))
