@@ -174,3 +174,26 @@ def test_kill_and_resume_gives_identical_folders(prepped, pairs_file, triplet_ru
             assert (cut / r["folder"] / f).read_bytes() == (ref_dir / r["folder"] / f).read_bytes(), (r["folder"], f)
     assert (cut / "manifest.jsonl").read_bytes() == (ref_dir / "manifest.jsonl").read_bytes()
     assert not list(cut.glob(".tmp-*"))
+
+
+def test_bad_pairs_are_skipped_with_reason(prepped, pairs_file, tmp_path):
+    out, _ = prepped
+    good = list(read_jsonl(pairs_file))[:2]
+    bad = dict(good[0], b="no-such-face")
+    atomic_write_jsonl(tmp_path / "p.jsonl", [good[0], bad, good[1]])
+    s = run_triplets(out, tmp_path / "p.jsonl", tmp_path / "o", Recipe(), device="cpu", batch=8)
+    assert s["counts"]["written"] == 2 and s["counts"]["rejected"] == 1
+    rej = list(read_jsonl(tmp_path / "o" / "rejects.jsonl"))
+    assert "no-such-face" in rej[0]["reason"] and rej[0]["pair"]["b"] == "no-such-face"
+
+
+def test_cli_user_errors_have_no_traceback(prepped, tmp_path):
+    out, _ = prepped
+    r = subprocess.run([*CLI, "triplets", str(tmp_path), "--pairs", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "faces.jsonl" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--strategy", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--strategy" in r.stderr
+    r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--n", "5"], capture_output=True, text=True)
+    assert r.returncode == 0 and len(list(read_jsonl(tmp_path / "p.jsonl"))) == 5

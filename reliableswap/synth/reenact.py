@@ -69,7 +69,7 @@ class TPSReenactor:
         ctrl = torch.cat([target, anchors], 1)
         # backward map: at each target point, sample a's image where that landmark is in a
         disp = torch.cat([lm_id.to(target) - target, torch.zeros_like(anchors)], 1)
-        field = dense_field(ctrl, disp, h, w, self.reg)
+        field = dense_field(ctrl, disp, h, w, self.reg, step=8)
         return warp_backward(img_id, field, "border"), target
 
 
