@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test,fan]'
 	# face-alignment requires opencv-python, which would clash with opencv-python-headless.
 	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0
+	# flame-pytorch (test reference for FLAME) pins old numpy/chumpy/pyrender: its code needs only smplx.
+	$(BIN)/python -m pip install -q --no-deps flame-pytorch==0.0.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,168 @@
+"""``Flame``: the FLAME model as an nn.Module that only holds buffers, plus the parameter record.
+
+``Flame(model, embedding)`` → ``vertices(params)`` (full mesh) or ``landmarks(params)`` (68
+points via the landmark-only fast path, which never builds the full mesh: blend shapes and
+skinning run on the ~hundreds of vertices the landmarks and joints need). ``project`` applies a
+weak-perspective camera into a S×S image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from reliableswap.flame.lbs import batch_rodrigues, lbs, rot_mat_to_euler_y, vertices2landmarks
+from reliableswap.flame.model import FlameModel, LandmarkEmbedding, contour_bin, to_torch
+
+
+@dataclass
+class FlameParams:
+    """Batched FLAME parameters (B first). Missing coefficients are zero."""
+
+    shape: torch.Tensor  # B×n_shape (≤ 300)
+    expression: torch.Tensor  # B×n_expr (≤ 100)
+    global_pose: torch.Tensor  # B×3 axis-angle
+    neck: torch.Tensor  # B×3
+    jaw: torch.Tensor  # B×3
+    eyes: torch.Tensor  # B×6
+    camera: torch.Tensor  # B×3 weak perspective: scale, tx, ty
+
+    @classmethod
+    def zeros(cls, b: int, n_shape: int = 100, n_expr: int = 50, device=None, dtype=torch.float32) -> "FlameParams":
+        z = lambda n: torch.zeros(b, n, device=device, dtype=dtype)  # noqa: E731
+        cam = z(3)
+        cam[:, 0] = 8.0
+        return cls(z(n_shape), z(n_expr), z(3), z(3), z(3), z(6), cam)
+
+    def full_pose(self) -> torch.Tensor:
+        return torch.cat([self.global_pose, self.neck, self.jaw, self.eyes], 1)
+
+    def to_dict(self) -> dict[str, list]:
+        return {f.name: getattr(self, f.name).detach().cpu().tolist() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, device=None, dtype=torch.float32) -> "FlameParams":
+        return cls(**{f.name: torch.tensor(d[f.name], device=device, dtype=dtype) for f in fields(cls)})
+
+    def index(self, i) -> "FlameParams":
+        return FlameParams(**{f.name: getattr(self, f.name)[i] for f in fields(self)})
+
+    @staticmethod
+    def cat(items: list["FlameParams"]) -> "FlameParams":
+        return FlameParams(**{f.name: torch.cat([getattr(p, f.name) for p in items]) for f in fields(FlameParams)})
+
+
+class Flame(nn.Module):
+    """FLAME buffers on a device; all methods batched."""
+
+    NECK_CHAIN = (1, 0)
+
+    def __init__(self, model: FlameModel, embedding: LandmarkEmbedding | None = None, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("v_template", to_torch(model.v_template, dtype=dtype))
+        self.register_buffer("shapedirs", to_torch(model.shapedirs, dtype=dtype))
+        p = model.posedirs.shape[-1]
+        self.register_buffer("posedirs", to_torch(model.posedirs.reshape(-1, p).T, dtype=dtype))
+        self.register_buffer("j_regressor", to_torch(model.J_regressor, dtype=dtype))
+        self.register_buffer("weights", to_torch(model.weights, dtype=dtype))
+        self.register_buffer("faces", torch.as_tensor(model.faces, dtype=torch.long))
+        self.register_buffer("parents", torch.as_tensor(model.parents, dtype=torch.long))
+        self.embedding = embedding
+        self.n_shape_max = min(300, model.shapedirs.shape[-1])
+        if embedding is not None:
+            self.register_buffer("static_faces", torch.as_tensor(embedding.static_faces, dtype=torch.long))
+            self.register_buffer("static_bary", to_torch(embedding.static_bary, dtype=dtype))
+            if embedding.dynamic_faces is not None:
+                self.register_buffer("dyn_faces", torch.as_tensor(embedding.dynamic_faces, dtype=torch.long))
+                self.register_buffer("dyn_bary", to_torch(embedding.dynamic_bary, dtype=dtype))
+            self._build_subset()
+
+    # -- full mesh ------------------------------------------------------------------------
+    def betas(self, p: FlameParams) -> torch.Tensor:
+        b = p.shape.shape[0]
+        dev, dt = p.shape.device, p.shape.dtype
+        shape = torch.zeros(b, self.n_shape_max, device=dev, dtype=dt)
+        shape[:, : p.shape.shape[1]] = p.shape
+        n_expr = self.shapedirs.shape[-1] - self.n_shape_max
+        expr = torch.zeros(b, n_expr, device=dev, dtype=dt)
+        expr[:, : p.expression.shape[1]] = p.expression
+        return torch.cat([shape, expr], 1)
+
+    def vertices(self, p: FlameParams) -> torch.Tensor:
+        """B×V×3 posed vertices (FLAME units, metres; y up, z toward the camera)."""
+        v, _ = lbs(self.betas(p), p.full_pose(), self.v_template, self.shapedirs, self.posedirs,
+                   self.j_regressor, self.parents, self.weights)
+        return v
+
+    # -- landmarks ------------------------------------------------------------------------
+    def neck_yaw_deg(self, pose: torch.Tensor) -> torch.Tensor:
+        """Head yaw (degrees) from the global and neck rotations, for the contour table."""
+        b = pose.shape[0]
+        rots = batch_rodrigues(pose.view(b, -1, 3)[:, list(self.NECK_CHAIN)].reshape(-1, 3)).view(b, -1, 3, 3)
+        rel = torch.eye(3, dtype=pose.dtype, device=pose.device).expand(b, 3, 3)
+        for i in range(rots.shape[1]):
+            rel = rots[:, i] @ rel
+        return torch.rad2deg(rot_mat_to_euler_y(rel))
+
+    def landmark_faces(self, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B×68 face indices and B×68×3 barycentric weights (17 contour points by yaw, then 51)."""
+        b = pose.shape[0]
+        sf = self.static_faces.expand(b, -1)
+        sb = self.static_bary.expand(b, -1, -1)
+        if not hasattr(self, "dyn_faces"):
+            return sf, sb
+        row = contour_bin(self.neck_yaw_deg(pose), self.embedding.yaw_sign)
+        return torch.cat([self.dyn_faces[row], sf], 1), torch.cat([self.dyn_bary[row], sb], 1)
+
+    def landmarks_full(self, p: FlameParams) -> torch.Tensor:
+        """68×3 landmarks from the full mesh (reference path)."""
+        f, w = self.landmark_faces(p.full_pose())
+        return vertices2landmarks(self.vertices(p), self.faces, f, w)
+
+    def _build_subset(self) -> None:
+        """Vertices the landmark fast path needs: every landmark triangle's and the joints' support."""
+        tri = [self.faces[self.static_faces].reshape(-1)]
+        if hasattr(self, "dyn_faces"):
+            tri.append(self.faces[self.dyn_faces].reshape(-1))
+        jsup = torch.nonzero(self.j_regressor.abs().sum(0) > 0).squeeze(1)
+        sub = torch.unique(torch.cat(tri + [jsup]))
+        remap = torch.full((self.v_template.shape[0],), -1, dtype=torch.long)
+        remap[sub] = torch.arange(sub.numel())
+        self.register_buffer("sub_idx", sub)
+        self.register_buffer("sub_faces", remap[self.faces.clamp_min(0)])  # valid for landmark faces
+
+    def landmarks(self, p: FlameParams) -> torch.Tensor:
+        """68×3 landmarks (B×68×3) without building the full mesh (same values as the full path)."""
+        idx = self.sub_idx
+        v, _ = lbs(self.betas(p), p.full_pose(), self.v_template[idx], self.shapedirs[idx],
+                   self.posedirs.view(self.posedirs.shape[0], -1, 3)[:, idx].reshape(self.posedirs.shape[0], -1),
+                   self.j_regressor[:, idx], self.parents, self.weights[idx])
+        f, w = self.landmark_faces(p.full_pose())
+        return vertices2landmarks(v, self.sub_faces, f, w)
+
+
+def project(points: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tensor:
+    """Weak-perspective projection into a ``size``×``size`` image (DECA's convention).
+
+    ``u = size/2 · (1 + s (x + tx)) − 0.5``, ``v = size/2 · (1 − s (y + ty)) − 0.5``: FLAME's y
+    points up, image y down; pixel centres at integers.
+
+    Args:
+        points: B×N×3; camera: B×3 ``(s, tx, ty)``.
+    Returns:
+        B×N×2 pixels.
+    """
+    s = camera[:, None, 0:1]
+    xy = s * (points[..., :2] + camera[:, None, 1:3])
+    return torch.stack([(1 + xy[..., 0]) * size / 2 - 0.5, (1 - xy[..., 1]) * size / 2 - 0.5], -1)
+
+
+def depth(points: torch.Tensor) -> torch.Tensor:
+    """Weak-perspective depth (larger = closer to the camera): the z coordinate."""
+    return points[..., 2]
+
+
+
