@@ -27,7 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_prep.py
+	$(BIN)/python scripts/bench_prep.py --copies 4
+	$(BIN)/python scripts/bench_triplets.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

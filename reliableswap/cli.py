@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="reliableswap: aligned faces, ReliableSwap triplets and FLAME flows for face-swap training.",
+    help="reliableswap: aligned faces and ReliableSwap triplets for face-swap training (FLAME flows and fine-tuning are in progress).",
 )
 err = Console(stderr=True)
 
