@@ -133,13 +133,19 @@ class Flame(nn.Module):
         remap[sub] = torch.arange(sub.numel())
         self.register_buffer("sub_idx", sub)
         self.register_buffer("sub_faces", remap[self.faces.clamp_min(0)])  # valid for landmark faces
+        p = self.posedirs.shape[0]
+        self.register_buffer("sub_template", self.v_template[sub])
+        self.register_buffer("sub_shapedirs", self.shapedirs[sub])
+        self.register_buffer("sub_posedirs", self.posedirs.view(p, -1, 3)[:, sub].reshape(p, -1))
+        self.register_buffer("sub_jreg", self.j_regressor[:, sub])
+        self.register_buffer("sub_weights", self.weights[sub])
 
     def landmarks(self, p: FlameParams) -> torch.Tensor:
         """68×3 landmarks (B×68×3) without building the full mesh (same values as the full path)."""
-        idx = self.sub_idx
-        v, _ = lbs(self.betas(p), p.full_pose(), self.v_template[idx], self.shapedirs[idx],
-                   self.posedirs.view(self.posedirs.shape[0], -1, 3)[:, idx].reshape(self.posedirs.shape[0], -1),
-                   self.j_regressor[:, idx], self.parents, self.weights[idx])
+        ns, ne = p.shape.shape[1], p.expression.shape[1]
+        dirs = torch.cat([self.sub_shapedirs[..., :ns], self.sub_shapedirs[..., self.n_shape_max:self.n_shape_max + ne]], -1)
+        v, _ = lbs(torch.cat([p.shape, p.expression], 1), p.full_pose(), self.sub_template, dirs,
+                   self.sub_posedirs, self.sub_jreg, self.parents, self.sub_weights)
         f, w = self.landmark_faces(p.full_pose())
         return vertices2landmarks(v, self.sub_faces, f, w)
 

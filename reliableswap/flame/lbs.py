@@ -23,12 +23,13 @@ def batch_rodrigues(rvec: torch.Tensor) -> torch.Tensor:
 
 def blend_shapes(coeffs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """B×K coefficients, V×3×K directions → B×V×3 offsets."""
-    return torch.einsum("bk,vck->bvc", coeffs, dirs)
+    v, c, k = dirs.shape
+    return (coeffs @ dirs.reshape(v * c, k).T).view(-1, v, c)
 
 
 def vertices2joints(j_regressor: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
     """J×V regressor, B×V×3 vertices → B×J×3."""
-    return torch.einsum("bvc,jv->bjc", vertices, j_regressor)
+    return j_regressor @ vertices
 
 
 def batch_rigid_transform(rot_mats: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,7 @@ def lbs(
     pose_feature = (rot[:, 1:] - eye).reshape(b, -1)
     v_posed = v_shaped + (pose_feature @ posedirs).view(b, -1, 3)
     posed_joints, a = batch_rigid_transform(rot, joints, parents)
-    t = torch.einsum("vj,bjxy->bvxy", weights, a)
+    t = (weights @ a.reshape(b, a.shape[1], 16)).view(b, -1, 4, 4)
     vh = F.pad(v_posed, (0, 1), value=1.0).unsqueeze(-1)
     verts = (t @ vh)[:, :, :3, 0]
     return verts, posed_joints
