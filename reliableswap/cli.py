@@ -96,6 +96,7 @@ def pairs(
     """Pair faces of different identities (label, or dlib embedding distance >= 0.6)."""
     import time
 
+    from reliableswap import __version__
     from reliableswap.pairs import has_identity_info, make_pairs
     from reliableswap.prep import load_faces
     from triplets.jsonl import atomic_write_json, atomic_write_jsonl
@@ -120,7 +121,7 @@ def pairs(
     atomic_write_jsonl(out, ps)
     wall = time.perf_counter() - t
     atomic_write_json(out.with_name(out.stem + ".summary.json"), {
-        "schema": SUMMARY_SCHEMA, "command": "pairs", "version": __import__("reliableswap").__version__,
+        "schema": SUMMARY_SCHEMA, "command": "pairs", "version": __version__,
         "counts": {"in": len(faces), "written": len(ps), "rejected_by_reason": {}},
         "timings": {"wall_s": round(wall, 3)}, "throughput": {"pairs_per_s": round(len(ps) / max(wall, 1e-9), 1)},
         "settings": {"strategy": strategy, "n": n, "max_yaw_diff": max_yaw_diff, "seed": seed, "min_face_px": min_face_px},

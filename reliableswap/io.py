@@ -7,7 +7,9 @@ suitable for ``rejects.jsonl``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -209,3 +211,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """B×3×H×W float in [0, 1] → B×H×W×3 uint8 (on the CPU)."""
     x = images.detach().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def pin_run_settings(path: str | os.PathLike, settings: dict, out: str | os.PathLike, what: str) -> None:
+    """Record the settings of a resumable run at ``path``, or refuse (ValueError) when ``out``
+    already holds a ``what`` run made with other settings: resuming it would mix two runs."""
+    path = Path(path)
+    if not path.exists():
+        atomic_write_json(path, settings)
+        return
+    old = json.loads(path.read_text())
+    if old == settings:
+        return
+    scalar = (str, int, float, bool, type(None))
+    diff = [f"{k}: {old.get(k)!r} → {v!r}" if isinstance(v, scalar) and isinstance(old.get(k), scalar) else k
+            for k, v in settings.items() if old.get(k) != v]
+    raise ValueError(f"{out} holds a {what} run with other settings ({'; '.join(diff)}); use another --out")
+
+
+def reason_key(reason: str) -> str:
+    """Group reject reasons for summaries: drop details in parentheses and after a colon."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()

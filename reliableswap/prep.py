@@ -32,7 +32,9 @@ from reliableswap.io import (
     is_image,
     is_video,
     iter_video_frames,
+    pin_run_settings,
     read_image,
+    reason_key,
     save_image,
     to_tensor,
     to_uint8,
@@ -296,11 +298,6 @@ def process_unit(unit: Unit, out: Path, proc: FaceProcessor | None = None) -> Un
     return res
 
 
-def _reason_key(reason: str) -> str:
-    """Group reasons for the summary: drop details in parentheses and after a colon."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
-
-
 def run_prep(
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
@@ -319,16 +316,7 @@ def run_prep(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / ".prep" / "config.json"
-    cfg_dict = asdict(cfg)
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != cfg_dict:
-            diff = {k: (old.get(k), v) for k, v in cfg_dict.items() if old.get(k) != v}
-            raise ValueError(f"{out} holds a prep run with other settings {diff}; use another --out")
-    else:
-        atomic_write_json(cfg_path, cfg_dict)
-
+    pin_run_settings(out / ".prep" / "config.json", asdict(cfg), out, "prep")
     # A run killed with -9 can leave temp files of atomic writes behind: drop them.
     for stale in [*out.glob("faces/.*.tmp"), *out.glob(".prep/records/.*.tmp"), *out.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)
@@ -387,7 +375,7 @@ def assemble(out: Path, units: list[Unit], missing: list[dict], ignored: int, cf
             "written": len(faces),
             "images_with_faces": len({(f["origin"]["path"], f["origin"]["frame"]) for f in faces}),
             "rejected": len(rejects),
-            "rejected_by_reason": dict(Counter(_reason_key(r["reason"]) for r in rejects).most_common()),
+            "rejected_by_reason": dict(Counter(reason_key(r["reason"]) for r in rejects).most_common()),
             "ignored_files": ignored,
             "processed_this_run": ran,
         },

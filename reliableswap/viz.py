@@ -63,11 +63,14 @@ def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Pat
     if not recs:
         raise ValueError("no triplets to show")
     tiles = []
+    shards: dict[str, dict[str, dict]] = {}  # each shard read once: key → sample
     for r in recs:
         if r.get("folder") is None:
             from triplets.webdataset import iter_shard
 
-            sample = next(s for s in iter_shard(folder / r["shard"]) if s["__key__"] == r["key"])
+            if r["shard"] not in shards:
+                shards[r["shard"]] = {s["__key__"]: s for s in iter_shard(folder / r["shard"])}
+            sample = shards[r["shard"]][r["key"]]
             imgs = [cv2.cvtColor(cv2.imdecode(np.frombuffer(sample[r["files"][k]], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
                     for k in ("source", "target", "output_st", "output_ts")]
         else:

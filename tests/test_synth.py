@@ -59,7 +59,6 @@ def test_tps_interpolates_control_points():
     coef = tps_fit(ctrl, val)
     assert (tps_eval(ctrl, coef, ctrl) - val).abs().max() < 1e-3
     f = dense_field(ctrl, val, 256, 256, step=1)
-    xi, yi = ctrl[0, 0].round().long()
     assert f.shape == (2, 2, 256, 256) and torch.isfinite(f).all()
 
 

@@ -113,12 +113,11 @@ class TripletDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         if rng.random() < self.vanilla_rate:
             other = (folder + 1 + int(rng.integers(self._n - 1))) % self._n if self._n > 1 else folder
-            s = self._image(folder, "source")
             t = self._image(other, "target")
             if rng.random() < self.same_rate:
                 s, code, ref = t, SAME, t
             else:
-                code, ref = VANILLA, None
+                s, code, ref = self._image(folder, "source"), VANILLA, None
         elif rng.random() < self.same_rate:
             fake = self._image(folder, "output_ts" if rng.random() < 0.5 else "output_st")
             s = t = ref = fake

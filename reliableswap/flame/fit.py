@@ -17,7 +17,7 @@ import torch
 from torch.func import jacfwd, vmap
 
 from reliableswap.flame.layer import Flame, FlameParams, project
-from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues
+from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues, blend_shapes, vertices2joints
 
 
 @dataclass
@@ -49,14 +49,12 @@ def landmark_rmse(flame: Flame, p: FlameParams, target: torch.Tensor, size: int)
 def _coef_jacobian(flame: Flame, p: FlameParams, k_shape: int, k_expr: int) -> torch.Tensor:
     """∂(68 landmarks, 3D)/∂(β[:k_shape], ψ[:k_expr]) at fixed pose: B×68×3×K (exact: affine)."""
     b = p.shape.shape[0]
-    idx = flame.sub_idx
-    dirs = torch.cat([flame.shapedirs[idx][..., :k_shape], flame.shapedirs[idx][..., flame.n_shape_max:flame.n_shape_max + k_expr]], -1)
-    jdirs = torch.cat([flame.j_regressor[:, idx] @ dirs.reshape(idx.numel(), -1)], 0).view(-1, 3, dirs.shape[-1])  # J×3×K
+    dirs = flame.sub_dirs(k_shape, k_expr)  # Vs×3×K
+    jdirs = (flame.sub_jreg @ dirs.reshape(dirs.shape[0], -1)).view(-1, 3, dirs.shape[-1])  # J×3×K
     pose = p.full_pose()
     rot = batch_rodrigues(pose.reshape(-1, 3)).view(b, -1, 3, 3)
-    nj = rot.shape[1]
-    shaped = flame.v_template[idx] + torch.einsum("bk,vck->bvc", flame.betas(p), flame.shapedirs[idx])
-    joints = torch.einsum("bvc,jv->bjc", shaped, flame.j_regressor[:, idx])
+    shaped = flame.sub_template + blend_shapes(torch.cat([p.shape, p.expression], 1), dirs)
+    joints = vertices2joints(flame.sub_jreg, shaped)
 
     def tau(rot_i: torch.Tensor, joints_i: torch.Tensor) -> torch.Tensor:
         _, a = batch_rigid_transform(rot_i[None], joints_i[None], flame.parents)
@@ -64,7 +62,7 @@ def _coef_jacobian(flame: Flame, p: FlameParams, k_shape: int, k_expr: int) -> t
 
     dtau = vmap(jacfwd(tau, argnums=1))(rot, joints)  # B×J×3×J×3
     _, a = batch_rigid_transform(rot, joints, flame.parents)
-    w = flame.weights[idx]  # Vs×J
+    w = flame.sub_weights  # Vs×J
     r_v = torch.einsum("vj,bjxy->bvxy", w, a[..., :3, :3])  # blended rotations
     term1 = torch.einsum("bvxy,vyk->bvxk", r_v, dirs)
     dtau_k = torch.einsum("bjxmn,mnk->bjxk", dtau, jdirs)  # B×J×3×K
@@ -73,7 +71,6 @@ def _coef_jacobian(flame: Flame, p: FlameParams, k_shape: int, k_expr: int) -> t
     f, bary = flame.landmark_faces(pose)
     tri = flame.sub_faces[f]  # B×68×3 (subset vertex ids)
     g = torch.gather(jv, 1, tri.reshape(b, -1, 1, 1).expand(-1, -1, 3, jv.shape[-1])).view(b, tri.shape[1], 3, 3, -1)
-    _ = nj
     return (g * bary[..., None, None]).sum(2)
 
 

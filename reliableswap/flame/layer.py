@@ -8,9 +8,8 @@ weak-perspective camera into a S×S image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -39,20 +38,6 @@ class FlameParams:
 
     def full_pose(self) -> torch.Tensor:
         return torch.cat([self.global_pose, self.neck, self.jaw, self.eyes], 1)
-
-    def to_dict(self) -> dict[str, list]:
-        return {f.name: getattr(self, f.name).detach().cpu().tolist() for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict, device=None, dtype=torch.float32) -> "FlameParams":
-        return cls(**{f.name: torch.tensor(d[f.name], device=device, dtype=dtype) for f in fields(cls)})
-
-    def index(self, i) -> "FlameParams":
-        return FlameParams(**{f.name: getattr(self, f.name)[i] for f in fields(self)})
-
-    @staticmethod
-    def cat(items: list["FlameParams"]) -> "FlameParams":
-        return FlameParams(**{f.name: torch.cat([getattr(p, f.name) for p in items]) for f in fields(FlameParams)})
 
 
 class Flame(nn.Module):
@@ -140,10 +125,14 @@ class Flame(nn.Module):
         self.register_buffer("sub_jreg", self.j_regressor[:, sub])
         self.register_buffer("sub_weights", self.weights[sub])
 
+    def sub_dirs(self, n_shape: int, n_expr: int) -> torch.Tensor:
+        """Vs×3×(n_shape+n_expr): the subset's first shape and expression directions."""
+        m = self.n_shape_max
+        return torch.cat([self.sub_shapedirs[..., :n_shape], self.sub_shapedirs[..., m:m + n_expr]], -1)
+
     def landmarks(self, p: FlameParams) -> torch.Tensor:
         """68×3 landmarks (B×68×3) without building the full mesh (same values as the full path)."""
-        ns, ne = p.shape.shape[1], p.expression.shape[1]
-        dirs = torch.cat([self.sub_shapedirs[..., :ns], self.sub_shapedirs[..., self.n_shape_max:self.n_shape_max + ne]], -1)
+        dirs = self.sub_dirs(p.shape.shape[1], p.expression.shape[1])
         v, _ = lbs(torch.cat([p.shape, p.expression], 1), p.full_pose(), self.sub_template, dirs,
                    self.sub_posedirs, self.sub_jreg, self.parents, self.sub_weights)
         f, w = self.landmark_faces(p.full_pose())
@@ -164,11 +153,3 @@ def project(points: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tens
     s = camera[:, None, 0:1]
     xy = s * (points[..., :2] + camera[:, None, 1:3])
     return torch.stack([(1 + xy[..., 0]) * size / 2 - 0.5, (1 - xy[..., 1]) * size / 2 - 0.5], -1)
-
-
-def depth(points: torch.Tensor) -> torch.Tensor:
-    """Weak-perspective depth (larger = closer to the camera): the z coordinate."""
-    return points[..., 2]
-
-
-

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 ENV_VAR = "RELIABLESWAP_FLAME"
-N_SHAPE, N_EXPR = 300, 100
 
 
 class UnsafePickleError(pickle.UnpicklingError):

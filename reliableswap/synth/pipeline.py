@@ -148,8 +148,7 @@ class Synthesizer:
 
     def __init__(self, recipe: Recipe):
         self.r = recipe
-        self.reenactor = load_reenactor(recipe.reenact.backend, identity_layout=recipe.reenact.identity_layout) \
-            if recipe.reenact.backend in (None, "", "tps") else load_reenactor(recipe.reenact.backend)
+        self.reenactor = load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Soft region where the reenacted face replaces the target (B×1×H×W)."""

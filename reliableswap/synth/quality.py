@@ -23,10 +23,13 @@ class QualityChecker:
         self.embedder = DlibEmbedder()
         self.landmarks = DlibLandmarks()
 
+    def _embed_each(self, ims: np.ndarray, lms: np.ndarray) -> np.ndarray:
+        """B×H×W×3 uint8 with B×68×2 landmarks (one face an image) → B×128."""
+        return np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, lms)])
+
     def embed(self, images: torch.Tensor, lm: torch.Tensor) -> np.ndarray:
         """B×3×S×S images with B×68×2 landmarks → B×128 descriptors."""
-        ims = to_uint8(images)
-        return np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, lm.detach().cpu().numpy())])
+        return self._embed_each(to_uint8(images), lm.detach().cpu().numpy())
 
     def __call__(self, fake: torch.Tensor, lm_fake: torch.Tensor, emb_id: np.ndarray, emb_attr: np.ndarray,
                  lm_attr: torch.Tensor, img_attr: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -35,7 +38,7 @@ class QualityChecker:
         # re-measure the fake's landmarks with dlib (box from the expected ones) for the pose error
         boxes = np.concatenate([lmn.min(1), lmn.max(1)], 1)
         measured = np.stack([self.landmarks(im, bx[None])[0] for im, bx in zip(ims, boxes)])
-        emb = np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, measured)])
+        emb = self._embed_each(ims, measured)
         d_id = np.linalg.norm(emb - emb_id, axis=1)
         d_attr = np.linalg.norm(emb - emb_attr, axis=1)
         pose_f = head_pose(torch.from_numpy(measured).double())

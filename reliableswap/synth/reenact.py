@@ -73,11 +73,12 @@ class TPSReenactor:
         return warp_backward(img_id, field, "border"), target
 
 
-def load_reenactor(spec: str | None, **kwargs) -> Reenactor:
-    """``None``/``"tps"`` → :class:`TPSReenactor`; ``"package.module:Class"`` → that class(**kwargs)."""
+def load_reenactor(spec: str | None, identity_layout: float = 1.0) -> Reenactor:
+    """``None``/``"tps"`` → :class:`TPSReenactor` (``identity_layout`` is its option);
+    ``"package.module:Class"`` → ``Class()``, a user reenactor built with its own defaults."""
     if spec in (None, "", "tps"):
-        return TPSReenactor(**kwargs)
+        return TPSReenactor(identity_layout=identity_layout)
     mod, _, cls = spec.partition(":")
     if not cls:
         raise ValueError(f"reenactor {spec!r}: expected 'module:Class'")
-    return getattr(importlib.import_module(mod), cls)(**kwargs)
+    return getattr(importlib.import_module(mod), cls)()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from reliableswap import __version__
-from reliableswap.io import encode_image, load_rgb, to_tensor, to_uint8
+from reliableswap.io import encode_image, load_rgb, pin_run_settings, reason_key, to_tensor, to_uint8
 from reliableswap.synth.pipeline import Recipe, Synthesizer
 from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
 from triplets.layout import FILES
@@ -184,14 +184,7 @@ def run_triplets(
     rec_dir = out / ".records"
     cfg = {"recipe": recipe.to_dict(), "batch": batch, "qc": qc, "min_id_margin": min_id_margin,
            "pairs": str(Path(pairs_path).resolve()), "faces": str(faces_dir.resolve())}
-    cfg_path = rec_dir / "config.json"
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != cfg:
-            diff = sorted(k for k in cfg if old.get(k) != cfg[k])
-            raise ValueError(f"{out} holds a triplet run with other settings ({', '.join(diff)}); use another --out")
-    else:
-        atomic_write_json(cfg_path, cfg)
+    pin_run_settings(rec_dir / "config.json", cfg, out, "triplets")
     atomic_write_bytes(out / "recipe.resolved.toml", recipe.to_toml().encode())
     for stale in out.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -246,7 +239,7 @@ def assemble(out: Path, n_chunks: int, n_pairs: int, timings: dict, wall: float,
         "synthesis": {"reenact": recipe.reenact.backend, "geometry": "2D landmarks (no FLAME file given)",
                       "appearance": recipe.appearance.method, "blend": recipe.blend.method, "reshape": recipe.reshape.enabled},
         "counts": {"in": n_pairs, "written": len(records), "rejected": len(rejects),
-                   "rejected_by_reason": dict(Counter(r["reason"].split(" (")[0].split(":")[0] for r in rejects)),
+                   "rejected_by_reason": dict(Counter(reason_key(r["reason"]) for r in rejects)),
                    "chunks_done": present, "chunks": n_chunks, "written_this_run": written_now},
         "timings": {"wall_s": round(wall, 3), "stage_s": {k: round(v, 3) for k, v in sorted(timings.items())}},
         "throughput": {"triplets_per_s": round(written_now / wall, 2) if wall > 0 and written_now else None},
