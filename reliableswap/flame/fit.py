@@ -1,12 +1,19 @@
 """Batched FLAME fitting to 2D landmarks: shape β, expression ψ, global and jaw pose, and a
 weak-perspective camera, with Gaussian priors, on CPU or GPU.
 
-For fixed pose and camera the projected landmarks are *affine* in (β, ψ): blend shapes are
-linear, the joints are linear in the shaped vertices, and skinning with fixed rotations is
-linear in both. So each round (a) solves the ridge problem for (β, ψ) exactly, with the
-Jacobian assembled from the landmark vertices' directions, their blended rotations and the
-joint-regressor term, then (b) takes damped Gauss–Newton steps on the 9 pose/camera unknowns
-(finite-difference Jacobian, batched). All faces of a batch are solved together, independently.
+Joint Levenberg–Marquardt over all unknowns of every face at once (each face independent, its own
+damping). The Jacobian is analytic:
+
+* coefficients (β, ψ): for fixed pose the landmarks are affine in them — blend shapes are linear,
+  the rest joints are linear in the coefficients (``J = J̄ + Σ k·J_k``), and skinning with fixed
+  rotations is linear in both — so the columns are the landmark vertices' directions turned by
+  their blended rotations plus the joints' translation term, propagated down the kinematic chain;
+* global and jaw pose: forward-mode derivatives (``torch.func.jvp``, 6 tangents, batched);
+* camera (s, tx, ty): closed form.
+
+Neck pose is not fitted (it is nearly interchangeable with global pose for 2D landmarks) and
+eyes do not move landmarks; both stay 0. The contour landmarks follow the head yaw through the
+embedding's contour table, chosen anew each iteration.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import jacfwd, vmap
+from torch.func import jvp, vmap
 
 from reliableswap.flame.layer import Flame, FlameParams, project
-from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues, blend_shapes, vertices2joints
+from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues
+from reliableswap.flame.model import contour_bin
 
 
 @dataclass
@@ -26,8 +34,8 @@ class FitConfig:
     n_expr: int = 50
     w_shape: float = 1e-3  # prior weights, in px² per unit coefficient²
     w_expr: float = 1e-3
-    rounds: int = 12
-    pose_steps: int = 3
+    w_jaw: float = 1e-2  # px² per rad², keeps the jaw from twisting when landmarks are noisy
+    iterations: int = 8
 
 
 def init_camera(lm: torch.Tensor, flame: Flame, size: int) -> torch.Tensor:
@@ -46,43 +54,128 @@ def landmark_rmse(flame: Flame, p: FlameParams, target: torch.Tensor, size: int)
     return (project(flame.landmarks(p), p.camera, size) - target).pow(2).sum(-1).mean(-1).sqrt()
 
 
-def _coef_jacobian(flame: Flame, p: FlameParams, k_shape: int, k_expr: int) -> torch.Tensor:
-    """∂(68 landmarks, 3D)/∂(β[:k_shape], ψ[:k_expr]) at fixed pose: B×68×3×K (exact: affine)."""
-    b = p.shape.shape[0]
-    dirs = flame.sub_dirs(k_shape, k_expr)  # Vs×3×K
-    jdirs = (flame.sub_jreg @ dirs.reshape(dirs.shape[0], -1)).view(-1, 3, dirs.shape[-1])  # J×3×K
-    pose = p.full_pose()
-    rot = batch_rodrigues(pose.reshape(-1, 3)).view(b, -1, 3, 3)
-    shaped = flame.sub_template + blend_shapes(torch.cat([p.shape, p.expression], 1), dirs)
-    joints = vertices2joints(flame.sub_jreg, shaped)
-
-    def tau(rot_i: torch.Tensor, joints_i: torch.Tensor) -> torch.Tensor:
-        _, a = batch_rigid_transform(rot_i[None], joints_i[None], flame.parents)
-        return a[0, :, :3, 3]  # J×3, linear in the joints
-
-    dtau = vmap(jacfwd(tau, argnums=1))(rot, joints)  # B×J×3×J×3
-    _, a = batch_rigid_transform(rot, joints, flame.parents)
-    w = flame.sub_weights  # Vs×J
-    r_v = torch.einsum("vj,bjxy->bvxy", w, a[..., :3, :3])  # blended rotations
-    term1 = torch.einsum("bvxy,vyk->bvxk", r_v, dirs)
-    dtau_k = torch.einsum("bjxmn,mnk->bjxk", dtau, jdirs)  # B×J×3×K
-    term2 = torch.einsum("vj,bjxk->bvxk", w, dtau_k)
-    jv = term1 + term2  # B×Vs×3×K
-    f, bary = flame.landmark_faces(pose)
-    tri = flame.sub_faces[f]  # B×68×3 (subset vertex ids)
-    g = torch.gather(jv, 1, tri.reshape(b, -1, 1, 1).expand(-1, -1, 3, jv.shape[-1])).view(b, tri.shape[1], 3, 3, -1)
-    return (g * bary[..., None, None]).sum(2)
+def _pose15(q6: torch.Tensor) -> torch.Tensor:
+    z = torch.zeros_like(q6[:, :3])
+    return torch.cat([q6[:, :3], z, q6[:, 3:6], z, z], 1)
 
 
-def _proj_jac(j3: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tensor:
-    """3D landmark Jacobian B×L×3×K → pixel Jacobian B×(2L)×K under the weak-perspective camera."""
-    s = camera[:, 0].view(-1, 1, 1) * size / 2
-    jx, jy = j3[:, :, 0] * s, -j3[:, :, 1] * s
-    return torch.stack([jx, jy], 2).flatten(1, 2)
+class _Problem:
+    """The landmark function and its Jacobian at fixed contour rows (B faces)."""
+
+    def __init__(self, flame: Flame, n_shape: int):
+        self.flame, self.n_shape = flame, n_shape
+
+    def landmarks(self, x: torch.Tensor, q6: torch.Tensor, tri: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+        """B×68×3 from coefficients B×K and global+jaw pose B×6 (tri: B×68×3 subset ids)."""
+        v, _, _ = self.flame.skin_subset(x, _pose15(q6), self.n_shape)
+        b, l = tri.shape[:2]
+        g = torch.gather(v, 1, tri.reshape(b, -1, 1).expand(-1, -1, 3)).view(b, l, 3, 3)
+        return (g * bary.unsqueeze(-1)).sum(2)
+
+    def _landmark_dirs(self, faces: torch.Tensor, bary: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For landmark triangles ``faces`` (N) with weights N×3: per joint, the skinning-weighted
+        directions ``E = Σ_c bary_c w_cj dirs_c`` (N×J×3×K) and weights ``Σ_c bary_c w_cj`` (N×J)."""
+        fl = self.flame
+        tri = fl.sub_faces[faces]  # N×3
+        wb = fl.sub_weights[tri] * bary.unsqueeze(-1)  # N×3×J
+        dirs = fl.sub_dirs(self.n_shape, k - self.n_shape)[tri]  # N×3(c)×3×K
+        return torch.einsum("ncj,ncxk->njxk", wb, dirs), wb.sum(1)
+
+    def _cache(self, k: int):
+        if getattr(self, "_cached_k", None) != k:
+            fl = self.flame
+            self._static = self._landmark_dirs(fl.static_faces, fl.static_bary, k)
+            if hasattr(fl, "dyn_faces"):
+                rows, n = fl.dyn_faces.shape
+                e, w = self._landmark_dirs(fl.dyn_faces.reshape(-1), fl.dyn_bary.reshape(-1, 3), k)
+                self._dynamic = e.view(rows, n, *e.shape[1:]), w.view(rows, n, -1)
+            self._cached_k = k
+        return self._static, getattr(self, "_dynamic", None)
+
+    def coef_jacobian(self, x: torch.Tensor, q6: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor) -> None:
+        """∂(68 landmarks, 3D)/∂coefficients at fixed pose, written into ``out`` B×68×3×K (exact).
+
+        Landmark l is ``Σ_c bary_c (R_c v_c + t_c)`` with blended rotations ``R_c = Σ_j w_cj G_j.R``,
+        so its Jacobian is ``Σ_j G_j.R E_lj + Σ_j W_lj ∂τ_j/∂x`` — the ``E`` are fixed per landmark
+        triangle and cached; ``rows`` (B) picks each face's contour row.
+        """
+        fl, b, k = self.flame, x.shape[0], x.shape[1]
+        (es, ws), dyn = self._cache(k)
+        rot = batch_rodrigues(_pose15(q6).reshape(-1, 3)).view(b, -1, 3, 3)
+        jdirs = fl.joint_dirs(self.n_shape, k - self.n_shape)  # J×3×K
+        joints = fl.j_template + (x @ jdirs.reshape(-1, k).T).view(b, -1, 3)
+        _, a = batch_rigid_transform(rot, joints, fl.parents)
+        # joints' translation terms τ_j = G_j.t − G_j.R·j_j are linear in the rest joints:
+        # G_j.t = G_p.t + G_p.R (j_j − j_p)  ⇒  ∂G_j.t/∂x = ∂G_p.t/∂x + G_p.R (J_j − J_p)
+        g_rot = a[..., :3, :3]  # the relative transform keeps G_j's rotation
+        d_t = [jdirs[0].expand(b, -1, -1)]
+        for j in range(1, jdirs.shape[0]):
+            par = int(fl.parents[j])
+            d_t.append(d_t[par] + g_rot[:, par] @ (jdirs[j] - jdirs[par]))
+        dtau = (torch.stack(d_t, 1) - g_rot @ jdirs).flatten(2)  # B×J×3K
+        nj = g_rot.shape[1]
+        gr = g_rot.permute(0, 2, 1, 3).reshape(b, 3, nj * 3)  # [G_0.R | G_1.R | …]
+        n = 0 if dyn is None else dyn[1].shape[1]
+        static = (gr @ es.permute(1, 2, 0, 3).reshape(nj * 3, -1)).view(b, 3, es.shape[0], k).transpose(1, 2)
+        torch.add(static, (ws @ dtau).view(b, -1, 3, k), out=out[:, n:])
+        if dyn is not None:
+            ed, wd = dyn[0][rows], dyn[1][rows]  # B×17×J×3×K, B×17×J
+            contour = (gr.unsqueeze(1) @ ed.reshape(b, n, nj * 3, k)).view(b, n, 3, k)
+            torch.add(contour, (wd @ dtau).view(b, n, 3, k), out=out[:, :n])
+
+    def pose_jacobian(self, x, q6, tri, bary, out: torch.Tensor) -> torch.Tensor:
+        """Landmarks B×68×3; ∂/∂(global, jaw) written into ``out`` B×68×3×6.
+
+        Global rotation turns the whole skinned head about the root joint j0 (skinning weights sum
+        to 1 and pose correctives ignore it): ``∂l/∂ω = −[l − j0]× J_l(ω)`` with SO(3)'s left
+        Jacobian. The jaw goes through forward mode (3 tangents at once).
+        """
+        f = lambda jaw: self.landmarks(x, torch.cat([q6[:, :3], jaw], 1), tri, bary)  # noqa: E731
+        eye = torch.eye(3, dtype=q6.dtype, device=q6.device)
+        lm, cols = vmap(lambda t: jvp(f, (q6[:, 3:],), (t.expand_as(q6[:, 3:]),)), out_dims=(None, 0))(eye)
+        k = x.shape[1]
+        jd = self.flame.joint_dirs(self.n_shape, k - self.n_shape)[0]  # 3×K
+        j0 = self.flame.j_template[0] + x @ jd.T  # B×3
+        d = lm - j0.unsqueeze(1)
+        torch.matmul(-_skew(d), _left_jacobian(q6[:, :3]).unsqueeze(1), out=out[..., :3])
+        out[..., 3:] = cols.permute(1, 2, 3, 0)
+        return lm
 
 
-def _set_pose(p: FlameParams, q: torch.Tensor) -> FlameParams:
-    return FlameParams(p.shape, p.expression, q[:, 0:3], p.neck, q[:, 3:6], p.eyes, q[:, 6:9])
+def _skew(v: torch.Tensor) -> torch.Tensor:
+    """…×3 → …×3×3 cross-product matrices."""
+    z = torch.zeros_like(v[..., 0])
+    x, y, w = v.unbind(-1)
+    return torch.stack([z, -w, y, w, z, -x, -y, x, z], -1).view(*v.shape, 3)
+
+
+def _left_jacobian(w: torch.Tensor) -> torch.Tensor:
+    """SO(3) left Jacobian of axis-angle vectors B×3 → B×3×3 (``∂R/∂ω_i Rᵀ = [J e_i]×``)."""
+    th = w.norm(dim=-1).clamp_min(1e-8)[:, None, None]
+    k = _skew(w)
+    small = th < 1e-4
+    a = torch.where(small, 0.5 - th**2 / 24, (1 - torch.cos(th)) / th**2)
+    b = torch.where(small, 1 / 6 - th**2 / 120, (th - torch.sin(th)) / th**3)
+    return torch.eye(3, dtype=w.dtype, device=w.device) + a * k + b * (k @ k)
+
+
+def _pixels(lm3: torch.Tensor, cam: torch.Tensor, size: int, j3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project B×L×3 landmarks and their Jacobian B×L×3×P; append the camera's 3 columns.
+
+    Returns pixel residual order ``(u0, v0, u1, …)`` B×2L and Jacobian B×2L×(P+3).
+    """
+    h = size / 2
+    s, tx, ty = cam[:, 0, None], cam[:, 1, None], cam[:, 2, None]
+    uv = project(lm3, cam, size).flatten(1)
+    b, n, _, p = j3.shape
+    jac = lm3.new_zeros(b, n, 2, p + 3)
+    torch.mul(j3[:, :, 0], (h * s)[..., None], out=jac[:, :, 0, :p])
+    torch.mul(j3[:, :, 1], (-h * s)[..., None], out=jac[:, :, 1, :p])
+    jac[:, :, 0, p] = h * (lm3[..., 0] + tx)
+    jac[:, :, 0, p + 1] = h * s
+    jac[:, :, 1, p] = -h * (lm3[..., 1] + ty)
+    jac[:, :, 1, p + 2] = -h * s
+    return uv, jac.flatten(1, 2)
 
 
 def fit_landmarks(flame: Flame, target: torch.Tensor, size: int, cfg: FitConfig = FitConfig()) -> tuple[FlameParams, torch.Tensor]:
@@ -92,44 +185,50 @@ def fit_landmarks(flame: Flame, target: torch.Tensor, size: int, cfg: FitConfig 
         ``(params, rmse)``: fitted parameters (neck and eyes stay 0) and per-face RMSE in px.
     """
     b, dev, dt = target.shape[0], target.device, target.dtype
-    p = FlameParams.zeros(b, cfg.n_shape, cfg.n_expr, device=dev, dtype=dt)
-    p.camera = init_camera(target, flame, size)
-    k = cfg.n_shape + cfg.n_expr
-    prior = torch.cat([torch.full((cfg.n_shape,), cfg.w_shape), torch.full((cfg.n_expr,), cfg.w_expr)]).to(dev, dt)
+    ns, ne = cfg.n_shape, cfg.n_expr
+    k = ns + ne
+    prob = _Problem(flame, ns)
+    x = torch.zeros(b, k, device=dev, dtype=dt)
+    q = torch.zeros(b, 6, device=dev, dtype=dt)
+    cam = init_camera(target, flame, size)
+    prior = torch.cat([torch.full((ns,), cfg.w_shape), torch.full((ne,), cfg.w_expr),
+                       torch.zeros(3), torch.full((3,), cfg.w_jaw), torch.zeros(3)]).to(dev, dt)
     tgt = target.flatten(1)
 
-    def residual(pp: FlameParams) -> torch.Tensor:
-        return tgt - project(flame.landmarks(pp), pp.camera, size).flatten(1)
+    def rows(pose6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        pose = _pose15(pose6)
+        f, w = flame.landmark_faces(pose)
+        row = contour_bin(flame.neck_yaw_deg(pose), flame.embedding.yaw_sign) if hasattr(flame, "dyn_faces") else None
+        return flame.sub_faces[f], w, row
 
-    mu = torch.full((b, 1, 1), 1e-2, device=dev, dtype=dt)
+    def cost(x_, q_, cam_, tri, bary) -> torch.Tensor:
+        uv = project(prob.landmarks(x_, q_, tri, bary), cam_, size).flatten(1)
+        theta = torch.cat([x_, q_], 1)
+        return (tgt - uv).pow(2).sum(1) + (prior[:-3] * theta.pow(2)).sum(1)
+
+    mu = torch.full((b, 1), 1e-3, device=dev, dtype=dt)
     with torch.no_grad():
-        for _ in range(cfg.rounds):
-            # (b) pose and camera: damped Gauss–Newton, finite-difference Jacobian
-            for _ in range(cfg.pose_steps):
-                q = torch.cat([p.global_pose, p.jaw, p.camera], 1)
-                r0 = residual(p)
-                eps = 1e-5 * torch.ones(9, device=dev, dtype=dt)
-                eps[6] = 1e-5 * float(p.camera[:, 0].mean())
-                cols = []
-                for i in range(9):
-                    dq = torch.zeros_like(q)
-                    dq[:, i] = eps[i]
-                    cols.append((r0 - residual(_set_pose(p, q + dq))) / eps[i])
-                jq = torch.stack(cols, -1)  # B×2L×9 (∂ prediction)
-                h = jq.transpose(1, 2) @ jq
-                g = jq.transpose(1, 2) @ r0.unsqueeze(-1)
-                step = torch.linalg.solve(h + mu * torch.diag_embed(h.diagonal(dim1=1, dim2=2) + 1e-9), g).squeeze(-1)
-                cand = _set_pose(p, q + step)
-                better = residual(cand).pow(2).sum(1) < r0.pow(2).sum(1)
-                p = _set_pose(p, torch.where(better[:, None], q + step, q))
-                mu = torch.where(better[:, None, None], mu * 0.3, mu * 10).clamp(1e-8, 1e8)
-            # (a) shape and expression: exact ridge solve (landmarks are affine in them)
-            a = _proj_jac(_coef_jacobian(flame, p, cfg.n_shape, cfg.n_expr), p.camera, size)  # B×2L×K
-            x0 = torch.cat([p.shape, p.expression], 1)
-            r0 = residual(p)
-            lhs = a.transpose(1, 2) @ a + torch.diag_embed(prior.expand(b, k))
-            rhs = a.transpose(1, 2) @ r0.unsqueeze(-1) - (prior * x0).unsqueeze(-1)
-            x = x0 + torch.linalg.solve(lhs, rhs).squeeze(-1)
-            p = FlameParams(x[:, : cfg.n_shape], x[:, cfg.n_shape:], p.global_pose, p.neck, p.jaw, p.eyes, p.camera)
+        for _ in range(cfg.iterations):
+            tri, bary, row = rows(q)
+            j3 = target.new_empty(b, target.shape[1], 3, k + 6)
+            lm3 = prob.pose_jacobian(x, q, tri, bary, j3[..., k:])
+            prob.coef_jacobian(x, q, row, j3[..., :k])
+            uv, jac = _pixels(lm3, cam, size, j3)  # B×2L×(K+9)
+            r = tgt - uv
+            theta = torch.cat([x, q, cam], 1)
+            h = jac.transpose(1, 2) @ jac + torch.diag_embed(prior.expand(b, -1))
+            g = (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) - prior * theta
+            c0 = r.pow(2).sum(1) + (prior * theta.pow(2)).sum(1)
+            diag = h.diagonal(dim1=1, dim2=2)
+            step = torch.linalg.solve(h + torch.diag_embed(mu * diag + 1e-9), g.unsqueeze(-1)).squeeze(-1)
+            cand = theta + step
+            xc, qc, cc = cand[:, :k], cand[:, k:k + 6], cand[:, k + 6:]
+            tri_c, bary_c, _ = rows(qc)
+            better = cost(xc, qc, cc, tri_c, bary_c) < c0
+            theta = torch.where(better[:, None], cand, theta)
+            x, q, cam = theta[:, :k], theta[:, k:k + 6], theta[:, k + 6:]
+            mu = torch.where(better[:, None], mu * 0.2, mu * 10).clamp(1e-9, 1e9)
+        z = torch.zeros_like(q[:, :3])
+        p = FlameParams(x[:, :ns], x[:, ns:], q[:, :3], z, q[:, 3:], torch.zeros(b, 6, device=dev, dtype=dt), cam)
         rmse = landmark_rmse(flame, p, target, size)
     return p, rmse

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from reliableswap.flame.lbs import batch_rodrigues, lbs, rot_mat_to_euler_y, vertices2landmarks
+from reliableswap.flame.lbs import (batch_rigid_transform, batch_rodrigues, blend_shapes, lbs, rot_mat_to_euler_y,
+                                    vertices2landmarks)
 from reliableswap.flame.model import FlameModel, LandmarkEmbedding, contour_bin, to_torch
 
 
@@ -108,12 +109,13 @@ class Flame(nn.Module):
         return vertices2landmarks(self.vertices(p), self.faces, f, w)
 
     def _build_subset(self) -> None:
-        """Vertices the landmark fast path needs: every landmark triangle's and the joints' support."""
+        """Buffers for the landmark-only path: the landmark triangles' vertices, and the joints as
+        an affine function of the coefficients (``J = J̄ + Σ k·J_k``), so the subset never needs the
+        joint regressor's support."""
         tri = [self.faces[self.static_faces].reshape(-1)]
         if hasattr(self, "dyn_faces"):
             tri.append(self.faces[self.dyn_faces].reshape(-1))
-        jsup = torch.nonzero(self.j_regressor.abs().sum(0) > 0).squeeze(1)
-        sub = torch.unique(torch.cat(tri + [jsup]))
+        sub = torch.unique(torch.cat(tri))
         remap = torch.full((self.v_template.shape[0],), -1, dtype=torch.long)
         remap[sub] = torch.arange(sub.numel())
         self.register_buffer("sub_idx", sub)
@@ -122,19 +124,45 @@ class Flame(nn.Module):
         self.register_buffer("sub_template", self.v_template[sub])
         self.register_buffer("sub_shapedirs", self.shapedirs[sub])
         self.register_buffer("sub_posedirs", self.posedirs.view(p, -1, 3)[:, sub].reshape(p, -1))
-        self.register_buffer("sub_jreg", self.j_regressor[:, sub])
         self.register_buffer("sub_weights", self.weights[sub])
+        v, c, k = self.shapedirs.shape
+        self.register_buffer("j_template", self.j_regressor @ self.v_template)
+        self.register_buffer("j_dirs", (self.j_regressor @ self.shapedirs.reshape(v, c * k)).view(-1, c, k))
+
+    def _select(self, dirs: torch.Tensor, n_shape: int, n_expr: int) -> torch.Tensor:
+        m = self.n_shape_max
+        return torch.cat([dirs[..., :n_shape], dirs[..., m:m + n_expr]], -1)
 
     def sub_dirs(self, n_shape: int, n_expr: int) -> torch.Tensor:
         """Vs×3×(n_shape+n_expr): the subset's first shape and expression directions."""
-        m = self.n_shape_max
-        return torch.cat([self.sub_shapedirs[..., :n_shape], self.sub_shapedirs[..., m:m + n_expr]], -1)
+        return self._select(self.sub_shapedirs, n_shape, n_expr)
+
+    def joint_dirs(self, n_shape: int, n_expr: int) -> torch.Tensor:
+        """J×3×(n_shape+n_expr): how the rest joints move with each coefficient."""
+        return self._select(self.j_dirs, n_shape, n_expr)
+
+    def skin_subset(self, coeffs: torch.Tensor, pose: torch.Tensor, n_shape: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LBS of the landmark subset only.
+
+        Args:
+            coeffs: B×K (first ``n_shape`` shape, then expression); pose: B×15 axis-angle.
+        Returns:
+            vertices B×Vs×3, joints' relative transforms B×J×4×4, rest joints B×J×3.
+        """
+        b, n_expr = coeffs.shape[0], coeffs.shape[1] - n_shape
+        shaped = self.sub_template + blend_shapes(coeffs, self.sub_dirs(n_shape, n_expr))
+        joints = self.j_template + blend_shapes(coeffs, self.joint_dirs(n_shape, n_expr))
+        rot = batch_rodrigues(pose.reshape(-1, 3)).view(b, -1, 3, 3)
+        eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
+        posed = shaped + ((rot[:, 1:] - eye).reshape(b, -1) @ self.sub_posedirs).view(b, -1, 3)
+        _, a = batch_rigid_transform(rot, joints, self.parents)
+        t = (self.sub_weights @ a.reshape(b, a.shape[1], 16)).view(b, -1, 4, 4)
+        verts = (t[..., :3, :3] @ posed.unsqueeze(-1))[..., 0] + t[..., :3, 3]
+        return verts, a, joints
 
     def landmarks(self, p: FlameParams) -> torch.Tensor:
         """68×3 landmarks (B×68×3) without building the full mesh (same values as the full path)."""
-        dirs = self.sub_dirs(p.shape.shape[1], p.expression.shape[1])
-        v, _ = lbs(torch.cat([p.shape, p.expression], 1), p.full_pose(), self.sub_template, dirs,
-                   self.sub_posedirs, self.sub_jreg, self.parents, self.sub_weights)
+        v, _, _ = self.skin_subset(torch.cat([p.shape, p.expression], 1), p.full_pose(), p.shape.shape[1])
         f, w = self.landmark_faces(p.full_pose())
         return vertices2landmarks(v, self.sub_faces, f, w)
 
