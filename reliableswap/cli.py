@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="reliableswap: aligned faces and ReliableSwap triplets for face-swap training (FLAME flows and fine-tuning are in progress).",
+    help="reliableswap: aligned faces, ReliableSwap triplets and FLAME shape flows for face-swap training (fine-tuning is in progress).",
 )
 err = Console(stderr=True)
 
@@ -46,6 +46,7 @@ def prep(
     identity_from_folder: Annotated[bool, typer.Option("--identity-from-folder", help="Identity label = name of the image's parent folder.")] = False,
     ext: Annotated[str, typer.Option(help="Crop file format: .png or .jpg.")] = ".png",
     device: Annotated[str, typer.Option(help="Torch device for alignment and FAN: cpu, cuda, cuda:1 ...")] = "cpu",
+    flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model file: also fit FLAME per face (as `reliableswap fit`).")] = None,
 ) -> None:
     """Detect, landmark and align every face in INPUTS; write crops and faces.jsonl. Resumable."""
     from reliableswap.faces.align import ALIGN_MODES
@@ -81,6 +82,80 @@ def prep(
     err.print(f"wrote {out / 'faces.jsonl'}, {out / 'rejects.jsonl'}, {out / 'summary.json'}")
     if c["written"] == 0:
         _fail(f"no usable face found in {c['in']} inputs (reasons in {out / 'rejects.jsonl'})", 1)
+    if flame is not None:
+        fit(out, flame=flame, device=device)
+
+
+_FLAME_HELP = "FLAME model (generic_model.pkl / flame2023.pkl; default $RELIABLESWAP_FLAME). Licensed: see scripts/fetch_flame.sh."
+_EMB_HELP = "Landmark embedding (DECA landmark_embedding.npy or RingNet flame_static_embedding.pkl); default: beside the model."
+
+
+@app.command()
+def fit(
+    folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl).")],
+    flame: Annotated[Optional[Path], typer.Option("--flame", help=_FLAME_HELP)] = None,
+    embedding: Annotated[Optional[Path], typer.Option("--embedding", help=_EMB_HELP)] = None,
+    batch: Annotated[int, typer.Option(help="Faces fitted together.", min=1)] = 128,
+    iterations: Annotated[int, typer.Option(help="Levenberg-Marquardt iterations.", min=1)] = 8,
+    n_shape: Annotated[int, typer.Option("--n-shape", help="Shape coefficients fitted.", min=1, max=300)] = 100,
+    n_expr: Annotated[int, typer.Option("--n-expr", help="Expression coefficients fitted.", min=1, max=100)] = 50,
+    max_rmse: Annotated[float, typer.Option("--max-rmse", help="Faces whose fit stays above this RMSE (px) get no parameters.")] = 8.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+) -> None:
+    """Fit FLAME (shape, expression, global/jaw pose, weak-perspective camera) to every face's landmarks;
+    store the parameters in faces.jsonl ("flame" per face), fit.summary.json, fit.rejects.jsonl."""
+    from reliableswap.flame.fit import FitConfig
+    from reliableswap.flame.model import FlameFileError, UnsafePickleError
+    from reliableswap.flame.run import run_fit
+
+    if not (folder / "faces.jsonl").is_file():
+        _fail(f"{folder} has no faces.jsonl (run `reliableswap prep` first)")
+    cfg = FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations)
+    with _progress() as bar:
+        task = bar.add_task("fit", total=None)
+        try:
+            s = run_fit(folder, flame, embedding, cfg, batch, device, max_rmse,
+                        progress=lambda d, t: bar.update(task, completed=d, total=t))
+        except (FlameFileError, UnsafePickleError, OSError) as e:
+            _fail(str(e))
+    c = s["counts"]
+    err.print(f"FLAME fitted to {c['written']} of {c['in']} faces (RMSE {s['rmse_px']}); {s['throughput']['faces_per_s']} faces/s")
+    err.print(f"wrote {folder / 'faces.jsonl'}, {folder / 'fit.summary.json'}, {folder / 'fit.rejects.jsonl'}")
+
+
+@app.command()
+def flows(
+    folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl + crops; `fit` first, or faces are fitted on the fly).")],
+    pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl from `reliableswap pairs`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (flows/*.npz, previews/*.png, manifest.jsonl, summary.json).")],
+    flame: Annotated[Optional[Path], typer.Option("--flame", help=_FLAME_HELP)] = None,
+    embedding: Annotated[Optional[Path], typer.Option("--embedding", help=_EMB_HELP)] = None,
+    batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1)] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    previews: Annotated[bool, typer.Option("--previews/--no-previews", help="Write a preview PNG per pair.")] = True,
+    rasterizer: Annotated[str, typer.Option(help="auto (pytorch3d when it imports), torch or pytorch3d.")] = "auto",
+) -> None:
+    """Dense FLAME shape flow per pair (a, b): an H×W×2 float16 field moving b's face contour to a's face
+    shape in b's pose and expression (FlowFace++), with previews. Resumable."""
+    from reliableswap.flame.model import FlameFileError, UnsafePickleError
+    from reliableswap.flame.run import run_flows
+
+    if rasterizer not in ("auto", "torch", "pytorch3d"):
+        _fail("--rasterizer must be auto, torch or pytorch3d")
+    for f in (folder / "faces.jsonl", pairs_file):
+        if not f.is_file():
+            _fail(f"{f} does not exist")
+    with _progress() as bar:
+        task = bar.add_task("flows", total=None)
+        try:
+            s = run_flows(folder, pairs_file, out, flame, embedding, batch, device, previews, backend=rasterizer,
+                          progress=lambda d, t: bar.update(task, completed=d, total=t))
+        except (FlameFileError, UnsafePickleError, OSError, RuntimeError) as e:
+            _fail(str(e))
+    c = s["counts"]
+    err.print(f"{c['written']} flows of {c['in']} pairs ({c['written_this_run']} this run); {c['rejected']} rejected "
+              f"{c['rejected_by_reason'] or ''}; rasterizer {s['rasterizer']}")
+    err.print(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
 
 
 @app.command()

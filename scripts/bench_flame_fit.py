@@ -20,6 +20,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=128)
 ap.add_argument("--iterations", type=int, default=FitConfig.iterations)
 ap.add_argument("--float64", action="store_true")
+ap.add_argument("--prior", type=float, default=FitConfig.w_shape, help="shape and expression prior weight")
 ap.add_argument("--device", default="cpu")
 a = ap.parse_args()
 dt = torch.float64 if a.float64 else torch.float32
@@ -36,7 +37,7 @@ gt = FlameParams(r(B, 100), r(B, 50), torch.stack([0.15 * r(B), 0.3 * r(B).clamp
 gt = FlameParams(*[t.to(a.device) for t in vars(gt).values()])
 with torch.no_grad():
     lm = project(fl.landmarks(gt), gt.camera, 256)
-cfg = FitConfig(iterations=a.iterations)
+cfg = FitConfig(iterations=a.iterations, w_shape=a.prior, w_expr=a.prior)
 fit_landmarks(fl, lm[:8], 256, cfg)  # warm-up
 print(f"batch {B}, {a.iterations} iterations, {dt}, {a.device}, threads {torch.get_num_threads()}")
 for noise in [0.0, 1.0]:

@@ -13,6 +13,7 @@ PAIRS_SCHEMA = "reliableswap.pairs/1"
 MANIFEST_SCHEMA = "reliableswap.manifest/1"
 REJECTS_SCHEMA = "reliableswap.rejects/1"
 SUMMARY_SCHEMA = "reliableswap.summary/1"
+FLOWS_SCHEMA = "reliableswap.flows/1"
 
 #: Fields every record of a schema must have.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -23,6 +24,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     MANIFEST_SCHEMA: ("pair", "folder", "files", "steps", "qc"),
     REJECTS_SCHEMA: ("input", "reason"),
     SUMMARY_SCHEMA: ("command", "version", "counts", "timings"),
+    FLOWS_SCHEMA: ("a", "b", "flow", "size"),
 }
 
 

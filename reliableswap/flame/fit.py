@@ -32,8 +32,8 @@ from reliableswap.flame.model import contour_bin
 class FitConfig:
     n_shape: int = 100
     n_expr: int = 50
-    w_shape: float = 1e-3  # prior weights, in px² per unit coefficient²
-    w_expr: float = 1e-3
+    w_shape: float = 0.1  # prior weights, px² per unit coefficient² (≈ landmark noise variance; FLAME coefficients are in std units)
+    w_expr: float = 0.1
     w_jaw: float = 1e-2  # px² per rad², keeps the jaw from twisting when landmarks are noisy
     iterations: int = 8
 
