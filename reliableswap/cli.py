@@ -218,8 +218,10 @@ def triplets(
     min_id_margin: Annotated[Optional[float], typer.Option("--min-id-margin", help="Drop pairs whose fakes have a smaller identity margin (implies --qc).")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This process's shard (default: $RANK or 0).")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Number of shards (default: $WORLD_SIZE or 1).")] = None,
+    flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model: reenact by FLAME(β_a, θ_b, ψ_b) and reshape by the dense shape flow (faces without `fit` parameters are fitted on the fly).")] = None,
 ) -> None:
-    """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable."""
+    """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable.
+    Without --flame (or a FLAME recipe) geometry is 2D (landmark TPS), and summary.json says so."""
     from reliableswap.synth.pipeline import Recipe
     from reliableswap.synth.run import run_triplets
 
@@ -231,12 +233,18 @@ def triplets(
         if fmt not in ("folder", "webdataset"):
             _fail("--format must be folder or webdataset")
         r.output.format = fmt
+    if flame is not None:
+        r.flame.model = str(flame)
+        r.reenact.backend = "flame"
+        r.reshape.method = "flame"
+    from reliableswap.flame.model import FlameFileError, UnsafePickleError
+
     with _progress() as bar:
         task = bar.add_task("triplets", total=None)
         try:
             s = run_triplets(folder, pairs_file, out, r, device, batch, qc, min_id_margin, shard_index, num_shards,
                              progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
+        except (FileNotFoundError, ValueError, RuntimeError, FlameFileError, UnsafePickleError) as e:
             _fail(str(e))
     c = s["counts"]
     err.print(f"{c['written']} triplets of {c['in']} pairs; {c['rejected']} rejected {c['rejected_by_reason'] or ''}; "

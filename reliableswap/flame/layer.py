@@ -40,6 +40,14 @@ class FlameParams:
     def full_pose(self) -> torch.Tensor:
         return torch.cat([self.global_pose, self.neck, self.jaw, self.eyes], 1)
 
+    def __getitem__(self, idx) -> "FlameParams":
+        """Rows ``idx`` (slice, index tensor) of every field."""
+        return FlameParams(*[t[idx] for t in vars(self).values()])
+
+    @staticmethod
+    def cat(items: list["FlameParams"]) -> "FlameParams":
+        return FlameParams(*[torch.cat(ts) for ts in zip(*[vars(p).values() for p in items])])
+
 
 class Flame(nn.Module):
     """FLAME buffers on a device; all methods batched."""

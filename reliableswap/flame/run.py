@@ -194,8 +194,7 @@ def run_flows(folder: Path, pairs_file: Path, out: Path, model: str | None, embe
             fitted += n_fit
             timings["fit_s"] += time.perf_counter() - t
             n = len(chunk)
-            pa = FlameParams(*[getattr(params, k)[:n] for k in PARAM_KEYS])
-            pb = FlameParams(*[getattr(params, k)[n:] for k in PARAM_KEYS])
+            pa, pb = params[:n], params[n:]
             size = int(faces[chunk[0][1]["b"]]["size"])
             t = time.perf_counter()
             with torch.no_grad():

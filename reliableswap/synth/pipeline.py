@@ -20,11 +20,12 @@ from reliableswap.faces.pose import head_pose
 from reliableswap.synth import appearance, blend
 from reliableswap.synth.reenact import load_reenactor
 from reliableswap.synth.reshape import reshape
+from reliableswap.synth.tps import warp_backward
 
 
 @dataclass
 class ReenactCfg:
-    backend: str = "tps"  # or "package.module:Class" implementing synth.reenact.Reenactor
+    backend: str = "tps"  # tps | flame | "package.module:Class" implementing synth.reenact.Reenactor
     identity_layout: float = 1.0
     mirror: bool = True  # flip the identity face when that brings its yaw closer to the target's
 
@@ -47,6 +48,14 @@ class BlendCfg:
 class ReshapeCfg:
     enabled: bool = True
     strength: float = 1.0
+    method: str = "tps"  # tps (2D jaw landmarks) | flame (dense FLAME shape flow)
+
+
+@dataclass
+class FlameCfg:
+    model: str = ""  # FLAME model file; "" → $RELIABLESWAP_FLAME (needed by reenact "flame" / reshape "flame")
+    embedding: str = ""  # landmark embedding; "" → beside the model
+    rasterizer: str = "auto"  # auto | torch | pytorch3d
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Recipe:
     appearance: AppearanceCfg = field(default_factory=AppearanceCfg)
     blend: BlendCfg = field(default_factory=BlendCfg)
     reshape: ReshapeCfg = field(default_factory=ReshapeCfg)
+    flame: FlameCfg = field(default_factory=FlameCfg)
     qc: QCCfg = field(default_factory=QCCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
 
@@ -113,6 +123,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def uses_flame(self) -> bool:
+        return self.reenact.backend == "flame" or (self.reshape.enabled and self.reshape.method == "flame")
+
     def to_toml(self) -> str:
         def val(v: Any) -> str:
             if isinstance(v, bool):
@@ -144,11 +158,20 @@ def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor) -> 
 
 
 class Synthesizer:
-    """Renders fakes from aligned crops with 68 landmarks (crop pixels), on the crops' device."""
+    """Renders fakes from aligned crops with 68 landmarks (crop pixels), on the crops' device.
 
-    def __init__(self, recipe: Recipe):
+    With a FLAME recipe (reenact backend ``flame`` and/or reshape method ``flame``) pass the loaded
+    ``flame`` model, and per-face FLAME parameters to :meth:`render` / :meth:`cycle`.
+    """
+
+    def __init__(self, recipe: Recipe, flame=None):
         self.r = recipe
-        self.reenactor = load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
+        self.flame = flame
+        if recipe.uses_flame and flame is None:
+            raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
+        if recipe.reshape.method not in ("tps", "flame"):
+            raise ValueError(f"unknown reshape method {recipe.reshape.method!r} (tps or flame)")
+        self.reenactor = None if recipe.reenact.backend == "flame" else load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Soft region where the reenacted face replaces the target (B×1×H×W)."""
@@ -157,19 +180,41 @@ class Synthesizer:
         return face_mask(shrunk, h, w, forehead=self.r.blend.forehead, feather=self.r.blend.feather)
 
     @torch.no_grad()
-    def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor) -> dict[str, torch.Tensor]:
+    def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
+               p_id=None, p_attr=None) -> dict[str, torch.Tensor]:
         """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
 
         Args:
-            img_id, img_attr: B×3×S×S in [0, 1]; lm_id, lm_attr: B×68×2.
+            img_id, img_attr: B×3×S×S in [0, 1]; lm_id, lm_attr: B×68×2;
+            p_id, p_attr: FLAME parameters of both (``FlameParams``, B rows) for FLAME recipes.
         Returns:
             dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
+
+        FLAME path: the target is first reshaped by the dense shape flow (b's outline takes a's
+        shape: M2 → M12), then a's face is warped densely onto FLAME(β_a, θ_b, ψ_b) under b's
+        camera — the same geometry M12 — and blended in, so face and outline agree.
         """
         h, w = img_attr.shape[-2:]
-        if self.r.reenact.mirror:
-            img_id, lm_id = mirror_toward(img_id, lm_id, lm_attr)
-        reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
+        zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
+        flame_shape = self.r.reshape.enabled and self.r.reshape.method == "flame"
+        flow = zero
+        if flame_shape:
+            from reliableswap.flame.flow import shape_flow
+
+            sf = shape_flow(self.flame, p_id, p_attr, h, self.r.flame.rasterizer)
+            flow = self.r.reshape.strength * sf["backward"].to(img_attr.dtype)
+            img_attr = warp_backward(img_attr, flow, "border")
+            lm_attr = sf["p12"].to(lm_attr.dtype)
+        if self.reenactor is None:
+            from reliableswap.flame.flow import reenact_map
+
+            rm = reenact_map(self.flame, p_id, p_attr, h, self.r.flame.rasterizer)
+            reen, lm_reen = warp_backward(img_id, rm["backward"].to(img_id.dtype), "border"), rm["landmarks"].to(lm_id.dtype)
+        else:
+            if self.r.reenact.mirror:
+                img_id, lm_id = mirror_toward(img_id, lm_id, lm_attr)
+            reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
         mask = self.blend_mask(lm_reen, h, w)
         m_attr = self.blend_mask(lm_attr, h, w)
         reen = appearance.transfer(self.r.appearance.method, reen, img_attr, mask, m_attr)
@@ -180,17 +225,22 @@ class Synthesizer:
         else:
             raise ValueError(f"unknown blend method {self.r.blend.method!r} (multiband or poisson)")
         lm_out = lm_reen
-        flow = torch.zeros(fake.shape[0], 2, h, w, dtype=fake.dtype, device=fake.device)
-        if self.r.reshape.enabled:
-            fake, flow, lm_shape = reshape(fake, lm_reen, lm_id, self.r.reshape.strength)
-            lm_out = lm_shape
+        if self.r.reshape.enabled and not flame_shape:
+            fake, flow, lm_out = reshape(fake, lm_reen, lm_id, self.r.reshape.strength)
         if not torch.isfinite(fake).all():
             bad = (~torch.isfinite(fake)).flatten(1).any(1)
             fake = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(fake, float("nan")), fake)
         return {"fake": fake.clamp(0, 1), "landmarks": lm_out, "mask": mask, "flow": flow}
 
-    def cycle(self, img_a, lm_a, img_b, lm_b) -> dict[str, torch.Tensor]:
-        """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a)."""
-        out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]))
+    def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None) -> dict[str, torch.Tensor]:
+        """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a).
+        ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only)."""
+        p_id = p_attr = None
+        if p_a is not None:
+            from reliableswap.flame.layer import FlameParams
+
+            p_id, p_attr = FlameParams.cat([p_a, p_b]), FlameParams.cat([p_b, p_a])
+        out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
+                          p_id, p_attr)
         n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}

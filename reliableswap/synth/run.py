@@ -58,7 +58,13 @@ class TripletRun:
         self.faces_dir, self.pairs, self.out, self.r = faces_dir, pairs, out, recipe
         self.device, self.batch, self.qc_on, self.min_id_margin = device, batch, qc or min_id_margin is not None, min_id_margin
         self.faces = {f["id"]: f for f in read_jsonl(faces_dir / "faces.jsonl", FACES_SCHEMA)}
-        self.synth = Synthesizer(recipe)
+        self.flame = None
+        self.fitted_on_the_fly = 0
+        if recipe.uses_flame:
+            from reliableswap.flame.run import load_flame
+
+            self.flame = load_flame(recipe.flame.model or None, recipe.flame.embedding or None, device)
+        self.synth = Synthesizer(recipe, self.flame)
         self.pool = ThreadPoolExecutor(threads)
         self.checker = None
         if self.qc_on:
@@ -94,7 +100,16 @@ class TripletRun:
             ib = to_tensor([v[1] for _, v in part], self.device)
             la = torch.tensor([v[2]["landmarks68"] for _, v in part], dtype=torch.float32, device=self.device)
             lb = torch.tensor([v[3]["landmarks68"] for _, v in part], dtype=torch.float32, device=self.device)
-            res = self.synth.cycle(ia, la, ib, lb)
+            pa = pb = None
+            if self.flame is not None:
+                from reliableswap.flame.fit import FitConfig
+                from reliableswap.flame.run import face_params
+
+                ids = [v[2]["id"] for _, v in part] + [v[3]["id"] for _, v in part]
+                params, n_fit = face_params(self.flame, self.faces, ids, FitConfig(), max(len(ids), 16))
+                self.fitted_on_the_fly += n_fit
+                pa, pb = params[:len(part)], params[len(part):]
+            res = self.synth.cycle(ia, la, ib, lb, pa, pb)
             st, ts = to_uint8(res["fake_st"]), to_uint8(res["fake_ts"])
             finite = (torch.isfinite(res["fake_st"]).flatten(1).all(1) & torch.isfinite(res["fake_ts"]).flatten(1).all(1)).cpu().numpy()
             timings["synth"] += time.perf_counter() - t
@@ -209,11 +224,12 @@ def run_triplets(
             progress(done, len(mine))
     wall = time.perf_counter() - wall0
     run.pool.shutdown()
-    return assemble(out, n_chunks, len(pairs), dict(timings), wall, written_now, recipe, dev, run.qc_on, (si, ns))
+    return assemble(out, n_chunks, len(pairs), dict(timings), wall, written_now, recipe, dev, run.qc_on, (si, ns),
+                    run.fitted_on_the_fly)
 
 
 def assemble(out: Path, n_chunks: int, n_pairs: int, timings: dict, wall: float, written_now: int, recipe: Recipe,
-             device: torch.device, qc_on: bool, shard: tuple[int, int]) -> dict:
+             device: torch.device, qc_on: bool, shard: tuple[int, int], fitted: int = 0) -> dict:
     """manifest.jsonl, rejects.jsonl and summary.json from every chunk record present."""
     records, rejects = [], []
     present = 0
@@ -236,8 +252,11 @@ def assemble(out: Path, n_chunks: int, n_pairs: int, timings: dict, wall: float,
     summary = {
         "schema": SUMMARY_SCHEMA, "command": "triplets", "version": __version__,
         "device": str(device), "shard": {"index": shard[0], "count": shard[1]},
-        "synthesis": {"reenact": recipe.reenact.backend, "geometry": "2D landmarks (no FLAME file given)",
-                      "appearance": recipe.appearance.method, "blend": recipe.blend.method, "reshape": recipe.reshape.enabled},
+        "synthesis": {"reenact": recipe.reenact.backend,
+                      "geometry": ("FLAME 3D (" + (recipe.flame.model or "$RELIABLESWAP_FLAME") + f"; {fitted} faces fitted on the fly)")
+                      if recipe.uses_flame else "2D landmarks (no FLAME file given)",
+                      "appearance": recipe.appearance.method, "blend": recipe.blend.method,
+                      "reshape": recipe.reshape.method if recipe.reshape.enabled else False},
         "counts": {"in": n_pairs, "written": len(records), "rejected": len(rejects),
                    "rejected_by_reason": dict(Counter(reason_key(r["reason"]) for r in rejects)),
                    "chunks_done": present, "chunks": n_chunks, "written_this_run": written_now},
