@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="reliableswap: aligned faces, ReliableSwap triplets and FLAME shape flows for face-swap training (fine-tuning is in progress).",
+    help="reliableswap: aligned faces, ReliableSwap triplets, FLAME shape flows, and cycle-supervised fine-tuning of face swappers.",
 )
 err = Console(stderr=True)
 
@@ -250,6 +250,42 @@ def triplets(
     err.print(f"{c['written']} triplets of {c['in']} pairs; {c['rejected']} rejected {c['rejected_by_reason'] or ''}; "
               f"{s['throughput']['triplets_per_s']} triplets/s on {s['device']}")
     err.print(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
+
+
+@app.command()
+def finetune(
+    recipe: Annotated[Path, typer.Option(help="Training recipe TOML (recipes/tiny.toml, faceshifter.toml, simswap.toml).")],
+    triplets_dir: Annotated[Path, typer.Option("--triplets", help="A `reliableswap triplets` output (folders or shards).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (metrics.jsonl, samples/, checkpoints/, summary.json).")],
+    faces: Annotated[Optional[Path], typer.Option("--faces", help="A prep folder: vanilla pairs of real faces are drawn from it.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total steps (overrides the recipe).", min=1)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/latest.json (same trajectory).")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Start from these swapper weights (.safetensors, or torch file loaded weights_only).")] = None,
+    swapper: Annotated[Optional[str], typer.Option(help="package.module:Class of your swapper (overrides the recipe).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (under torchrun: cuda:LOCAL_RANK).")] = "auto",
+) -> None:
+    """Fine-tune a swapper with its own loss plus ReliableSwap's cycle supervision. Resumable; DDP under torchrun."""
+    from reliableswap.train.finetune import TrainRecipe, run_finetune
+
+    try:
+        r = TrainRecipe.load(recipe)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(f"cannot read recipe {recipe}: {e}")
+    if not triplets_dir.exists():
+        _fail(f"{triplets_dir} does not exist (run `reliableswap triplets` first)")
+    with _progress() as bar:
+        task = bar.add_task("finetune", total=None)
+        try:
+            s = run_finetune(r, triplets_dir, out, faces, steps, resume, checkpoint, swapper, device,
+                             progress=lambda d, t: bar.update(task, completed=d, total=t))
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            _fail(str(e))
+    if s.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    c, ev = s["counts"], s["eval"]
+    err.print(f"{c['steps_this_run']} steps ({c['skipped_non_finite']} skipped) at {s['throughput']['steps_per_s']} steps/s on "
+              f"{s['device']} x{s['world_size']}; held-out cycle L1 {ev['cycle_l1_start']} -> {ev['cycle_l1_end']}")
+    err.print(f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoints'}, {out / 'summary.json'}")
 
 
 @app.command()
