@@ -29,6 +29,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4
 	$(BIN)/python scripts/bench_triplets.py
+	$(BIN)/python scripts/bench_flame_fit.py
+	$(BIN)/python scripts/bench_flows.py
+	test -d demo_out/triplets || $(MAKE) demo
+	$(BIN)/reliableswap finetune --recipe recipes/tiny.toml --triplets demo_out/triplets --faces demo_out/prep --out bench_out/tiny --steps 100
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -326,9 +326,14 @@ def demo(
     pairs(out / "prep", out / "pairs.jsonl", strategy="pose", max_yaw_diff=25.0, seed=0)
     triplets(out / "prep", out / "pairs.jsonl", out / "triplets", device="auto", batch=8, qc=True)
     inspect(out / "triplets", out / "triplets_sheet.png", 8)
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+    if recipes.is_file():  # a source checkout: show the third use, a short CPU fine-tune
+        finetune(recipes, out / "triplets", out / "finetune", faces=out / "prep", steps=50, device="cpu")
     err.print(f"\n[bold green]done.[/] Open {out / 'triplets_sheet.png'} (per row: source, target, output_st, output_ts "
               f"with identity margins) and {out / 'prep_sheet.png'} (aligned faces, landmarks, pose). "
-              f"Triplet folders in {out / 'triplets'}, records in manifest.jsonl, counts and timings in summary.json.")
+              f"Triplet folders in {out / 'triplets'}, records in manifest.jsonl, counts and timings in summary.json; "
+              f"the tiny fine-tune's metrics and samples in {out / 'finetune'}. FLAME flows need a FLAME file: "
+              f"see README (reliableswap fit / flows / triplets --flame).")
 
 
 def main() -> None:

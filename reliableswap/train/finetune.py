@@ -367,7 +367,7 @@ def run_finetune(recipe: TrainRecipe, triplets: Path, run: Path, faces: Path | N
     eval_start = evaluate(swapper, held, dev, bs) if start == 0 else None
     if main and eval_start is not None:
         metrics.log({"step": 0, "eval/cycle_l1": eval_start})
-    skipped, last_eval = 0, eval_start
+    skipped = 0
     t0 = time.perf_counter()
     swapper.train()
     step = start
@@ -417,9 +417,9 @@ def run_finetune(recipe: TrainRecipe, triplets: Path, run: Path, faces: Path | N
             (run / "samples").mkdir(exist_ok=True)
             _sample_grid(run / "samples" / f"step-{step:07d}.png", batch, result)
         if r.train.eval_every and step % r.train.eval_every == 0:
-            last_eval = evaluate(swapper, held, dev, bs)
+            ev = evaluate(swapper, held, dev, bs)
             if main:
-                metrics.log({"step": step, "eval/cycle_l1": last_eval})
+                metrics.log({"step": step, "eval/cycle_l1": ev})
         if main and (step % r.train.ckpt_every == 0 or step == r.train.steps):
             _save_checkpoint(run, step, swapper, opt_g, opt_d, scaler)
         if world > 1 and step % r.train.ckpt_every == 0:
@@ -437,7 +437,8 @@ def run_finetune(recipe: TrainRecipe, triplets: Path, run: Path, faces: Path | N
         "counts": {"steps": step, "steps_this_run": ran, "skipped_non_finite": skipped, "resumed_from": start,
                    "train_triplets": tri._n, "heldout_triplets": held._n if held else 0,
                    "vanilla_faces": len(fp.paths) if fp else 0},
-        "eval": {"cycle_l1_start": eval_start, "cycle_l1_end": eval_end, "last": last_eval},
+        "eval": {"cycle_l1_start": eval_start, "cycle_l1_end": eval_end,
+                 "note": None if held is not None else "no held-out split (shards, or holdout = 0)"},
         "timings": {"wall_s": round(wall, 3)},
         "throughput": {"steps_per_s": round(ran / wall, 3) if wall > 0 and ran else None,
                        "samples_per_s": round(ran * bs * world / wall, 2) if wall > 0 and ran else None},
