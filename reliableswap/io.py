@@ -232,3 +232,27 @@ def pin_run_settings(path: str | os.PathLike, settings: dict, out: str | os.Path
 def reason_key(reason: str) -> str:
     """Group reject reasons for summaries: drop details in parentheses and after a colon."""
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def sections_from_dict(cls, d: dict):
+    """A recipe dataclass of section dataclasses (plus a ``name`` string) from a TOML dict; unknown
+    sections or keys raise ``ValueError`` naming them, missing ones keep their defaults."""
+    from dataclasses import fields
+
+    kw: dict = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        if f.name == "name":
+            kw["name"] = d["name"]
+            continue
+        sub = f.default_factory()  # type: ignore[misc]
+        known = {x.name for x in fields(sub)}
+        extra = set(d[f.name]) - known
+        if extra:
+            raise ValueError(f"recipe [{f.name}] has unknown keys {sorted(extra)} (known: {sorted(known)})")
+        kw[f.name] = type(sub)(**d[f.name])
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
+    return cls(**kw)

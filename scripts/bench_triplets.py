@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from reliableswap.io import encode_image, load_rgb, to_tensor
+from reliableswap.io import encode_image, load_rgb
 from reliableswap.pairs import make_pairs
 from reliableswap.prep import PrepConfig, load_faces, run_prep
 from reliableswap.synth.blend import multiband_blend

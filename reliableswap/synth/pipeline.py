@@ -8,7 +8,7 @@ batch [b; a].
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 
 from reliableswap.faces.landmarks import MIRROR68
 from reliableswap.faces.masks import face_mask
+from reliableswap.io import sections_from_dict
 from reliableswap.faces.pose import head_pose
 from reliableswap.synth import appearance, blend
 from reliableswap.synth.reenact import load_reenactor
@@ -95,23 +96,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
-        kw: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            if f.name == "name":
-                kw["name"] = d["name"]
-                continue
-            sub = f.default_factory()  # type: ignore[misc]
-            known = {x.name for x in fields(sub)}
-            extra = set(d[f.name]) - known
-            if extra:
-                raise ValueError(f"recipe [{f.name}] has unknown keys {sorted(extra)} (known: {sorted(known)})")
-            kw[f.name] = type(sub)(**d[f.name])
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
-        return cls(**kw)
+        return sections_from_dict(cls, d)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "Recipe":

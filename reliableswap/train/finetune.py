@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from reliableswap import __version__
+from reliableswap.io import sections_from_dict
 from reliableswap.train.data import FacePairs, Mixture, split_triplets
 from reliableswap.train.losses import CycleSupervision
 from reliableswap.train.swapper import SwapperAdapter, load_class
@@ -117,20 +116,8 @@ class TrainRecipe:
     def load(cls, path: str | Path) -> "TrainRecipe":
         with open(path, "rb") as f:
             d = tomllib.load(f)
-        kw: dict[str, Any] = {"name": d.pop("name", Path(path).stem)}
-        for f in fields(cls):
-            if f.name == "name" or f.name not in d:
-                continue
-            sub = f.default_factory()  # type: ignore[misc]
-            known = {x.name for x in fields(sub)}
-            extra = set(d[f.name]) - known
-            if extra:
-                raise ValueError(f"recipe [{f.name}] has unknown keys {sorted(extra)} (known: {sorted(known)})")
-            kw[f.name] = type(sub)(**d[f.name])
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
-        return cls(**kw)
+        d.setdefault("name", Path(path).stem)
+        return sections_from_dict(cls, d)
 
 
 # -- construction ------------------------------------------------------------------------------
