@@ -96,7 +96,7 @@ def fit(
     flame: Annotated[Optional[Path], typer.Option("--flame", help=_FLAME_HELP)] = None,
     embedding: Annotated[Optional[Path], typer.Option("--embedding", help=_EMB_HELP)] = None,
     batch: Annotated[int, typer.Option(help="Faces fitted together.", min=1)] = 128,
-    iterations: Annotated[int, typer.Option(help="Levenberg-Marquardt iterations.", min=1)] = 8,
+    iterations: Annotated[int, typer.Option(help="Levenberg-Marquardt iterations.", min=1)] = 5,
     n_shape: Annotated[int, typer.Option("--n-shape", help="Shape coefficients fitted.", min=1, max=300)] = 100,
     n_expr: Annotated[int, typer.Option("--n-expr", help="Expression coefficients fitted.", min=1, max=100)] = 50,
     max_rmse: Annotated[float, typer.Option("--max-rmse", help="Faces whose fit stays above this RMSE (px) get no parameters.")] = 8.0,
@@ -264,7 +264,7 @@ def finetune(
     swapper: Annotated[Optional[str], typer.Option(help="package.module:Class of your swapper (overrides the recipe).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (under torchrun: cuda:LOCAL_RANK).")] = "auto",
 ) -> None:
-    """Fine-tune a swapper with its own loss plus ReliableSwap's cycle supervision. Resumable; DDP under torchrun."""
+    """Fine-tune a swapper with its own loss plus ReliableSwap's cycle supervision. Resumable; data parallel under torchrun."""
     from reliableswap.train.finetune import TrainRecipe, run_finetune
 
     try:

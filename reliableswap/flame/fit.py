@@ -35,7 +35,7 @@ class FitConfig:
     w_shape: float = 0.1  # prior weights, px² per unit coefficient² (≈ landmark noise variance; FLAME coefficients are in std units)
     w_expr: float = 0.1
     w_jaw: float = 1e-2  # px² per rad², keeps the jaw from twisting when landmarks are noisy
-    iterations: int = 8
+    iterations: int = 5
 
 
 def init_camera(lm: torch.Tensor, flame: Flame, size: int) -> torch.Tensor:
