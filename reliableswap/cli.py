@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -28,6 +29,16 @@ def _progress() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
     )
+
+
+def _with_progress(name: str, call: Callable[[Callable[[int, int], None]], dict], errors: tuple[type[Exception], ...]) -> dict:
+    """Run ``call(progress)`` under a progress bar; the ``errors`` end the command with their message."""
+    with _progress() as bar:
+        task = bar.add_task(name, total=None)
+        try:
+            return call(lambda d, t: bar.update(task, completed=d, total=t))
+        except errors as e:
+            _fail(str(e))
 
 
 @app.command()
@@ -70,12 +81,8 @@ def prep(
             FanLandmarks(device)
         except MissingWeightsError as e:
             _fail(str(e))
-    with _progress() as bar:
-        task = bar.add_task("prep", total=None)
-        try:
-            summary = run_prep(inputs, out, cfg, workers, progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (ValueError, MissingWeightsError) as e:
-            _fail(str(e))
+    summary = _with_progress("prep", lambda progress: run_prep(inputs, out, cfg, workers, progress=progress),
+                             (ValueError, MissingWeightsError))
     c = summary["counts"]
     err.print(f"{c['written']} faces from {c['in']} inputs ({c['frames']} images/frames); "
               f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")
@@ -111,13 +118,8 @@ def fit(
     if not (folder / "faces.jsonl").is_file():
         _fail(f"{folder} has no faces.jsonl (run `reliableswap prep` first)")
     cfg = FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations)
-    with _progress() as bar:
-        task = bar.add_task("fit", total=None)
-        try:
-            s = run_fit(folder, flame, embedding, cfg, batch, device, max_rmse,
-                        progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (FlameFileError, UnsafePickleError, OSError) as e:
-            _fail(str(e))
+    s = _with_progress("fit", lambda progress: run_fit(folder, flame, embedding, cfg, batch, device, max_rmse, progress=progress),
+                       (FlameFileError, UnsafePickleError, OSError))
     c = s["counts"]
     err.print(f"FLAME fitted to {c['written']} of {c['in']} faces (RMSE {s['rmse_px']}); {s['throughput']['faces_per_s']} faces/s")
     err.print(f"wrote {folder / 'faces.jsonl'}, {folder / 'fit.summary.json'}, {folder / 'fit.rejects.jsonl'}")
@@ -145,13 +147,9 @@ def flows(
     for f in (folder / "faces.jsonl", pairs_file):
         if not f.is_file():
             _fail(f"{f} does not exist")
-    with _progress() as bar:
-        task = bar.add_task("flows", total=None)
-        try:
-            s = run_flows(folder, pairs_file, out, flame, embedding, batch, device, previews, backend=rasterizer,
-                          progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (FlameFileError, UnsafePickleError, OSError, RuntimeError) as e:
-            _fail(str(e))
+    s = _with_progress("flows", lambda progress: run_flows(folder, pairs_file, out, flame, embedding, batch, device, previews,
+                                                           backend=rasterizer, progress=progress),
+                       (FlameFileError, UnsafePickleError, OSError, RuntimeError))
     c = s["counts"]
     err.print(f"{c['written']} flows of {c['in']} pairs ({c['written_this_run']} this run); {c['rejected']} rejected "
               f"{c['rejected_by_reason'] or ''}; rasterizer {s['rasterizer']}")
@@ -239,13 +237,9 @@ def triplets(
         r.reshape.method = "flame"
     from reliableswap.flame.model import FlameFileError, UnsafePickleError
 
-    with _progress() as bar:
-        task = bar.add_task("triplets", total=None)
-        try:
-            s = run_triplets(folder, pairs_file, out, r, device, batch, qc, min_id_margin, shard_index, num_shards,
-                             progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (FileNotFoundError, ValueError, RuntimeError, FlameFileError, UnsafePickleError) as e:
-            _fail(str(e))
+    s = _with_progress("triplets", lambda progress: run_triplets(folder, pairs_file, out, r, device, batch, qc, min_id_margin,
+                                                                 shard_index, num_shards, progress=progress),
+                       (FileNotFoundError, ValueError, RuntimeError, FlameFileError, UnsafePickleError))
     c = s["counts"]
     err.print(f"{c['written']} triplets of {c['in']} pairs; {c['rejected']} rejected {c['rejected_by_reason'] or ''}; "
               f"{s['throughput']['triplets_per_s']} triplets/s on {s['device']}")
@@ -273,14 +267,10 @@ def finetune(
         _fail(f"cannot read recipe {recipe}: {e}")
     if not triplets_dir.exists():
         _fail(f"{triplets_dir} does not exist (run `reliableswap triplets` first)")
-    with _progress() as bar:
-        task = bar.add_task("finetune", total=None)
-        try:
-            s = run_finetune(r, triplets_dir, out, faces, steps, resume, checkpoint, swapper, device,
-                             progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            _fail(str(e))
-    if s.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+    s = _with_progress("finetune", lambda progress: run_finetune(r, triplets_dir, out, faces, steps, resume, checkpoint, swapper,
+                                                                 device, progress=progress),
+                       (FileNotFoundError, ValueError, RuntimeError))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return
     c, ev = s["counts"], s["eval"]
     err.print(f"{c['steps_this_run']} steps ({c['skipped_non_finite']} skipped) at {s['throughput']['steps_per_s']} steps/s on "

@@ -155,7 +155,7 @@ def _sample(field, pts, size):
 def test_shape_flow_invariants(flame_files):
     from dataclasses import replace
 
-    from reliableswap.flame.flow import correspondence_flow, shape_flow
+    from reliableswap.flame.flow import correspondence_flow, reenact_map, shape_flow
     from reliableswap.flame.layer import project
 
     fl = Flame(FlameModel.load(flame_files["numpy"]), LandmarkEmbedding.load_deca(flame_files["deca"]))
@@ -176,6 +176,10 @@ def test_shape_flow_invariants(flame_files):
     assert (p12 - p2).norm(dim=-1).mean() > 2  # the shapes do differ
     assert (p2 + _sample(out["forward"], p2, 256) - p12).norm(dim=-1).max() < 0.5
     assert (p12 + _sample(out["backward"], p12, 256) - p2).norm(dim=-1).max() < 0.5
+    # the triplet path's single M12 rasterization gives the same reshape and reenactment warps
+    both = shape_flow(fl, pa, pb, 256, forward=False, reenact=True)
+    assert "forward" not in both and torch.allclose(both["backward"], out["backward"], atol=1e-4)
+    assert torch.allclose(both["reenact"], reenact_map(fl, pa, pb, 256)["backward"], atol=1e-4)
     # extended smoothly: finite everywhere, fading to zero at the image border, no seam at the
     # coverage edge (neighbouring pixels differ by a fraction of the contour shift)
     f = out["forward"]

@@ -24,8 +24,7 @@ import torch
 from torch.func import jvp, vmap
 
 from reliableswap.flame.layer import Flame, FlameParams, project
-from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues
-from reliableswap.flame.model import contour_bin
+from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues, vertices2landmarks
 
 
 @dataclass
@@ -65,12 +64,10 @@ class _Problem:
     def __init__(self, flame: Flame, n_shape: int):
         self.flame, self.n_shape = flame, n_shape
 
-    def landmarks(self, x: torch.Tensor, q6: torch.Tensor, tri: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
-        """B×68×3 from coefficients B×K and global+jaw pose B×6 (tri: B×68×3 subset ids)."""
+    def landmarks(self, x: torch.Tensor, q6: torch.Tensor, faces: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+        """B×68×3 from coefficients B×K and global+jaw pose B×6 at fixed landmark ``faces`` (B×68)."""
         v, _, _ = self.flame.skin_subset(x, _pose15(q6), self.n_shape)
-        b, l = tri.shape[:2]
-        g = torch.gather(v, 1, tri.reshape(b, -1, 1).expand(-1, -1, 3)).view(b, l, 3, 3)
-        return (g * bary.unsqueeze(-1)).sum(2)
+        return vertices2landmarks(v, self.flame.sub_faces, faces, bary)
 
     def _landmark_dirs(self, faces: torch.Tensor, bary: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For landmark triangles ``faces`` (N) with weights N×3: per joint, the skinning-weighted
@@ -123,14 +120,14 @@ class _Problem:
             contour = (gr.unsqueeze(1) @ ed.reshape(b, n, nj * 3, k)).view(b, n, 3, k)
             torch.add(contour, (wd @ dtau).view(b, n, 3, k), out=out[:, :n])
 
-    def pose_jacobian(self, x, q6, tri, bary, out: torch.Tensor) -> torch.Tensor:
+    def pose_jacobian(self, x, q6, faces, bary, out: torch.Tensor) -> torch.Tensor:
         """Landmarks B×68×3; ∂/∂(global, jaw) written into ``out`` B×68×3×6.
 
         Global rotation turns the whole skinned head about the root joint j0 (skinning weights sum
         to 1 and pose correctives ignore it): ``∂l/∂ω = −[l − j0]× J_l(ω)`` with SO(3)'s left
         Jacobian. The jaw goes through forward mode (3 tangents at once).
         """
-        f = lambda jaw: self.landmarks(x, torch.cat([q6[:, :3], jaw], 1), tri, bary)  # noqa: E731
+        f = lambda jaw: self.landmarks(x, torch.cat([q6[:, :3], jaw], 1), faces, bary)  # noqa: E731
         eye = torch.eye(3, dtype=q6.dtype, device=q6.device)
         lm, cols = vmap(lambda t: jvp(f, (q6[:, 3:],), (t.expand_as(q6[:, 3:]),)), out_dims=(None, 0))(eye)
         k = x.shape[1]
@@ -196,22 +193,20 @@ def fit_landmarks(flame: Flame, target: torch.Tensor, size: int, cfg: FitConfig 
     tgt = target.flatten(1)
 
     def rows(pose6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        pose = _pose15(pose6)
-        f, w = flame.landmark_faces(pose)
-        row = contour_bin(flame.neck_yaw_deg(pose), flame.embedding.yaw_sign) if hasattr(flame, "dyn_faces") else None
-        return flame.sub_faces[f], w, row
+        row = flame.contour_rows(_pose15(pose6))
+        return (*flame.landmark_faces_at(row, b), row)
 
-    def cost(x_, q_, cam_, tri, bary) -> torch.Tensor:
-        uv = project(prob.landmarks(x_, q_, tri, bary), cam_, size).flatten(1)
+    def cost(x_, q_, cam_, faces, bary) -> torch.Tensor:
+        uv = project(prob.landmarks(x_, q_, faces, bary), cam_, size).flatten(1)
         theta = torch.cat([x_, q_], 1)
         return (tgt - uv).pow(2).sum(1) + (prior[:-3] * theta.pow(2)).sum(1)
 
     mu = torch.full((b, 1), 1e-3, device=dev, dtype=dt)
     with torch.no_grad():
         for _ in range(cfg.iterations):
-            tri, bary, row = rows(q)
+            faces, bary, row = rows(q)
             j3 = target.new_empty(b, target.shape[1], 3, k + 6)
-            lm3 = prob.pose_jacobian(x, q, tri, bary, j3[..., k:])
+            lm3 = prob.pose_jacobian(x, q, faces, bary, j3[..., k:])
             prob.coef_jacobian(x, q, row, j3[..., :k])
             uv, jac = _pixels(lm3, cam, size, j3)  # B×2L×(K+9)
             r = tgt - uv
@@ -223,8 +218,8 @@ def fit_landmarks(flame: Flame, target: torch.Tensor, size: int, cfg: FitConfig 
             step = torch.linalg.solve(h + torch.diag_embed(mu * diag + 1e-9), g.unsqueeze(-1)).squeeze(-1)
             cand = theta + step
             xc, qc, cc = cand[:, :k], cand[:, k:k + 6], cand[:, k + 6:]
-            tri_c, bary_c, _ = rows(qc)
-            better = cost(xc, qc, cc, tri_c, bary_c) < c0
+            faces_c, bary_c, _ = rows(qc)
+            better = cost(xc, qc, cc, faces_c, bary_c) < c0
             theta = torch.where(better[:, None], cand, theta)
             x, q, cam = theta[:, :k], theta[:, k:k + 6], theta[:, k + 6:]
             mu = torch.where(better[:, None], mu * 0.2, mu * 10).clamp(1e-9, 1e9)

@@ -52,30 +52,38 @@ def correspondence_flow(uv_src: torch.Tensor, depth_src: torch.Tensor, uv_dst: t
     """Displacement from each pixel of the source render to the same surface point in the destination.
 
     Args:
-        uv_src, uv_dst: B×V×2 projected vertices (same mesh topology); depth_src: B×V (larger nearer).
+        uv_src: B×V×2 projected vertices; depth_src: B×V (larger nearer); uv_dst: B×V×2k — k
+            destinations of the same mesh topology side by side, all served by one rasterization.
     Returns:
-        flow B×2×S×S (harmonically extended off the mesh when ``fill``) and coverage B×1×S×S bool.
+        flow B×2k×S×S (harmonically extended off the mesh when ``fill``) and coverage B×1×S×S bool.
     """
     p2f, bary = rasterize(uv_src, depth_src, faces, (size, size), backend)
     covered = (p2f >= 0).unsqueeze(1)
-    flow = interpolate(uv_dst - uv_src, faces, p2f, bary)
+    flow = interpolate(uv_dst - uv_src.repeat(1, 1, uv_dst.shape[-1] // 2), faces, p2f, bary)
     if fill:
         flow = harmonic_fill(flow, covered)
     return flow, covered
 
 
-def shape_flow(flame: Flame, pa: FlameParams, pb: FlameParams, size: int, backend: str = "auto") -> dict[str, torch.Tensor]:
+def shape_flow(flame: Flame, pa: FlameParams, pb: FlameParams, size: int, backend: str = "auto",
+               forward: bool = True, reenact: bool = False) -> dict[str, torch.Tensor]:
     """FlowFace++ shape flow for B pairs (a, b) on b's ``size``×``size`` image.
 
-    Returns dict: ``forward``, ``backward`` (B×2×S×S px), ``mask2``/``mask12`` (B×1×S×S coverage of
-    M2 and M12), ``p2``/``p12`` (B×68×2 landmarks of M2 and M12 under b's camera; 0–16 contour).
+    Returns dict: ``forward`` (with ``forward=True``), ``backward`` (B×2×S×S px), ``mask2``/``mask12``
+    (B×1×S×S coverage of M2 and M12), ``p2``/``p12`` (B×68×2 landmarks of M2 and M12 under b's camera;
+    0–16 contour). ``reenact=True`` adds ``reenact``: :func:`reenact_map`'s backward warp of a's image,
+    from the same M12 rasterization (M12 is the reenacted head FLAME(β_a, θ_b, ψ_b)).
     """
     p12 = replace(pb, shape=pa.shape)
     v2, v12 = flame.vertices(pb), flame.vertices(p12)
     uv2, uv12 = project(v2, pb.camera, size), project(v12, pb.camera, size)
-    fwd, m2 = correspondence_flow(uv2, v2[..., 2], uv12, flame.faces, size, backend)
-    bwd, m12 = correspondence_flow(uv12, v12[..., 2], uv2, flame.faces, size, backend)
-    out = {"forward": fwd, "backward": bwd, "mask2": m2, "mask12": m12}
+    dst = torch.cat([uv2, project(flame.vertices(pa), pa.camera, size)], -1) if reenact else uv2
+    back, m12 = correspondence_flow(uv12, v12[..., 2], dst, flame.faces, size, backend)
+    out = {"backward": back[:, :2], "mask12": m12}
+    if reenact:
+        out["reenact"] = back[:, 2:]
+    if forward:
+        out["forward"], out["mask2"] = correspondence_flow(uv2, v2[..., 2], uv12, flame.faces, size, backend)
     if flame.embedding is not None:
         out["p2"] = project(flame.landmarks(pb), pb.camera, size)
         out["p12"] = project(flame.landmarks(p12), pb.camera, size)

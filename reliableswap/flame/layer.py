@@ -101,15 +101,23 @@ class Flame(nn.Module):
             rel = rots[:, i] @ rel
         return torch.rad2deg(rot_mat_to_euler_y(rel))
 
-    def landmark_faces(self, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B×68 face indices and B×68×3 barycentric weights (17 contour points by yaw, then 51)."""
-        b = pose.shape[0]
+    def contour_rows(self, pose: torch.Tensor) -> torch.Tensor | None:
+        """Row of the contour table for each pose (B long), or None without a contour table."""
+        if not hasattr(self, "dyn_faces"):
+            return None
+        return contour_bin(self.neck_yaw_deg(pose), self.embedding.yaw_sign)
+
+    def landmark_faces_at(self, rows: torch.Tensor | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """B×68 face indices and B×68×3 barycentric weights for contour ``rows`` (17 contour points, then 51)."""
         sf = self.static_faces.expand(b, -1)
         sb = self.static_bary.expand(b, -1, -1)
-        if not hasattr(self, "dyn_faces"):
+        if rows is None:
             return sf, sb
-        row = contour_bin(self.neck_yaw_deg(pose), self.embedding.yaw_sign)
-        return torch.cat([self.dyn_faces[row], sf], 1), torch.cat([self.dyn_bary[row], sb], 1)
+        return torch.cat([self.dyn_faces[rows], sf], 1), torch.cat([self.dyn_bary[rows], sb], 1)
+
+    def landmark_faces(self, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B×68 face indices and B×68×3 barycentric weights, the contour chosen by the head yaw."""
+        return self.landmark_faces_at(self.contour_rows(pose), pose.shape[0])
 
     def landmarks_full(self, p: FlameParams) -> torch.Tensor:
         """68×3 landmarks from the full mesh (reference path)."""

@@ -35,15 +35,21 @@ PARAM_KEYS = ("shape", "expression", "global_pose", "neck", "jaw", "eyes", "came
 Progress = Callable[[int, int], None] | None
 
 
+def load_embedding(path: str | os.PathLike) -> LandmarkEmbedding:
+    """DECA's ``landmark_embedding.npy``, or RingNet's ``flame_static_embedding.pkl`` (with
+    ``flame_dynamic_embedding.npy`` when it lies beside it)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return LandmarkEmbedding.load_deca(path)
+    dyn = path.with_name("flame_dynamic_embedding.npy")
+    return LandmarkEmbedding.load_ringnet(path, dyn if dyn.is_file() else None)
+
+
 def find_embedding(model_path: Path) -> LandmarkEmbedding:
-    """The landmark embedding beside the model: DECA's ``landmark_embedding.npy``, or RingNet's
-    ``flame_static_embedding.pkl`` (+ ``flame_dynamic_embedding.npy``)."""
-    d = model_path.parent
-    if (d / "landmark_embedding.npy").is_file():
-        return LandmarkEmbedding.load_deca(d / "landmark_embedding.npy")
-    if (d / "flame_static_embedding.pkl").is_file():
-        dyn = d / "flame_dynamic_embedding.npy"
-        return LandmarkEmbedding.load_ringnet(d / "flame_static_embedding.pkl", dyn if dyn.is_file() else None)
+    """The landmark embedding beside the model (DECA's first, then RingNet's)."""
+    for name in ("landmark_embedding.npy", "flame_static_embedding.pkl"):
+        if (model_path.parent / name).is_file():
+            return load_embedding(model_path.parent / name)
     raise FlameFileError(
         f"no landmark embedding beside {model_path}: put DECA's landmark_embedding.npy (or RingNet's "
         "flame_static_embedding.pkl + flame_dynamic_embedding.npy) there, or pass --embedding PATH")
@@ -53,12 +59,7 @@ def load_flame(model: str | os.PathLike | None, embedding: str | os.PathLike | N
                device: str | torch.device = "cpu", dtype=torch.float32) -> Flame:
     """FLAME model + landmark embedding on ``device`` (``model`` None → ``$RELIABLESWAP_FLAME``)."""
     path = resolve_flame_path(model)
-    if embedding is None:
-        emb = find_embedding(path)
-    else:
-        e = Path(embedding)
-        emb = LandmarkEmbedding.load_deca(e) if e.suffix == ".npy" else LandmarkEmbedding.load_ringnet(
-            e, e.with_name("flame_dynamic_embedding.npy") if e.with_name("flame_dynamic_embedding.npy").is_file() else None)
+    emb = find_embedding(path) if embedding is None else load_embedding(embedding)
     return Flame(FlameModel.load(path), emb, dtype=dtype).to(device)
 
 
@@ -130,7 +131,8 @@ def run_fit(folder: Path, model: str | None, embedding: str | None = None, cfg: 
     return summary
 
 
-def face_params(flame: Flame, faces: dict[str, dict], ids: list[str], cfg: FitConfig, batch: int) -> tuple[FlameParams, int]:
+def face_params(flame: Flame, faces: dict[str, dict], ids: list[str], batch: int,
+                cfg: FitConfig = FitConfig()) -> tuple[FlameParams, int]:
     """Parameters for ``ids`` from their ``flame`` records; faces without one are fitted now.
     Returns the parameters and how many were fitted on the fly."""
     missing = [i for i in dict.fromkeys(ids) if "flame" not in faces[i]]
@@ -190,7 +192,7 @@ def run_flows(folder: Path, pairs_file: Path, out: Path, model: str | None, embe
         if chunk:
             t = time.perf_counter()
             ids = [p["a"] for _, p in chunk] + [p["b"] for _, p in chunk]
-            params, n_fit = face_params(flame, faces, ids, cfg, max(batch * 2, 16))
+            params, n_fit = face_params(flame, faces, ids, max(batch * 2, 16), cfg)
             fitted += n_fit
             timings["fit_s"] += time.perf_counter() - t
             n = len(chunk)

@@ -184,18 +184,24 @@ class Synthesizer:
         zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         flame_shape = self.r.reshape.enabled and self.r.reshape.method == "flame"
         flow = zero
+        sf = None
         if flame_shape:
             from reliableswap.flame.flow import shape_flow
 
-            sf = shape_flow(self.flame, p_id, p_attr, h, self.r.flame.rasterizer)
+            # one M12 rasterization serves the reshape and, with FLAME reenactment, the reenact warp
+            sf = shape_flow(self.flame, p_id, p_attr, h, self.r.flame.rasterizer, forward=False, reenact=self.reenactor is None)
             flow = self.r.reshape.strength * sf["backward"].to(img_attr.dtype)
             img_attr = warp_backward(img_attr, flow, "border")
             lm_attr = sf["p12"].to(lm_attr.dtype)
         if self.reenactor is None:
-            from reliableswap.flame.flow import reenact_map
+            if sf is None:
+                from reliableswap.flame.flow import reenact_map
 
-            rm = reenact_map(self.flame, p_id, p_attr, h, self.r.flame.rasterizer)
-            reen, lm_reen = warp_backward(img_id, rm["backward"].to(img_id.dtype), "border"), rm["landmarks"].to(lm_id.dtype)
+                rm = reenact_map(self.flame, p_id, p_attr, h, self.r.flame.rasterizer)
+                back, lm_back = rm["backward"], rm["landmarks"]
+            else:
+                back, lm_back = sf["reenact"], sf["p12"]
+            reen, lm_reen = warp_backward(img_id, back.to(img_id.dtype), "border"), lm_back.to(lm_id.dtype)
         else:
             if self.r.reenact.mirror:
                 img_id, lm_id = mirror_toward(img_id, lm_id, lm_attr)

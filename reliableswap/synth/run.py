@@ -102,11 +102,10 @@ class TripletRun:
             lb = torch.tensor([v[3]["landmarks68"] for _, v in part], dtype=torch.float32, device=self.device)
             pa = pb = None
             if self.flame is not None:
-                from reliableswap.flame.fit import FitConfig
                 from reliableswap.flame.run import face_params
 
                 ids = [v[2]["id"] for _, v in part] + [v[3]["id"] for _, v in part]
-                params, n_fit = face_params(self.flame, self.faces, ids, FitConfig(), max(len(ids), 16))
+                params, n_fit = face_params(self.flame, self.faces, ids, max(len(ids), 16))
                 self.fitted_on_the_fly += n_fit
                 pa, pb = params[:len(part)], params[len(part):]
             res = self.synth.cycle(ia, la, ib, lb, pa, pb)

@@ -110,10 +110,7 @@ def load_arcface(path: str | os.PathLike, crop: float = 0.75, device: str | torc
         raise ValueError(f"{path}: not an arcface_torch iresnet (blocks per stage {counts})")
     net = IResNet(DEPTHS[depth], num_features=sd["fc.weight"].shape[0])
     net.load_state_dict(sd, strict=True)
-    enc = ArcFaceEncoder(net, crop).to(device).eval()
-    for p in enc.parameters():
-        p.requires_grad_(False)
-    return enc
+    return ArcFaceEncoder(net, crop).to(device).requires_grad_(False).eval()
 
 
 class DlibEncoder:

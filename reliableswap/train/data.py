@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from triplets.dataset import TripletDataset
 from triplets.layout import FILES, SAME, VANILLA
@@ -83,4 +83,4 @@ class Mixture:
                 items.append(self.faces[int(rng.integers(len(self.faces)))])
             else:
                 items.append(self.triplets[int(rng.integers(len(self.triplets)))])
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return default_collate(items)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import default_collate
 
 from reliableswap import __version__
 from reliableswap.io import sections_from_dict
@@ -232,13 +233,10 @@ def evaluate(swapper, data: TripletDataset | None, device: torch.device, batch: 
     swapper.eval()
     tot, n = 0.0, 0
     for i in range(0, len(data), batch):
-        items = [data[j] for j in range(i, min(i + batch, len(data)))]
-        s = torch.stack([it["source"] for it in items]).to(device)
-        t = torch.stack([it["target"] for it in items]).to(device)
-        ref = torch.stack([it["reference"] for it in items]).to(device)
-        out = swapper(s, t).float()
-        tot += float((out - ref).abs().flatten(1).mean(1).sum())
-        n += len(items)
+        b = default_collate([data[j] for j in range(i, min(i + batch, len(data)))])
+        out = swapper(b["source"].to(device), b["target"].to(device)).float()
+        tot += float((out - b["reference"].to(device)).abs().flatten(1).mean(1).sum())
+        n += out.shape[0]
     swapper.train(was)
     return tot / max(n, 1)
 
@@ -339,9 +337,7 @@ def run_finetune(recipe: TrainRecipe, triplets: Path, run: Path, faces: Path | N
         if not latest.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {run / 'checkpoints'}")
         meta = json.loads(latest.read_text())
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(run / "checkpoints" / meta["weights"])))
+        model.load_state_dict(load_weights(run / "checkpoints" / meta["weights"]))
         st = torch.load(run / "checkpoints" / meta["state"], map_location="cpu", weights_only=True)
         opt_g.load_state_dict(st["opt_g"])
         if opt_d is not None and st["opt_d"] is not None:

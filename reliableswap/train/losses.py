@@ -30,11 +30,7 @@ CYCLE_CODES = (2, 3, 4, 5)
 
 
 def _freeze(m):
-    if isinstance(m, nn.Module):
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return m
+    return m.requires_grad_(False).eval() if isinstance(m, nn.Module) else m
 
 
 def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
