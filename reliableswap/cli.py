@@ -184,11 +184,11 @@ def pairs(
     with _progress() as bar:
         task = bar.add_task("pairs", total=1)
         ps = make_pairs(faces, n, strategy, max_yaw_diff, seed, min_face_px=min_face_px)
+        bar.update(task, completed=1)
     warn = None
     if not has_identity_info(faces):
         warn = "faces carry neither identity labels nor embeddings: pairs may join one person with themself (use prep --embed or --identity-from-folder)"
         err.print(f"[yellow]warning:[/] {warn}")
-        bar.update(task, completed=1)
     if not ps:
         _fail(f"no eligible pair among {len(faces)} faces (all one identity, or poses too far apart)", 1)
     atomic_write_jsonl(out, ps)
