@@ -9,46 +9,42 @@ from __future__ import annotations
 
 import numpy as np
 
+from reliableswap.choices import Strategy
 from reliableswap.faces.embed import SAME_PERSON_DISTANCE
-from triplets.schema import PAIRS_SCHEMA
+from reliableswap.recipes import PairsSection
+from triplets.records import FaceRecord, PairRecord
 
 
-def same_identity_matrix(faces: list[dict], threshold: float = SAME_PERSON_DISTANCE) -> np.ndarray:
+def same_identity_matrix(faces: list[FaceRecord], threshold: float = SAME_PERSON_DISTANCE) -> np.ndarray:
     """N×N bool: True where two faces are (or may be) the same person; the diagonal is True."""
     n = len(faces)
     same = np.eye(n, dtype=bool)
-    labels = [f.get("identity") for f in faces]
+    labels = [f.identity for f in faces]
     for i in range(n):
         if labels[i] is not None:
             same[i] |= np.array([labels[i] == l for l in labels])
-    if all("embedding" in f for f in faces) and n:
-        e = np.asarray([f["embedding"] for f in faces], np.float32)
+    if n and all(f.embedding is not None for f in faces):
+        e = np.asarray([f.embedding for f in faces], np.float32)
         d = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
         same |= d < threshold
     return same
 
 
-def pose_vector(f: dict) -> np.ndarray:
-    p = f["pose"]
-    return np.array([p["yaw"], p["pitch"], p["roll"]], np.float64)
+def pose_vector(f: FaceRecord) -> np.ndarray:
+    return np.array([f.pose.yaw, f.pose.pitch, f.pose.roll], np.float64)
 
 
-def make_pairs(
-    faces: list[dict], n: int | None = None, strategy: str = "pose", max_yaw_diff: float = 20.0,
-    seed: int = 0, k_nearest: int = 5, min_face_px: float = 64.0,
-) -> list[dict]:
-    """Pick ``n`` pairs (default: one per face) of different identities.
+def make_pairs(faces: list[FaceRecord], cfg: PairsSection = PairsSection(), k_nearest: int = 5) -> list[PairRecord]:
+    """Pick ``cfg.n`` pairs (default: one per face) of different identities.
 
-    ``random``: any partner of another identity. ``pose``: partners within ``max_yaw_diff`` degrees
-    of yaw, drawn among the ``k_nearest`` by pose distance (yaw, pitch, roll), so similar head
-    poses are preferred. Faces without an eligible partner are skipped. Each unordered pair is
-    used once. Faces narrower than ``min_face_px`` in their photo (blurry when upsampled to the
+    ``random``: any partner of another identity. ``pose``: partners within ``cfg.max_yaw_diff``
+    degrees of yaw, drawn among the ``k_nearest`` by pose distance (yaw, pitch, roll), so similar
+    head poses are preferred. Faces without an eligible partner are skipped. Each unordered pair is
+    used once. Faces narrower than ``cfg.min_face_px`` in their photo (blurry when upsampled to the
     crop) are left out.
     """
-    if strategy not in ("random", "pose"):
-        raise ValueError(f"unknown strategy {strategy!r} (random or pose)")
-    rng = np.random.default_rng(seed)
-    faces = [f for f in faces if f.get("quality", {}).get("face_px", min_face_px) >= min_face_px]
+    rng = np.random.default_rng(cfg.seed)
+    faces = [f for f in faces if f.quality.face_px >= cfg.min_face_px]
     m = len(faces)
     if m < 2:
         return []
@@ -57,12 +53,12 @@ def make_pairs(
     dpose = np.sqrt(((poses[:, None] - poses[None]) ** 2).sum(-1))
     yawd = np.abs(poses[:, None, 0] - poses[None, :, 0])
     eligible = ~same
-    if strategy == "pose":
-        eligible &= yawd <= max_yaw_diff
-    want = m if n is None else n
+    if cfg.strategy == Strategy.pose:
+        eligible &= yawd <= cfg.max_yaw_diff
+    want = m if cfg.n is None else cfg.n
     order = rng.permutation(m)
     used: set[tuple[int, int]] = set()
-    pairs: list[dict] = []
+    pairs: list[PairRecord] = []
     rounds = 0
     while len(pairs) < want and rounds < max(1, (want + m - 1) // m) + 2:
         rounds += 1
@@ -72,18 +68,16 @@ def make_pairs(
             cand = [int(b) for b in np.flatnonzero(eligible[a]) if (min(a, b), max(a, b)) not in used]
             if not cand:
                 continue
-            if strategy == "pose":
+            if cfg.strategy == Strategy.pose:
                 cand = sorted(cand, key=lambda b: (dpose[a, b], b))[:k_nearest]
             b = int(rng.choice(cand))
             used.add((min(a, b), max(a, b)))
-            pairs.append({
-                "schema": PAIRS_SCHEMA, "a": faces[a]["id"], "b": faces[b]["id"],
-                "pose_delta": {k: round(float(poses[b, i] - poses[a, i]), 2) for i, k in enumerate(("yaw", "pitch", "roll"))},
-                "seed": seed,
-            })
+            pairs.append(PairRecord(
+                a=faces[a].id, b=faces[b].id, seed=cfg.seed,
+                pose_delta={k: round(float(poses[b, i] - poses[a, i]), 2) for i, k in enumerate(("yaw", "pitch", "roll"))}))
     return pairs
 
 
-def has_identity_info(faces: list[dict]) -> bool:
+def has_identity_info(faces: list[FaceRecord]) -> bool:
     """Whether pairing can tell people apart (labels or embeddings on every face)."""
-    return bool(faces) and all(f.get("identity") is not None or "embedding" in f for f in faces)
+    return bool(faces) and all(f.identity is not None or f.embedding is not None for f in faces)

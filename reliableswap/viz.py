@@ -8,7 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from reliableswap.io import load_rgb, save_image
+from reliableswap.images import decode_rgb, load_rgb, save_image
+from triplets.records import FaceSet, ManifestRecord, resolve_inside
+from triplets.webdataset import iter_shard
 
 
 def _label(img: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -41,15 +43,15 @@ def grid(tiles: list[np.ndarray], cols: int) -> np.ndarray:
     return sheet
 
 
-def faces_sheet(folder: Path, records: list[dict], out: Path, n: int = 16, tile: int = 192) -> Path:
+def faces_sheet(faces: FaceSet, out: Path, n: int = 16, tile: int = 192) -> Path:
     """Aligned crops with their landmarks and pose, ``n`` at most, 4 a row."""
     tiles = []
-    for r in records[:n]:
-        img = load_rgb(folder / r["image"])
-        img = draw_landmarks(img, r["landmarks68"])
+    for r in faces.faces[:n]:
+        img = load_rgb(faces.image_path(r))
+        img = draw_landmarks(img, r.landmarks68)
         img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
-        p = r["pose"]
-        tiles.append(_label(img, [r["id"][:26], f"yaw {p['yaw']:.0f} pitch {p['pitch']:.0f} roll {p['roll']:.0f}"]))
+        p = r.pose
+        tiles.append(_label(img, [r.id[:26], f"yaw {p.yaw:.0f} pitch {p.pitch:.0f} roll {p.roll:.0f}"]))
     if not tiles:
         raise ValueError("no faces to show")
     return save_image(out, grid(tiles, min(4, len(tiles))))
@@ -57,26 +59,23 @@ def faces_sheet(folder: Path, records: list[dict], out: Path, n: int = 16, tile:
 
 def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Path:
     """One row per triplet: source, target, output_st, output_ts, with its qc figures."""
-    import json
-
-    recs = [json.loads(l) for l in (folder / "manifest.jsonl").read_text().splitlines() if l.strip()][:n]
+    recs = ManifestRecord.read(folder / ManifestRecord.FILE)[:n]
     if not recs:
         raise ValueError("no triplets to show")
+    keys = ("source", "target", "output_st", "output_ts")
     tiles = []
     shards: dict[str, dict[str, dict]] = {}  # each shard read once: key → sample
     for r in recs:
-        if r.get("folder") is None:
-            from triplets.webdataset import iter_shard
-
-            if r["shard"] not in shards:
-                shards[r["shard"]] = {s["__key__"]: s for s in iter_shard(folder / r["shard"])}
-            sample = shards[r["shard"]][r["key"]]
-            imgs = [cv2.cvtColor(cv2.imdecode(np.frombuffer(sample[r["files"][k]], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-                    for k in ("source", "target", "output_st", "output_ts")]
+        if r.folder is None:
+            if r.shard not in shards:
+                shards[r.shard] = {s["__key__"]: s for s in iter_shard(resolve_inside(folder, r.shard, r.where, "shard"))}
+            sample = shards[r.shard][r.key]
+            imgs = [decode_rgb(sample[r.files[k]]) for k in keys]
         else:
-            imgs = [load_rgb(folder / r["folder"] / r["files"][k]) for k in ("source", "target", "output_st", "output_ts")]
-        q = r.get("qc") or {}
-        labels = [[f"{r['folder'] or r['key']} source"], ["target"],
+            base = resolve_inside(folder, r.folder, r.where, "folder")
+            imgs = [load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in keys]
+        q = r.qc
+        labels = [[f"{r.folder or r.key} source"], ["target"],
                   ["st" + (f" id {q['id_margin_st']:+.2f} pose {q['pose_err_st']:.0f}" if "id_margin_st" in q else "")],
                   ["ts" + (f" id {q['id_margin_ts']:+.2f} pose {q['pose_err_ts']:.0f}" if "id_margin_ts" in q else "")]]
         for im, lab in zip(imgs, labels):

@@ -14,7 +14,7 @@ import torch
 from reliableswap.flame.fit import FitConfig, fit_landmarks
 from reliableswap.flame.layer import Flame, FlameParams, project
 from reliableswap.flame.model import FlameModel, LandmarkEmbedding
-from reliableswap.flame.synthetic import write_embeddings, write_model
+from reliableswap.testing.flame import write_embeddings, write_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=128)

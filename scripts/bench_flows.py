@@ -18,8 +18,8 @@ import torch
 from reliableswap.flame.flow import shape_flow
 from reliableswap.flame.layer import Flame, FlameParams, project
 from reliableswap.flame.model import FlameModel, LandmarkEmbedding
-from reliableswap.flame.raster import rasterize_torch
-from reliableswap.flame.synthetic import write_embeddings, write_model
+from reliableswap.geometry.raster import rasterize_torch
+from reliableswap.testing.flame import write_embeddings, write_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=8)

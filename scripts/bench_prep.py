@@ -20,7 +20,7 @@ import torch
 
 from reliableswap.faces.align import align_transform
 from reliableswap.faces.models import dlib_model
-from reliableswap.prep import PrepConfig, run_prep
+from reliableswap.commands.prep import PrepConfig, run_prep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "images": n_img,
         "prep": {"faces": s["counts"]["written"], "wall_s": round(wall, 2), "faces_per_s": round(s["counts"]["written"] / wall, 1),
-                 "workers": a.workers, "stage_cpu_s": s["timings"]["stage_cpu_s"]},
+                 "workers": a.workers, "stage_cpu_s": s["timings"]["stages_s"]},
         "naive_1proc": {"faces": n_naive, "wall_s": round(t_naive, 2), "faces_per_s": round(n_naive / t_naive, 1)},
     }
     res["speedup_vs_naive"] = round(res["prep"]["faces_per_s"] / res["naive_1proc"]["faces_per_s"], 2)

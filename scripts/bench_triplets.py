@@ -23,22 +23,22 @@ import cv2
 import numpy as np
 import torch
 
-from reliableswap.io import encode_image, load_rgb
+from reliableswap.commands.prep import PrepConfig, run_prep
+from reliableswap.commands.triplets import run_triplets
+from reliableswap.images import encode_image, load_rgb
 from reliableswap.pairs import make_pairs
-from reliableswap.prep import PrepConfig, load_faces, run_prep
+from reliableswap.recipes import PairsSection, TripletRecipe
 from reliableswap.synth.blend import multiband_blend
-from reliableswap.synth.pipeline import Recipe
-from reliableswap.synth.run import run_triplets
-from triplets.jsonl import atomic_write_jsonl
+from triplets.records import FaceSet, PairRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def io_only(prep: Path, pairs: list[dict], out: Path) -> float:
-    faces = {f["id"]: f for f in load_faces(prep)}
+def io_only(prep: Path, pairs: list[PairRecord], out: Path) -> float:
+    faces = FaceSet.load(prep)
     t = time.perf_counter()
     for i, p in enumerate(pairs):
-        a, b = load_rgb(prep / faces[p["a"]]["image"]), load_rgb(prep / faces[p["b"]]["image"])
+        a, b = load_rgb(faces.image_path(faces[p.a])), load_rgb(faces.image_path(faces[p.b]))
         d = out / f"{i:08d}"
         d.mkdir(parents=True, exist_ok=True)
         for name, img in (("source", a), ("target", b), ("output_st", b), ("output_ts", a)):
@@ -95,17 +95,17 @@ def main() -> None:
     if not (prep / "faces.jsonl").exists():
         run_prep([a.faces / d for d in ("london_set", "cc0_one_person", "ffhq", "video_frames", "triplet_official", "public_domain")],
                  prep, PrepConfig(embed=True), workers=2)
-    pairs = make_pairs(load_faces(prep), n=a.pairs, strategy="pose", max_yaw_diff=25, seed=0)
-    atomic_write_jsonl(work / "pairs.jsonl", pairs)
+    pairs = make_pairs(FaceSet.load(prep).faces, PairsSection(n=a.pairs, max_yaw_diff=25, seed=0))
+    PairRecord.write(work / "pairs.jsonl", pairs)
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "pairs": len(pairs)}
     for name, qc in (("triplets", False), ("triplets_qc", True)):
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        s = run_triplets(prep, work / "pairs.jsonl", out, Recipe(), a.device, a.batch, qc=qc)
+        s = run_triplets(prep, work / "pairs.jsonl", out, TripletRecipe().with_overrides({"qc.enabled": qc}), a.device, a.batch)
         wall = time.perf_counter() - t
         res[name] = {"written": s["counts"]["written"], "wall_s": round(wall, 2),
-                     "triplets_per_s": round(s["counts"]["written"] / wall, 2), "stage_s": s["timings"]["stage_s"]}
+                     "triplets_per_s": round(s["counts"]["written"] / wall, 2), "stages_s": s["timings"]["stages_s"]}
     shutil.rmtree(work / "io_only", ignore_errors=True)
     t_io = io_only(prep, pairs, work / "io_only")
     res["io_only"] = {"wall_s": round(t_io, 2), "triplets_per_s": round(len(pairs) / t_io, 2)}

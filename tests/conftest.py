@@ -33,7 +33,7 @@ def manifest(faces_dir) -> list[dict]:
 def prepped(faces_dir, tmp_path_factory):
     """``prep`` over every still image of the shared faces (videos excluded), 256 px FFHQ, with
     embeddings and identity labels from folders. Returns ``(out_dir, summary)``."""
-    from reliableswap.prep import PrepConfig, run_prep
+    from reliableswap.commands.prep import PrepConfig, run_prep
 
     out = tmp_path_factory.mktemp("prepped")
     inputs = [p for p in sorted(faces_dir.iterdir()) if p.is_dir() and p.name not in ("video",)]

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from reliableswap.faces.align import (
-    align_transform, five_points, invert_affine, paste_back, similarity_lstsq, template_points,
-    transform_points, warp_faces,
-)
-from reliableswap.faces.landmarks import MIRROR68
+from reliableswap.faces.align import align_transform, paste_back, template_points, warp_faces
+from reliableswap.faces.ibug68 import MIRROR68, five_points
 from reliableswap.faces.masks import face_mask
 from reliableswap.faces.pose import head_pose
-from reliableswap.io import read_image, to_tensor
+from reliableswap.geometry.affine import apply_affine as transform_points
+from reliableswap.geometry.affine import invert_affine, similarity_lstsq
+from reliableswap.images import read_image, to_tensor
 
 
 def _largest(dlib_models, path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, MissingWeightsError, apply_affine, decode_heatmaps, fan_crop_transforms, invert_affine
+from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, MissingWeightsError, decode_heatmaps, fan_crop_transforms
+from reliableswap.geometry.affine import apply_affine, invert_affine
 
 
 def test_missing_weights_names_the_file(tmp_path, monkeypatch):
@@ -43,7 +44,7 @@ def test_runs_batched_with_weights_in_hub_cache(tmp_path, monkeypatch, faces_dir
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(FAN(4).state_dict(), tmp_path / "hub" / "checkpoints" / FAN_WEIGHTS)
-    from reliableswap.io import read_image
+    from reliableswap.images import read_image
 
     rgb, _ = read_image(faces_dir / "london_set/london_021_neutral.jpg")
     det, _ = dlib_models

@@ -12,7 +12,7 @@ import torch
 
 from reliableswap.flame.layer import Flame, FlameParams
 from reliableswap.flame.model import FlameFileError, FlameModel, LandmarkEmbedding, UnsafePickleError, contour_bin, safe_load
-from reliableswap.flame.synthetic import write_embeddings, write_model
+from reliableswap.testing.flame import write_embeddings, write_model
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +112,37 @@ def test_fit_recovers_landmarks_of_known_parameters(flame_files):
     assert float(clean.mean()) < 1.5, clean
 
 
+def test_analytic_fit_jacobians_match_autodiff(flame_files):
+    """The fit's analytic Jacobians (coefficients: exact via cached directions; global pose: SO(3)
+    left Jacobian; jaw: forward mode) equal torch.func.jacrev of the landmark function (float64)."""
+    from torch.func import jacrev
+
+    from reliableswap.flame.fit import _Problem
+
+    fl = Flame(FlameModel.load(flame_files["numpy"]), LandmarkEmbedding.load_deca(flame_files["deca"]), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    b, ns, ne = 3, 20, 10
+    x = torch.randn(b, ns + ne, generator=g, dtype=torch.float64)
+    q6 = 0.3 * torch.randn(b, 6, generator=g, dtype=torch.float64)
+    prob = _Problem(fl, ns)
+    rows = fl.contour_rows(torch.cat([q6[:, :3], torch.zeros(b, 3, dtype=torch.float64), q6[:, 3:], torch.zeros(b, 6, dtype=torch.float64)], 1))
+    faces, bary = fl.landmark_faces_at(rows, b)
+    jc = torch.empty(b, 68, 3, ns + ne, dtype=torch.float64)
+    prob.coef_jacobian(x, q6, rows, jc)
+    jp = torch.empty(b, 68, 3, 6, dtype=torch.float64)
+    lm = prob.pose_jacobian(x, q6, faces, bary, jp)
+    assert torch.allclose(lm, prob.landmarks(x, q6, faces, bary))
+    for i in range(b):
+        f = lambda xi, qi: prob.landmarks(xi[None], qi[None], faces[i:i + 1], bary[i:i + 1])[0]  # noqa: E731
+        ax, aq = jacrev(f, argnums=(0, 1))(x[i], q6[i])
+        assert torch.allclose(jc[i], ax, atol=1e-9), (jc[i] - ax).abs().max()
+        assert torch.allclose(jp[i], aq, atol=1e-9), (jp[i] - aq).abs().max()
+
+
 # -- rasterizer and dense flows ---------------------------------------------------------------
 
 def test_torch_rasterizer_coverage_and_depth_order():
-    from reliableswap.flame.raster import rasterize_torch
+    from reliableswap.geometry.raster import rasterize_torch
 
     # a square of two triangles at depth 0 and a nearer triangle over its left half
     uv = torch.tensor([[[2.0, 2.0], [12.0, 2.0], [12.0, 12.0], [2.0, 12.0], [0.0, 0.0], [7.0, 0.0], [0.0, 15.0]]])
@@ -146,10 +173,9 @@ def _random_params(b, seed, dtype=torch.float32):
 
 
 def _sample(field, pts, size):
-    import torch.nn.functional as F
+    from reliableswap.geometry.grid import sample_at
 
-    g = (2 * pts / (size - 1) - 1).unsqueeze(2)
-    return F.grid_sample(field, g, align_corners=True)[..., 0].permute(0, 2, 1)
+    return sample_at(field, pts)
 
 
 def test_shape_flow_invariants(flame_files):
@@ -192,14 +218,15 @@ def test_shape_flow_invariants(flame_files):
 def test_fit_and_flows_commands_on_real_faces(prepped, tmp_path):
     """`fit` and `flows` end to end on the shared real faces with the synthetic FLAME-format model
     (no real FLAME file exists here): parameters stored per face, npz flows, previews, resume."""
-    import json
     import shutil
 
     import numpy as np
 
-    from reliableswap.flame.run import run_fit, run_flows
+    from reliableswap.commands.fit import run_fit
+    from reliableswap.commands.flows import run_flows
     from reliableswap.pairs import make_pairs
-    from triplets.jsonl import atomic_write_jsonl
+    from reliableswap.recipes import PairsSection
+    from triplets.records import FaceSet, FlowRecord, PairRecord
 
     src, _ = prepped
     d = tmp_path / "prep"
@@ -207,29 +234,31 @@ def test_fit_and_flows_commands_on_real_faces(prepped, tmp_path):
     (tmp_path / "flame").mkdir()
     model = write_model(tmp_path / "flame" / "generic_model.pkl")
     write_embeddings(tmp_path / "flame")
+    faces_before = (d / "faces.jsonl").read_bytes()
     s = run_fit(d, str(model))
     assert s["counts"]["in"] == s["counts"]["written"] + s["counts"]["rejected"] >= 20
-    faces = [json.loads(line) for line in (d / "faces.jsonl").read_text().splitlines()]
-    fitted = [f for f in faces if "flame" in f]
-    assert len(fitted) >= 0.9 * len(faces)
-    assert all(len(f["flame"]["shape"]) == 100 and len(f["flame"]["camera"]) == 3 for f in fitted)
-    assert s["rmse_px"]["median"] < 5.0  # a synthetic head on real landmarks: the fit is rough but sane
-    pairs = make_pairs(fitted, 6, "random", 90.0, 0)
-    atomic_write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert (d / "faces.jsonl").read_bytes() == faces_before  # fit writes flame.jsonl, never faces.jsonl
+    fs = FaceSet.load(d)
+    fitted = [f for f in fs if f.id in fs.flame]
+    assert len(fitted) >= 0.9 * len(fs)
+    assert all(len(fs.flame[f.id].shape) == 100 and len(fs.flame[f.id].camera) == 3 for f in fitted)
+    assert s["details"]["rmse_px"]["median"] < 5.0  # a synthetic head on real landmarks: the fit is rough but sane
+    pairs = make_pairs(fitted, PairsSection(n=6, strategy="random", max_yaw_diff=90.0))
+    PairRecord.write(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "flows"
     s = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), batch=4)
-    assert s["counts"]["written"] == len(pairs) == 6 and s["rasterizer"] in ("torch", "pytorch3d")
-    man = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    with np.load(out / man[0]["flow"]) as z:
+    assert s["counts"]["written"] == len(pairs) == 6 and s["details"]["rasterizer"] in ("torch", "pytorch3d")
+    man = FlowRecord.read(out / "manifest.jsonl")
+    with np.load(out / man[0].flow) as z:
         assert z["forward"].dtype == np.float16 and z["forward"].shape == (256, 256, 2)
         assert z["backward"].shape == (256, 256, 2) and z["mask2"].any()
-    assert (out / man[0]["preview"]).stat().st_size > 1000
+    assert (out / man[0].preview).stat().st_size > 1000
     again = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), batch=4)
     assert again["counts"]["written"] == 6 and again["counts"]["written_this_run"] == 0
 
 
 def test_fit_without_a_model_names_what_it_needs(monkeypatch, tmp_path):
-    from reliableswap.flame.run import load_flame
+    from reliableswap.flame.layer import load_flame
 
     monkeypatch.delenv("RELIABLESWAP_FLAME", raising=False)
     with pytest.raises(FlameFileError, match="RELIABLESWAP_FLAME"):
@@ -243,41 +272,69 @@ def test_flame_triplets_end_to_end(prepped, tmp_path):
     """FLAME-driven triplets on real faces: a pair of one face with itself reproduces the face
     (zero shape flow, identity reenactment map); a FLAME run writes the official layout and says
     its geometry is FLAME in summary.json; the same recipe without a model refuses clearly."""
-    import json
-
-    from reliableswap.flame.run import load_flame, records_to_params
-    from reliableswap.io import load_rgb, to_tensor
+    from reliableswap.commands.triplets import run_triplets
+    from reliableswap.flame.fit import fit_faces
+    from reliableswap.flame.layer import load_flame
+    from reliableswap.images import load_rgb, to_tensor
     from reliableswap.pairs import make_pairs
-    from reliableswap.synth.pipeline import Recipe, Synthesizer
-    from reliableswap.synth.run import run_triplets
-    from triplets.jsonl import atomic_write_jsonl
+    from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
+    from reliableswap.synth.pipeline import Synthesizer
+    from triplets.records import FaceSet, PairRecord
 
     src, _ = prepped
     (tmp_path / "flame").mkdir()
     model = write_model(tmp_path / "flame" / "generic_model.pkl")
     write_embeddings(tmp_path / "flame")
-    recipe = Recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "flame-cycle.toml")
-    recipe.flame.model = str(model)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "flame-cycle.toml", TripletRecipe)
+    recipe = recipe.with_overrides({"flame.model": str(model)})
     fl = load_flame(model)
-    faces = [json.loads(line) for line in (src / "faces.jsonl").read_text().splitlines()]
-    from reliableswap.flame.fit import FitConfig
-    from reliableswap.flame.run import fit_records
-
-    f0 = faces[0]
-    p = records_to_params(fit_records(fl, [f0], FitConfig(), 1))
-    img = to_tensor([load_rgb(src / f0["image"])])
-    lm = torch.tensor([f0["landmarks68"]], dtype=torch.float32)
+    fs = FaceSet.load(src)
+    f0 = fs.faces[0]
+    p = FlameParams.from_records(fit_faces(fl, [f0]))
+    img = to_tensor([load_rgb(fs.image_path(f0))])
+    lm = torch.tensor([f0.landmarks68], dtype=torch.float32)
     out = Synthesizer(recipe, fl).cycle(img, lm, img, lm, p, p)
     assert out["flow_st"].abs().max() == 0
     assert (out["fake_st"] - img).abs().mean() < 0.01
 
-    pairs = make_pairs(faces, 4, "random", 90.0, 0)
-    atomic_write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    PairRecord.write(tmp_path / "pairs.jsonl", make_pairs(fs.faces, PairsSection(n=4, strategy="random", max_yaw_diff=90.0)))
     s = run_triplets(src, tmp_path / "pairs.jsonl", tmp_path / "tri", recipe, "cpu", batch=4)
-    assert s["counts"]["written"] == 4 and s["synthesis"]["geometry"].startswith("FLAME 3D")
-    assert s["synthesis"]["reenact"] == "flame" and s["synthesis"]["reshape"] == "flame"
-    man = [json.loads(line) for line in (tmp_path / "tri" / "manifest.jsonl").read_text().splitlines()]
-    for r in man:
-        assert all((tmp_path / "tri" / r["folder"] / f).is_file() for f in r["files"].values())
+    syn = s["details"]["synthesis"]
+    assert s["counts"]["written"] == 4 and syn["geometry"].startswith("FLAME 3D")
+    assert syn["reenact"] == "flame" and syn["reshape"] == "flame"
+    from triplets.records import ManifestRecord
+
+    for r in ManifestRecord.read(tmp_path / "tri" / "manifest.jsonl"):
+        assert all((tmp_path / "tri" / r.folder / f).is_file() for f in r.files.values())
     with pytest.raises(ValueError, match="--flame"):
         Synthesizer(recipe, None)
+
+
+def test_rerunning_commands_never_loses_another_commands_output(faces_dir, tmp_path):
+    """prep writes faces.jsonl, fit writes flame.jsonl: re-running prep (with one more input) keeps
+    every fit; re-running fit fits only the new face and leaves faces.jsonl byte for byte."""
+    from reliableswap.commands.fit import run_fit
+    from reliableswap.commands.prep import PrepConfig, run_prep
+    from reliableswap.flame.fit import FitConfig
+    from triplets.records import FaceSet
+
+    london = faces_dir / "london_set"
+    model = write_model(tmp_path / "generic_model.pkl")
+    write_embeddings(tmp_path)
+    prep = tmp_path / "prep"
+    cfg = PrepConfig(largest=True)
+    run_prep([london / "london_008_neutral.jpg", london / "london_021_neutral.jpg"], prep, cfg)
+    s = run_fit(prep, model)
+    assert s["counts"]["written"] == 2
+    flame_before = (prep / "flame.jsonl").read_bytes()
+    run_prep([london / "london_008_neutral.jpg", london / "london_021_neutral.jpg", london / "london_030_neutral.jpg"], prep, cfg)
+    assert (prep / "flame.jsonl").read_bytes() == flame_before  # prep never touches fit's output
+    fs = FaceSet.load(prep)
+    assert len(fs) == 3 and len(fs.flame) == 2
+    faces_before = (prep / "faces.jsonl").read_bytes()
+    s = run_fit(prep, model)
+    assert s["counts"]["written_this_run"] == 1 and s["counts"]["skipped"] == 2 and s["counts"]["written"] == 3
+    assert (prep / "faces.jsonl").read_bytes() == faces_before  # fit never touches prep's output
+    assert len(FaceSet.load(prep).flame) == 3
+    with pytest.raises(ValueError, match="other settings"):
+        run_fit(prep, model, cfg=FitConfig(n_shape=50))

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reliableswap.io import InputError, read_image, to_tensor, to_uint8
-from triplets.jsonl import atomic_write_bytes, atomic_write_jsonl, read_jsonl
-from triplets.schema import FACES_SCHEMA, SchemaError, check_record
+from reliableswap.images import InputError, read_image, to_tensor, to_uint8
+from triplets.jsonl import atomic_dir, atomic_write_bytes, temp_owner
 
 
 def test_sixteen_bit_and_gray_and_alpha(tmp_path):
@@ -59,12 +58,14 @@ def test_tensor_roundtrip():
     assert (to_uint8(t)[0] == rgb).all()
 
 
-def test_atomic_writes_and_schema(tmp_path):
-    atomic_write_jsonl(tmp_path / "a.jsonl", [{"schema": FACES_SCHEMA, "id": 1}])
-    assert not list(tmp_path.glob(".*.tmp"))
-    with pytest.raises(SchemaError, match="lacks"):
-        list(read_jsonl(tmp_path / "a.jsonl", FACES_SCHEMA))
-    with pytest.raises(SchemaError, match="not compatible"):
-        check_record({"schema": "reliableswap.faces/2"}, FACES_SCHEMA)
+def test_atomic_writes_leave_no_temp_and_name_their_writer(tmp_path):
     atomic_write_bytes(tmp_path / "b.bin", b"x")
+    assert (tmp_path / "b.bin").read_bytes() == b"x" and not list(tmp_path.glob(".*.tmp"))
     assert (tmp_path / "b.bin").stat().st_mode & 0o044  # readable by others, like a plain write
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert temp_owner(tmp.name) > 0 and not (tmp_path / "folder").exists()
+    assert (tmp_path / "folder" / "a.txt").read_text() == "a" and not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "broken") as tmp:  # a failure leaves nothing
+        raise RuntimeError
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".*.tmp"))

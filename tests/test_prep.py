@@ -16,9 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-from reliableswap.prep import PrepConfig, load_faces, run_prep
-from triplets.jsonl import read_jsonl
-from triplets.schema import FACES_SCHEMA, REJECTS_SCHEMA
+from reliableswap.commands.prep import PrepConfig, run_prep
+from triplets.records import FaceRecord, RejectRecord
+
+
+def load_faces(folder):
+    return FaceRecord.read(Path(folder) / "faces.jsonl")
 
 CLI = [sys.executable, "-m", "reliableswap.cli"]
 
@@ -28,24 +31,23 @@ def test_prepped_records_follow_contract(prepped):
     faces = load_faces(out)
     assert summary["counts"]["written"] == len(faces) >= 60
     for f in faces[:20]:
-        assert (out / f["image"]).is_file()
-        assert len(f["landmarks68"]) == 68 and len(f["embedding"]) == 128
-        assert np.asarray(f["inverse"]).shape == (2, 3)
-        assert set(f["pose"]) == {"yaw", "pitch", "roll"}
-    assert {f["identity"] for f in faces} == {None}  # no --identity-from-folder
-    assert summary["throughput"]["faces_per_s_wall"] > 0
-    assert set(summary["timings"]["stage_cpu_s"]) >= {"decode", "detect", "landmarks", "align", "write", "embed"}
+        assert (out / f.image).is_file()
+        assert len(f.landmarks68) == 68 and len(f.embedding) == 128
+        assert np.asarray(f.inverse).shape == (2, 3)
+    assert {f.identity for f in faces} == {None}  # no --identity-from-folder
+    assert summary["throughput"]["unit"] == "faces" and summary["throughput"]["per_s"] > 0
+    assert set(summary["timings"]["stages_s"]) >= {"decode", "detect", "landmarks", "align", "write", "embed"}
 
 
 def test_hard_reject_every_file_rejected_with_reason(faces_dir, prepped):
     out, _ = prepped
-    rejects = {Path(r["input"]).name: r["reason"] for r in read_jsonl(out / "rejects.jsonl", REJECTS_SCHEMA)}
+    rejects = {Path(r.input).name: r.reason for r in RejectRecord.read(out / "rejects.jsonl")}
     faces = load_faces(out)
     for p in sorted((faces_dir / "hard" / "reject").iterdir()):
         assert p.name in rejects, f"{p.name} was not rejected"
         reason = rejects[p.name]
         assert reason and "\n" not in reason and len(reason) < 200
-        assert not [f for f in faces if Path(f["origin"]["path"]).name == p.name]
+        assert not [f for f in faces if Path(f.origin.path).name == p.name]
     assert "truncated" in rejects["corrupt_truncated_london_021.jpg"]
     assert "empty" in rejects["zero_bytes.jpg"]
     assert "HTML" in rejects["html_named_jpg.jpg"]
@@ -55,15 +57,15 @@ def test_hard_valid_every_file_yields_its_face(faces_dir, prepped):
     out, _ = prepped
     by_file: dict[str, list[dict]] = {}
     for f in load_faces(out):
-        by_file.setdefault(Path(f["origin"]["path"]).name, []).append(f)
+        by_file.setdefault(Path(f.origin.path).name, []).append(f)
     for p in sorted((faces_dir / "hard" / "valid").iterdir()):
         assert p.name in by_file, f"no face from {p.name}"
         f = by_file[p.name][0]
         # EXIF-rotated inputs come out upright: small roll
-        assert abs(f["pose"]["roll"]) < 20, (p.name, f["pose"])
+        assert abs(f.pose.roll) < 20, (p.name, f.pose)
     big = by_file["large_4000px_london_136.jpg"][0]
-    w = big["bbox"][2] - big["bbox"][0]
-    assert big["origin"]["size"] == [4000, 4000] and 1000 < w < 1600  # original pixels despite reduced decode
+    w = big.bbox[2] - big.bbox[0]
+    assert big.origin.size == (4000, 4000) and 1000 < w < 1600  # original pixels despite reduced decode
 
 
 def test_generated_odd_inputs(tmp_path, faces_dir):
@@ -79,13 +81,13 @@ def test_generated_odd_inputs(tmp_path, faces_dir):
     cv2.imwrite(str(inp / "three_faces.jpg"), np.hstack([small, small, small]))
     summary = run_prep([inp], tmp_path / "out", PrepConfig(), workers=1)
     faces = load_faces(tmp_path / "out")
-    names = [Path(f["origin"]["path"]).name for f in faces]
+    names = [Path(f.origin.path).name for f in faces]
     assert summary["counts"]["rejected"] == 0
     assert names.count("three_faces.jpg") == 3
     for n in ("rgb16.png", "huge8000.jpg", "gray.png"):
         assert names.count(n) == 1, n
-    huge = next(f for f in faces if f["origin"]["path"].endswith("huge8000.jpg"))
-    assert 2400 < huge["bbox"][2] - huge["bbox"][0] < 3400  # 510 px face × 8000/1350 ≈ 3000 px
+    huge = next(f for f in faces if f.origin.path.endswith("huge8000.jpg"))
+    assert 2400 < huge.bbox[2] - huge.bbox[0] < 3400  # 510 px face × 8000/1350 ≈ 3000 px
 
 
 def _tree(out: Path) -> dict[str, bytes]:
@@ -102,7 +104,7 @@ def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
     run_prep(inputs, ref, PrepConfig(), workers=2)
     proc = subprocess.Popen([*CLI, "prep", *inputs, "--out", str(cut), "--workers", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    records = cut / ".prep" / "records"
+    records = cut / ".prep" / "units"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(records.glob("*.json"))) < 6:
         time.sleep(0.05)
@@ -112,7 +114,7 @@ def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
     assert 6 <= n_done < 40, "the run must be cut mid-way"
     assert not (cut / "faces.jsonl").exists()
     summary = run_prep(inputs, cut, PrepConfig(), workers=2)
-    assert summary["counts"]["processed_this_run"] <= 40 - 6 + 2
+    assert summary["counts"]["skipped"] >= 6 and summary["counts"]["in"] - summary["counts"]["skipped"] <= 40 - 6 + 2
     assert _tree(cut) == _tree(ref)
     assert not list(cut.rglob("*.tmp"))
 
@@ -123,14 +125,14 @@ def test_video_frames_in_order(faces_dir, tmp_path):
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     cap.release()
     summary = run_prep([video], tmp_path, PrepConfig(every=20, largest=True), workers=1)
-    frames = [f["origin"]["frame"] for f in load_faces(tmp_path)]
+    frames = [f.origin.frame for f in load_faces(tmp_path)]
     assert frames == sorted(frames) and all(i % 20 == 0 for i in frames)
-    assert summary["counts"]["frames"] == math.ceil(n / 20) and len(frames) >= math.ceil(n / 20) - 1
+    assert summary["details"]["frames"] == math.ceil(n / 20) and len(frames) >= math.ceil(n / 20) - 1
 
 
 def test_identity_from_folder_and_config_guard(faces_dir, tmp_path):
     run_prep([faces_dir / "london_set"], tmp_path, PrepConfig(identity_from_folder=True, largest=True), workers=1)
-    assert {f["identity"] for f in load_faces(tmp_path)} == {"london_set"}
+    assert {f.identity for f in load_faces(tmp_path)} == {"london_set"}
     with pytest.raises(ValueError, match="other settings"):
         run_prep([faces_dir / "london_set"], tmp_path, PrepConfig(size=128), workers=1)
 
@@ -139,7 +141,7 @@ def test_cli_exit_codes_and_messages(faces_dir, tmp_path):
     bad = subprocess.run([*CLI, "prep", str(faces_dir / "hard" / "reject"), "--out", str(tmp_path / "r")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "no usable face" in bad.stderr and "Traceback" not in bad.stderr
-    rej = list(read_jsonl(tmp_path / "r" / "rejects.jsonl", REJECTS_SCHEMA))
+    rej = RejectRecord.read(tmp_path / "r" / "rejects.jsonl")
     assert len(rej) == len(list((faces_dir / "hard" / "reject").iterdir()))
     arg = subprocess.run([*CLI, "prep", str(faces_dir), "--out", str(tmp_path / "a"), "--align", "nope"],
                          capture_output=True, text=True)
@@ -147,7 +149,7 @@ def test_cli_exit_codes_and_messages(faces_dir, tmp_path):
     ok = subprocess.run([*CLI, "prep", str(faces_dir / "public_domain"), "--out", str(tmp_path / "o"), "--workers", "1"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert len(list(read_jsonl(tmp_path / "o" / "faces.jsonl", FACES_SCHEMA))) >= 2
+    assert len(load_faces(tmp_path / "o")) >= 2
     sheet = subprocess.run([*CLI, "inspect", str(tmp_path / "o"), "--sheet", str(tmp_path / "s.png")],
                            capture_output=True, text=True)
     assert sheet.returncode == 0 and cv2.imread(str(tmp_path / "s.png")) is not None

@@ -10,12 +10,12 @@ import torch
 from kornia.color import rgb_to_lab
 
 from reliableswap.faces.landmarks import DlibLandmarks
-from reliableswap.io import load_rgb, to_tensor, to_uint8
-from reliableswap.prep import load_faces
+from reliableswap.geometry.tps import dense_field, tps_eval, tps_fit
+from reliableswap.images import load_rgb, to_tensor, to_uint8
 from reliableswap.synth import appearance, blend
 from reliableswap.synth.reenact import TPSReenactor, driving_landmarks
 from reliableswap.synth.reshape import contour_targets, reshape, reshape_flow
-from reliableswap.synth.tps import dense_field, tps_eval, tps_fit
+from triplets.records import FaceSet
 
 
 NAMES = ["london_008_neutral", "london_021_neutral", "london_025_neutral", "london_030_neutral",
@@ -26,10 +26,11 @@ NAMES = ["london_008_neutral", "london_021_neutral", "london_025_neutral", "lond
 def crops(prepped):
     """8 aligned 256 px crops of 8 different people (calm expressions) with their landmarks."""
     out, _ = prepped
-    by_stem = {Path(f["origin"]["path"]).stem: f for f in load_faces(out)}
+    fs = FaceSet.load(out)
+    by_stem = {Path(f.origin.path).stem: f for f in fs}
     faces = [by_stem[n] for n in NAMES]
-    imgs = to_tensor([load_rgb(out / f["image"]) for f in faces])
-    lms = torch.tensor([f["landmarks68"] for f in faces], dtype=torch.float32)
+    imgs = to_tensor([load_rgb(fs.image_path(f)) for f in faces])
+    lms = torch.tensor([f.landmarks68 for f in faces], dtype=torch.float32)
     return imgs, lms
 
 

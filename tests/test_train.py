@@ -24,16 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def real_triplets(prepped, tmp_path_factory):
     """16 cycle triplets synthesized from the shared real faces (2D recipe)."""
+    from reliableswap.commands.triplets import run_triplets
     from reliableswap.pairs import make_pairs
-    from reliableswap.synth.pipeline import Recipe
-    from reliableswap.synth.run import run_triplets
-    from triplets.jsonl import atomic_write_jsonl
+    from reliableswap.recipes import PairsSection
+    from triplets.records import FaceRecord, PairRecord
 
     src, _ = prepped
     d = tmp_path_factory.mktemp("train_triplets")
-    faces = [json.loads(line) for line in (src / "faces.jsonl").read_text().splitlines()]
-    atomic_write_jsonl(d / "pairs.jsonl", make_pairs(faces, 16, "pose", 30.0, 0))
-    run_triplets(src, d / "pairs.jsonl", d / "tri", Recipe(), "cpu", batch=8)
+    faces = FaceRecord.read(src / "faces.jsonl")
+    PairRecord.write(d / "pairs.jsonl", make_pairs(faces, PairsSection(n=16, max_yaw_diff=30.0)))
+    run_triplets(src, d / "pairs.jsonl", d / "tri", device="cpu", batch=8)
     return src, d / "tri"
 
 
@@ -75,7 +75,7 @@ def test_type_code_masking_matches_official_table(real_triplets):
 
 
 def test_gradients_reach_only_the_swapper():
-    from reliableswap.train.examples import TinyIdentityGenerator
+    from reliableswap.testing.swappers import TinyIdentityGenerator
 
     swapper = SwapperAdapter(TinyIdentityGenerator(id_dim=3), (0.0, 1.0), 8, "identity", identity=lambda x: x.mean((2, 3)))
     feats = nn.Conv2d(3, 4, 3)
@@ -124,23 +124,19 @@ def test_arcface_checkpoint_loads_strictly(tmp_path):
 
 
 def _tiny(steps: int, **over):
-    from reliableswap.train.finetune import TrainRecipe
+    from reliableswap.recipes import TrainRecipe, load_recipe
 
-    r = TrainRecipe.load(ROOT / "recipes" / "tiny.toml")
-    r.train.steps = steps
-    for k, v in over.items():
-        sec, key = k.split("__")
-        setattr(getattr(r, sec), key, v)
-    return r
+    r = load_recipe(ROOT / "recipes" / "tiny.toml", TrainRecipe)
+    return r.with_overrides({"train.steps": steps, **{k.replace("__", "."): v for k, v in over.items()}})
 
 
 def test_tiny_finetune_lowers_heldout_cycle_l1(real_triplets, tmp_path):
-    from reliableswap.train.finetune import run_finetune
+    from reliableswap.commands.finetune import run_finetune
 
     faces, tri = real_triplets
     s = run_finetune(_tiny(100), tri, tmp_path / "run", faces=faces)
-    ev = s["eval"]
-    assert s["counts"]["heldout_triplets"] == 4 and s["counts"]["steps_this_run"] == 100
+    ev = s["details"]["eval"]
+    assert s["details"]["heldout_triplets"] == 4 and s["counts"]["written_this_run"] == 100
     assert ev["cycle_l1_end"] < 0.8 * ev["cycle_l1_start"], ev
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("sup/cycle" in m for m in lines) and any("g/adv" in m for m in lines)
@@ -151,13 +147,13 @@ def test_tiny_finetune_lowers_heldout_cycle_l1(real_triplets, tmp_path):
 def test_resume_continues_the_same_trajectory(real_triplets, tmp_path):
     from safetensors.torch import load_file
 
-    from reliableswap.train.finetune import run_finetune
+    from reliableswap.commands.finetune import run_finetune
 
     faces, tri = real_triplets
     run_finetune(_tiny(6, train__ckpt_every=3), tri, tmp_path / "straight", faces=faces)
     run_finetune(_tiny(3, train__ckpt_every=3), tri, tmp_path / "resumed", faces=faces)
     s = run_finetune(_tiny(6, train__ckpt_every=3), tri, tmp_path / "resumed", faces=faces, resume=True)
-    assert s["counts"]["resumed_from"] == 3 and s["counts"]["steps_this_run"] == 3
+    assert s["details"]["resumed_from"] == 3 and s["counts"]["written_this_run"] == 3
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-0000006.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-0000006.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -166,10 +162,10 @@ def test_resume_continues_the_same_trajectory(real_triplets, tmp_path):
 def test_non_finite_loss_skips_the_step(real_triplets, tmp_path, monkeypatch):
     """A user swapper (module:Class) that returns NaN on some calls: the step is skipped, logged,
     and training goes on."""
-    from reliableswap.train.finetune import run_finetune
+    from reliableswap.commands.finetune import run_finetune
 
     (tmp_path / "nanswap.py").write_text(
-        "import torch\nfrom reliableswap.train.examples import TinySwapper\n"
+        "import torch\nfrom reliableswap.testing.swappers import TinySwapper\n"
         "class NaNSwapper(TinySwapper):\n"
         "    calls = 0\n"
         "    def forward(self, s, t):\n"
@@ -178,9 +174,9 @@ def test_non_finite_loss_skips_the_step(real_triplets, tmp_path, monkeypatch):
         "        return out * float('nan') if NaNSwapper.calls in (3, 5) else out\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     _, tri = real_triplets
-    r = _tiny(8, model__value_range=[-1.0, 1.0], data__holdout=0)
-    s = run_finetune(r, tri, tmp_path / "run", swapper_spec="nanswap:NaNSwapper")
-    assert s["counts"]["skipped_non_finite"] == 2 and s["counts"]["steps"] == 8
+    r = _tiny(8, model__value_range=[-1.0, 1.0], data__holdout=0, model__swapper="nanswap:NaNSwapper")
+    s = run_finetune(r, tri, tmp_path / "run")
+    assert s["details"]["skipped_non_finite"] == 2 and s["details"]["steps"] == 8
     skipped = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "skipped" in line]
     assert [m["step"] for m in skipped] == [3, 5]
 
@@ -195,5 +191,5 @@ def test_torchrun_two_cpu_processes(real_triplets, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["counts"]["steps"] == 4
+    assert s["details"]["world_size"] == 2 and s["details"]["steps"] == 4
     assert (tmp_path / "ddp" / "checkpoints" / "step-0000004.safetensors").is_file()

@@ -14,25 +14,27 @@ import pytest
 import torch
 from PIL import Image
 
+from reliableswap.commands.triplets import run_triplets
 from reliableswap.pairs import make_pairs
-from reliableswap.prep import load_faces
-from reliableswap.synth.pipeline import Recipe
-from reliableswap.synth.run import run_triplets
+from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from triplets import TripletDataset
-from triplets.jsonl import atomic_write_jsonl, read_jsonl
 from triplets.layout import FILES, TYPE_TABLE
-from triplets.schema import MANIFEST_SCHEMA
+from triplets.records import FaceRecord, ManifestRecord, PairRecord, RejectRecord
 
 CLI = [sys.executable, "-m", "reliableswap.cli"]
+CYCLE = Path(__file__).parents[1] / "recipes" / "cycle.toml"
+
+
+def load_faces(folder):
+    return FaceRecord.read(Path(folder) / "faces.jsonl")
 
 
 @pytest.fixture(scope="module")
 def pairs_file(prepped, tmp_path_factory):
     out, _ = prepped
-    faces = load_faces(out)
-    ps = make_pairs(faces, n=24, strategy="pose", max_yaw_diff=20, seed=3)
+    ps = make_pairs(load_faces(out), PairsSection(n=24, max_yaw_diff=20, seed=3))
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    atomic_write_jsonl(path, ps)
+    PairRecord.write(path, ps)
     return path
 
 
@@ -40,64 +42,66 @@ def pairs_file(prepped, tmp_path_factory):
 def triplet_run(prepped, pairs_file, tmp_path_factory):
     out, _ = prepped
     dst = tmp_path_factory.mktemp("trip")
-    summary = run_triplets(out, pairs_file, dst, Recipe.load(Path(__file__).parents[1] / "recipes" / "cycle.toml"),
-                           device="cpu", batch=8, qc=True)
+    recipe = load_recipe(CYCLE, TripletRecipe).with_overrides({"qc.enabled": True})
+    summary = run_triplets(out, pairs_file, dst, recipe, device="cpu", batch=8)
     return dst, summary
 
 
 def test_pairs_deterministic_and_never_same_identity(prepped):
     out, _ = prepped
     faces = load_faces(out)
-    by_id = {f["id"]: f for f in faces}
-    p1 = make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=7)
-    assert p1 == make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=7)
-    assert p1 != make_pairs(faces, n=30, strategy="pose", max_yaw_diff=15, seed=8)
+    by_id = {f.id: f for f in faces}
+    cfg = PairsSection(n=30, max_yaw_diff=15, seed=7)
+    p1 = make_pairs(faces, cfg)
+    assert p1 == make_pairs(faces, cfg)
+    assert p1 != make_pairs(faces, cfg.model_copy(update={"seed": 8}))
     for p in p1:
-        a, b = by_id[p["a"]], by_id[p["b"]]
-        d = np.linalg.norm(np.subtract(a["embedding"], b["embedding"]))
-        assert d >= 0.6 and abs(p["pose_delta"]["yaw"]) <= 15
+        a, b = by_id[p.a], by_id[p.b]
+        d = np.linalg.norm(np.subtract(a.embedding, b.embedding))
+        assert d >= 0.6 and abs(p.pose_delta.yaw) <= 15
     # London neutral/smiling of one person are never paired (embedding distance)
-    for p in make_pairs(faces, strategy="random", seed=1):
-        na, nb = (Path(by_id[p[k]]["origin"]["path"]).stem for k in ("a", "b"))
+    for p in make_pairs(faces, PairsSection(strategy="random", seed=1)):
+        na, nb = (Path(by_id[k].origin.path).stem for k in (p.a, p.b))
         if na.startswith("london_") and nb.startswith("london_"):
             assert na.split("_")[1] != nb.split("_")[1]
-    labelled = [dict(f, identity="same") for f in faces[:10]]
-    assert make_pairs(labelled, strategy="random") == []
+    labelled = [f.model_copy(update={"identity": "same"}) for f in faces[:10]]
+    assert make_pairs(labelled, PairsSection(strategy="random")) == []
 
 
 def test_triplet_folders_official_layout_and_manifest(triplet_run):
     dst, s = triplet_run
-    recs = list(read_jsonl(dst / "manifest.jsonl", MANIFEST_SCHEMA))
+    recs = ManifestRecord.read(dst / "manifest.jsonl")
     assert s["counts"]["written"] == len(recs) >= 20
     for r in recs:
-        folder = dst / r["folder"]
+        folder = dst / r.folder
         assert sorted(p.name for p in folder.iterdir()) == sorted(FILES.values())
         im = Image.open(folder / "output_st.jpg")
         assert im.size == (256, 256) and im.mode == "RGB"
-        assert set(r["qc"]) >= {"id_margin_st", "id_margin_ts", "pose_err_st", "pose_err_ts", "seam_st", "seam_ts"}
-    assert (dst / "recipe.resolved.toml").is_file()
-    assert Recipe.load(dst / "recipe.resolved.toml") == Recipe.load(Path(__file__).parents[1] / "recipes" / "cycle.toml")
-    assert s["synthesis"]["geometry"].startswith("2D")
+        assert set(r.qc) >= {"id_margin_st", "id_margin_ts", "pose_err_st", "pose_err_ts", "seam_st", "seam_ts"}
+    assert load_recipe(dst / "recipe.resolved.toml", TripletRecipe) == load_recipe(CYCLE, TripletRecipe).with_overrides(
+        {"qc.enabled": True})
+    assert s["details"]["synthesis"]["geometry"].startswith("2D")
 
 
 def test_fakes_have_positive_identity_margin(triplet_run):
     """Each fake is closer (dlib 128-D) to its identity donor than to its attribute donor."""
     _, s = triplet_run
-    assert s["qc"]["positive_id_margin_rate"] >= 0.8, s["qc"]
-    assert s["qc"]["id_margin_st"]["mean"] > 0.05 and s["qc"]["id_margin_ts"]["mean"] > 0.05
+    qc = s["details"]["qc"]
+    assert qc["positive_id_margin_rate"] >= 0.8, qc
+    assert qc["id_margin_st"]["mean"] > 0.05 and qc["id_margin_ts"]["mean"] > 0.05
 
 
 def test_dataset_reads_our_output_per_type_table(triplet_run):
     dst, _ = triplet_run
     ds = TripletDataset(dst, use_real=True)
-    recs = list(read_jsonl(dst / "manifest.jsonl"))
+    recs = ManifestRecord.read(dst / "manifest.jsonl")
     assert len(ds) == 4 * len(recs)
     for i in range(8):
         item = ds[i]
         code = int(item["type_code"])
         assert code == 2 + i % 4
         ks, kt, kr = TYPE_TABLE[code]
-        folder = dst / recs[i // 4]["folder"]
+        folder = dst / recs[i // 4].folder
         ref = torch.from_numpy(np.array(Image.open(folder / FILES[kr]))).permute(2, 0, 1).float() / 255
         assert torch.equal(item["reference"], ref) and bool(item["has_reference"]) and not bool(item["same"])
 
@@ -140,16 +144,15 @@ def test_dataset_mixing_and_rec_code(faces_dir, triplet_run, tmp_path):
 
 def test_webdataset_format_and_sharding(prepped, pairs_file, tmp_path):
     out, _ = prepped
-    r = Recipe()
-    r.output.format, r.output.shard_size = "webdataset", 8
+    r = TripletRecipe().with_overrides({"output.format": "webdataset", "output.shard_size": 8})
     s = run_triplets(out, pairs_file, tmp_path / "wds", r, device="cpu", batch=8)
     shards = sorted((tmp_path / "wds").glob("shard-*.tar"))
     assert len(shards) == 3 and s["counts"]["written"] == len(TripletDataset(tmp_path / "wds")) // 2
+    assert len(TripletDataset(tmp_path / "wds" / "manifest.jsonl")) == len(TripletDataset(tmp_path / "wds"))
     # two processes' shards into one folder give the whole set
-    r2 = Recipe()
     for i in range(2):
-        run_triplets(out, pairs_file, tmp_path / "sh", r2, device="cpu", batch=8, shard_index=i, num_shards=2)
-    assert len(list(read_jsonl(tmp_path / "sh" / "manifest.jsonl"))) == s["counts"]["written"]
+        run_triplets(out, pairs_file, tmp_path / "sh", TripletRecipe(), device="cpu", batch=8, shard_index=i, num_shards=2)
+    assert len(ManifestRecord.read(tmp_path / "sh" / "manifest.jsonl")) == s["counts"]["written"]
 
 
 @pytest.mark.slow
@@ -162,29 +165,29 @@ def test_kill_and_resume_gives_identical_folders(prepped, pairs_file, triplet_ru
             "--device", "cpu", "--batch", "8", "--qc"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((cut / ".records").glob("chunk-*.json")):
+    while time.time() < deadline and not list((cut / ".triplets" / "units").glob("chunk-*.json")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list((cut / ".records").glob("chunk-*.json")))
+    done = len(list((cut / ".triplets" / "units").glob("chunk-*.json")))
     assert 1 <= done < 3
     assert subprocess.run(args, capture_output=True).returncode == 0
-    for r in read_jsonl(ref_dir / "manifest.jsonl"):
+    for r in ManifestRecord.read(ref_dir / "manifest.jsonl"):
         for f in FILES.values():
-            assert (cut / r["folder"] / f).read_bytes() == (ref_dir / r["folder"] / f).read_bytes(), (r["folder"], f)
+            assert (cut / r.folder / f).read_bytes() == (ref_dir / r.folder / f).read_bytes(), (r.folder, f)
     assert (cut / "manifest.jsonl").read_bytes() == (ref_dir / "manifest.jsonl").read_bytes()
-    assert not list(cut.glob(".tmp-*"))
+    assert not list(cut.glob(".*.tmp"))
 
 
 def test_bad_pairs_are_skipped_with_reason(prepped, pairs_file, tmp_path):
     out, _ = prepped
-    good = list(read_jsonl(pairs_file))[:2]
-    bad = dict(good[0], b="no-such-face")
-    atomic_write_jsonl(tmp_path / "p.jsonl", [good[0], bad, good[1]])
-    s = run_triplets(out, tmp_path / "p.jsonl", tmp_path / "o", Recipe(), device="cpu", batch=8)
+    good = PairRecord.read(pairs_file)[:2]
+    bad = good[0].model_copy(update={"b": "no-such-face"})
+    PairRecord.write(tmp_path / "p.jsonl", [good[0], bad, good[1]])
+    s = run_triplets(out, tmp_path / "p.jsonl", tmp_path / "o", device="cpu", batch=8)
     assert s["counts"]["written"] == 2 and s["counts"]["rejected"] == 1
-    rej = list(read_jsonl(tmp_path / "o" / "rejects.jsonl"))
-    assert "no-such-face" in rej[0]["reason"] and rej[0]["pair"]["b"] == "no-such-face"
+    rej = RejectRecord.read(tmp_path / "o" / "rejects.jsonl")
+    assert "no-such-face" in rej[0].reason and rej[0].pair["b"] == "no-such-face"
 
 
 def test_cli_user_errors_have_no_traceback(prepped, tmp_path):
@@ -196,4 +199,4 @@ def test_cli_user_errors_have_no_traceback(prepped, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--strategy" in r.stderr
     r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--n", "5"], capture_output=True, text=True)
-    assert r.returncode == 0 and len(list(read_jsonl(tmp_path / "p.jsonl"))) == 5
+    assert r.returncode == 0 and len(PairRecord.read(tmp_path / "p.jsonl")) == 5

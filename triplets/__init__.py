@@ -1,37 +1,20 @@
-"""Light dataset package for face-swap triplets (numpy, torch, Pillow only).
+"""Light dataset package for face-swap triplets (numpy, torch, Pillow, pydantic only).
 
-It never imports :mod:`reliableswap`, so a trainer can depend on it alone. This module holds the
-file contracts shared by every command: schema names and versions, JSON-lines reading, and atomic
-writes (temp name + rename, so a killed run never leaves a half-written file).
+It never imports :mod:`reliableswap`, so a trainer can depend on it alone. It holds the file
+contracts shared by every command: schema tags, typed records with one reader/writer each
+(:mod:`triplets.records`), atomic writes (temp name + rename, so a killed run never leaves a
+half-written file), the official layout and list files, and :class:`TripletDataset`.
 """
 
-from triplets.schema import (
-    FACES_SCHEMA,
-    PAIRS_SCHEMA,
-    MANIFEST_SCHEMA,
-    REJECTS_SCHEMA,
-    SUMMARY_SCHEMA,
-    SchemaError,
-    check_record,
-)
+from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from triplets.layout import FILES, TYPE_TABLE
-from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
+from triplets.records import (ContractError, FaceRecord, FaceSet, FlameRecord, FlowRecord, ManifestRecord, PairRecord,
+                              RejectRecord, Summary, resolve_inside)
 
 __all__ = [
-    "FILES",
-    "TYPE_TABLE",
-    "TripletDataset",
-    "FACES_SCHEMA",
-    "PAIRS_SCHEMA",
-    "MANIFEST_SCHEMA",
-    "REJECTS_SCHEMA",
-    "SUMMARY_SCHEMA",
-    "SchemaError",
-    "check_record",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_jsonl",
-    "read_jsonl",
+    "FILES", "TYPE_TABLE", "TripletDataset", "ContractError", "FaceRecord", "FaceSet", "FlameRecord", "FlowRecord",
+    "ManifestRecord", "PairRecord", "RejectRecord", "Summary", "resolve_inside",
+    "atomic_write_bytes", "atomic_write_json", "atomic_write_jsonl",
 ]
 
 

@@ -12,8 +12,6 @@ picks which types carry a reference; the others get a zero reference and ``has_r
 from __future__ import annotations
 
 import io
-import json
-import pickle
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,26 +21,22 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from triplets.layout import DEFAULT_REC_CODE, FILES, SAME, TYPE_TABLE, VANILLA
+from triplets.official import read_triplet_pickle
+from triplets.records import ManifestRecord, resolve_inside
 from triplets.webdataset import iter_shard
 
 
-class _ListOnly(pickle.Unpickler):
-    """Official triplet pickles hold a list of folder strings: refuse any global."""
-
-    def find_class(self, module, name):  # noqa: D102
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a triplet list pickle")
-
-
 def _folders_from(path: Path) -> list[Path] | None:
+    """Triplet folders named by ``path``, or None when it is (a folder of) WebDataset shards."""
     if path.suffix in (".pkl", ".pickle"):
-        with path.open("rb") as f:
-            items = _ListOnly(f).load()
-        return [Path(str(p)) for p in items]
+        return read_triplet_pickle(path)
     if path.suffix == ".txt":
-        return [Path(l.strip()) for l in path.read_text().splitlines() if l.strip()]
+        return [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
     if path.name.endswith(".jsonl"):
-        base = path.parent
-        return [base / json.loads(l)["folder"] for l in path.read_text().splitlines() if l.strip()]
+        recs = ManifestRecord.read(path)
+        if recs and all(r.folder is not None for r in recs):  # else: WebDataset shards beside it
+            return [resolve_inside(path.parent, r.folder, r.where, "folder") for r in recs]
+        return None
     if path.is_dir():
         if (path / "manifest.jsonl").is_file() and not list(path.glob("*.tar")):
             return _folders_from(path / "manifest.jsonl")
@@ -80,7 +74,8 @@ class TripletDataset(Dataset):
         folders = _folders_from(path)
         self._mem: list[dict[str, bytes]] | None = None
         if folders is None:
-            shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+            root = path.parent if path.name.endswith(".jsonl") else path
+            shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
             self._mem = [s for sh in shards for s in iter_shard(sh)]
             self._n = len(self._mem)
         else:

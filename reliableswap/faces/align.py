@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
-from reliableswap.faces.landmarks import LEFT_EYE, RIGHT_EYE, apply_affine, invert_affine
+from reliableswap.faces.ibug68 import LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, RIGHT_EYE, five_points
+from reliableswap.geometry.affine import affine_scale, compose_affine, resize_affine, similarity_lstsq
 
 #: ArcFace (insightface) 5-point template for 112×112: right eye, left eye, nose, mouth corners.
 ARCFACE_112 = torch.tensor(
@@ -25,48 +26,6 @@ FFHQ_512 = torch.tensor(
 )
 
 ALIGN_MODES = ("ffhq", "arcface")
-
-
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
-    """B×68×2 → B×5×2: right-eye centre, left-eye centre, nose tip, right and left mouth corners."""
-    return torch.stack(
-        [
-            landmarks[:, RIGHT_EYE].mean(1),
-            landmarks[:, LEFT_EYE].mean(1),
-            landmarks[:, 30],
-            landmarks[:, 48],
-            landmarks[:, 54],
-        ],
-        1,
-    )
-
-
-def similarity_lstsq(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Least-squares 2D similarity (rotation, uniform scale, translation; no reflection).
-
-    Solved in closed form with complex numbers: ``dst ≈ a·src + b``.
-
-    Args:
-        src: B×N×2 points.
-        dst: B×N×2 or N×2 target points.
-        weights: N or B×N non-negative weights (default 1).
-    Returns:
-        B×2×3 matrices mapping ``src`` to ``dst``.
-    """
-    dst = dst.to(src).expand_as(src)
-    w = torch.ones(src.shape[:2], dtype=src.dtype, device=src.device) if weights is None else \
-        weights.to(src).expand(src.shape[:2])
-    w = w / w.sum(1, keepdim=True)
-    zs = torch.complex(src[..., 0], src[..., 1])
-    zd = torch.complex(dst[..., 0], dst[..., 1])
-    ms = (w * zs).sum(1, keepdim=True)
-    md = (w * zd).sum(1, keepdim=True)
-    zs_c, zd_c = zs - ms, zd - md
-    a = (w * zs_c.conj() * zd_c).sum(1) / (w * zs_c.abs() ** 2).sum(1).clamp_min(1e-12)
-    b = md.squeeze(1) - a * ms.squeeze(1)
-    row0 = torch.stack([a.real, -a.imag, b.real], -1)
-    row1 = torch.stack([a.imag, a.real, b.imag], -1)
-    return torch.stack([row0, row1], -2)
 
 
 def ffhq_transform(landmarks: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,7 +44,7 @@ def ffhq_transform(landmarks: torch.Tensor, size: int) -> torch.Tensor:
     eye_r, eye_l = lm[:, RIGHT_EYE].mean(1), lm[:, LEFT_EYE].mean(1)
     eye_avg = (eye_r + eye_l) / 2
     eye_to_eye = eye_l - eye_r
-    mouth_avg = (lm[:, 48] + lm[:, 54]) / 2
+    mouth_avg = (lm[:, MOUTH_RIGHT] + lm[:, MOUTH_LEFT]) / 2
     eye_to_mouth = mouth_avg - eye_avg
     # x = eye_to_eye - flipud(eye_to_mouth) * [-1, 1]
     x = eye_to_eye - torch.stack([-eye_to_mouth[:, 1], eye_to_mouth[:, 0]], -1)
@@ -121,11 +80,6 @@ def template_points(mode: str, size: int) -> torch.Tensor:
     return (base + 0.5) * (size / side) - 0.5
 
 
-def affine_scale(m: torch.Tensor) -> torch.Tensor:
-    """Uniform scale of B×2×3 similarity matrices (sqrt of |det|)."""
-    return m[..., :2].det().abs().sqrt()
-
-
 def warp_faces(image: torch.Tensor, m: torch.Tensor, size: int, padding_mode: str = "reflection") -> torch.Tensor:
     """Warp faces out of images with image→crop matrices, antialiased when shrinking.
 
@@ -145,10 +99,8 @@ def warp_faces(image: torch.Tensor, m: torch.Tensor, size: int, padding_mode: st
         h, w = image.shape[-2:]
         nh, nw = max(1, round(h * f)), max(1, round(w * f))
         image = F.interpolate(image, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        sx, sy = (nw / w), (nh / h)
-        # small = S · big with pixel centres: x_s = (x_b + 0.5) sx − 0.5
-        scale = torch.tensor([[1 / sx, 0, 0.5 / sx - 0.5], [0, 1 / sy, 0.5 / sy - 0.5], [0, 0, 1]], dtype=m.dtype, device=m.device)
-        m = m @ scale
+        # crop ← big image ← small image (pixel centres kept)
+        m = compose_affine(m, resize_affine(w / nw, h / nh, m.dtype, m.device))
     if image.shape[0] == 1 and b > 1:
         image = image.expand(b, -1, -1, -1)
     return warp_affine(image, m.to(image.dtype), (size, size), mode="bilinear", padding_mode=padding_mode, align_corners=True)
@@ -171,13 +123,7 @@ def paste_back(image: torch.Tensor, face: torch.Tensor, inverse: torch.Tensor, m
     return fw * mw + image * (1 - mw)
 
 
-def transform_points(points: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """B×K×2 points through B×2×3 matrices (re-exported for callers of this module)."""
-    return apply_affine(points, m)
-
-
 __all__ = [
-    "ALIGN_MODES", "ARCFACE_112", "FFHQ_512", "affine_scale", "align_transform", "arcface_transform",
-    "ffhq_transform", "five_points", "invert_affine", "paste_back", "similarity_lstsq", "template_points",
-    "transform_points", "warp_faces",
+    "ALIGN_MODES", "ARCFACE_112", "FFHQ_512", "align_transform", "arcface_transform", "ffhq_transform", "paste_back",
+    "template_points", "warp_faces",
 ]

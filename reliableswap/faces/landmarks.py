@@ -12,26 +12,10 @@ from typing import Protocol
 import dlib
 import numpy as np
 import torch
+from kornia.geometry.transform import warp_affine
 
 from reliableswap.faces.models import MissingWeightsError, dlib_model
-
-#: Index groups of the 68-point layout.
-JAW = slice(0, 17)
-BROWS = slice(17, 27)
-NOSE = slice(27, 36)
-RIGHT_EYE = slice(36, 42)  # subject's right eye: image left on a frontal face
-LEFT_EYE = slice(42, 48)
-MOUTH = slice(48, 68)
-
-#: Index of each landmark's mirror partner (horizontal flip of the face).
-MIRROR68 = (
-    list(range(16, -1, -1))
-    + list(range(26, 16, -1))
-    + [27, 28, 29, 30, 35, 34, 33, 32, 31]
-    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]
-    + [64, 63, 62, 61, 60, 67, 66, 65]
-)
+from reliableswap.geometry.affine import apply_affine, invert_affine
 
 
 class Landmarker(Protocol):
@@ -141,8 +125,6 @@ class FanLandmarks:
 
     @torch.no_grad()
     def __call__(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        from kornia.geometry.transform import warp_affine
-
         if len(boxes) == 0:
             return np.zeros((0, 68, 2), np.float32)
         img = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float().div_(255)
@@ -153,18 +135,6 @@ class FanLandmarks:
         hm = out[-1] if isinstance(out, (list, tuple)) else out
         pts = decode_heatmaps(hm.float()) * (FAN_INPUT / FAN_HEATMAP) + (FAN_INPUT / FAN_HEATMAP - 1) / 2
         return apply_affine(pts, invert_affine(m)).cpu().numpy().astype(np.float32)
-
-
-def apply_affine(points: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Apply B×2×3 affine matrices to B×K×2 points."""
-    return points @ m[..., :2].transpose(-1, -2) + m[..., 2].unsqueeze(-2)
-
-
-def invert_affine(m: torch.Tensor) -> torch.Tensor:
-    """Inverse of B×2×3 affine matrices."""
-    a = m[..., :2]
-    ai = torch.linalg.inv(a)
-    return torch.cat([ai, -(ai @ m[..., 2:])], -1)
 
 
 def make_landmarker(name: str, device: str | torch.device = "cpu") -> Landmarker:

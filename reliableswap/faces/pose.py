@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from reliableswap.faces.ibug68 import POSE_POINTS
+
 #: OpenFace 68-point mean 3D face: x to image right, y down, z toward the camera.
 MEAN_FACE_68 = torch.tensor([
     [-73.393523, -29.801432, -47.667532], [-72.775014, -10.949766, -45.909403], [-70.533638, 7.929818, -44.84258],
@@ -40,10 +42,6 @@ MEAN_FACE_68 = torch.tensor([
     [8.444722, 25.326198, 21.02552], [24.474473, 28.323008, 5.712776], [8.449166, 30.596216, 20.671489],
     [0.205322, 31.408738, 21.90367], [-7.198266, 30.844876, 20.328022],
 ])  # fmt: skip
-
-#: Rigid points for the fit: jaw sides, brows, nose, eye corners (not the moving mouth/chin).
-POSE_POINTS = list(range(0, 5)) + list(range(12, 17)) + list(range(17, 36)) + list(range(36, 48))
-
 
 def fit_orthographic(landmarks: torch.Tensor, points: list[int] = POSE_POINTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit a scaled-orthographic camera to landmarks.

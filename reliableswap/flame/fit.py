@@ -19,12 +19,14 @@ embedding's contour table, chosen anew each iteration.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.func import jvp, vmap
 
 from reliableswap.flame.layer import Flame, FlameParams, project
 from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues, vertices2landmarks
+from triplets.records import FaceRecord, FaceSet, FlameRecord
 
 
 @dataclass
@@ -227,3 +229,37 @@ def fit_landmarks(flame: Flame, target: torch.Tensor, size: int, cfg: FitConfig 
         p = FlameParams(x[:, :ns], x[:, ns:], q[:, :3], z, q[:, 3:], torch.zeros(b, 6, device=dev, dtype=dt), cam)
         rmse = landmark_rmse(flame, p, target, size)
     return p, rmse
+
+
+def fit_faces(flame: Flame, faces: list[FaceRecord], cfg: FitConfig = FitConfig(), batch: int = 128,
+              progress: Callable[[int, int], None] | None = None) -> list[FlameRecord]:
+    """Fit every face's ``landmarks68`` (aligned-crop pixels) in batches (faces of one crop size
+    together); one ``flame.jsonl`` record per face, in order."""
+    dev, dt = flame.v_template.device, flame.v_template.dtype
+    out: list[FlameRecord] = []
+    for i in range(0, len(faces), batch):
+        chunk = faces[i:i + batch]
+        by_size: dict[int, list[int]] = {}
+        for j, f in enumerate(chunk):
+            by_size.setdefault(f.size, []).append(j)
+        recs: list[FlameRecord | None] = [None] * len(chunk)
+        for size, idx in by_size.items():
+            lm = torch.tensor([chunk[j].landmarks68 for j in idx], device=dev, dtype=dt)
+            p, rmse = fit_landmarks(flame, lm, size, cfg)
+            for j, r in zip(idx, p.to_records([chunk[j].id for j in idx], rmse, size)):
+                recs[j] = r
+        out.extend(recs)  # type: ignore[arg-type]
+        if progress:
+            progress(min(i + batch, len(faces)), len(faces))
+    return out
+
+
+def params_for_faces(flame: Flame, faces: FaceSet, ids: list[str], cfg: FitConfig = FitConfig(),
+                     batch: int = 128) -> tuple[FlameParams, int]:
+    """Parameters of ``ids`` from ``flame.jsonl`` (``faces.flame``); faces without one are fitted
+    now and kept in memory. Returns the parameters and how many were fitted on the fly."""
+    missing = [i for i in dict.fromkeys(ids) if i not in faces.flame]
+    for r in fit_faces(flame, [faces[i] for i in missing], cfg, batch):
+        faces.flame[r.id] = r
+    dev, dt = flame.v_template.device, flame.v_template.dtype
+    return FlameParams.from_records([faces.flame[i] for i in ids], dev, dt), len(missing)

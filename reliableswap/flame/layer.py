@@ -8,14 +8,17 @@ weak-perspective camera into a S×S image.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from reliableswap.flame.lbs import (batch_rigid_transform, batch_rodrigues, blend_shapes, lbs, rot_mat_to_euler_y,
                                     vertices2landmarks)
-from reliableswap.flame.model import FlameModel, LandmarkEmbedding, contour_bin, to_torch
+from reliableswap.flame.model import FlameFileError, FlameModel, LandmarkEmbedding, contour_bin, resolve_flame_path, to_torch
+from triplets.records import FlameRecord
 
 
 @dataclass
@@ -47,6 +50,17 @@ class FlameParams:
     @staticmethod
     def cat(items: list["FlameParams"]) -> "FlameParams":
         return FlameParams(*[torch.cat(ts) for ts in zip(*[vars(p).values() for p in items])])
+
+    @classmethod
+    def from_records(cls, recs: list[FlameRecord], device=None, dtype=torch.float32) -> "FlameParams":
+        """Stack ``flame.jsonl`` records (same coefficient counts) into batched parameters."""
+        return cls(*[torch.tensor([getattr(r, k) for r in recs], device=device, dtype=dtype) for k in FlameRecord.PARAMS])
+
+    def to_records(self, ids: list[str], rmse: torch.Tensor, size: int) -> list[FlameRecord]:
+        """One ``flame.jsonl`` record per row (values rounded to 6 decimals)."""
+        cols = {k: getattr(self, k).detach().cpu().double().numpy().round(6) for k in FlameRecord.PARAMS}
+        return [FlameRecord(id=fid, size=size, rmse_px=round(float(rmse[i]), 4), **{k: cols[k][i].tolist() for k in cols})
+                for i, fid in enumerate(ids)]
 
 
 class Flame(nn.Module):
@@ -197,3 +211,35 @@ def project(points: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tens
     s = camera[:, None, 0:1]
     xy = s * (points[..., :2] + camera[:, None, 1:3])
     return torch.stack([(1 + xy[..., 0]) * size / 2 - 0.5, (1 - xy[..., 1]) * size / 2 - 0.5], -1)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def load_embedding(path: str | os.PathLike) -> LandmarkEmbedding:
+    """DECA's ``landmark_embedding.npy``, or RingNet's ``flame_static_embedding.pkl`` (with
+    ``flame_dynamic_embedding.npy`` when it lies beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlameFileError(f"landmark embedding not found: {path}")
+    if path.suffix == ".npy":
+        return LandmarkEmbedding.load_deca(path)
+    dyn = path.with_name("flame_dynamic_embedding.npy")
+    return LandmarkEmbedding.load_ringnet(path, dyn if dyn.is_file() else None)
+
+
+def find_embedding(model_path: Path) -> LandmarkEmbedding:
+    """The landmark embedding beside the model (DECA's first, then RingNet's)."""
+    for name in ("landmark_embedding.npy", "flame_static_embedding.pkl"):
+        if (model_path.parent / name).is_file():
+            return load_embedding(model_path.parent / name)
+    raise FlameFileError(
+        f"no landmark embedding beside {model_path}: put DECA's landmark_embedding.npy (or RingNet's "
+        "flame_static_embedding.pkl + flame_dynamic_embedding.npy) there, or pass --embedding PATH")
+
+
+def load_flame(model: str | os.PathLike | None, embedding: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu", dtype=torch.float32) -> Flame:
+    """FLAME model + landmark embedding on ``device`` (``model`` None → ``$RELIABLESWAP_FLAME``)."""
+    path = resolve_flame_path(model)
+    emb = find_embedding(path) if embedding is None else load_embedding(embedding)
+    return Flame(FlameModel.load(path), emb, dtype=dtype).to(device)

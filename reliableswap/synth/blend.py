@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reliableswap.images import to_tensor, to_uint8
+
 
 def _down(x: torch.Tensor) -> torch.Tensor:
     """REDUCE: 4×4 box filter at stride 2 (two 2-tap box passes ≈ the binomial [1, 3, 3, 1]/8),
@@ -72,8 +74,6 @@ def poisson_blend(fg: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> tor
 
     Args as :func:`multiband_blend`; the mask is thresholded at 0.5.
     """
-    from reliableswap.io import to_tensor, to_uint8
-
     out = []
     f8, b8 = to_uint8(fg), to_uint8(bg)
     m8 = (mask[:, 0] > 0.5).to(torch.uint8).mul(255).cpu().numpy()

@@ -13,7 +13,7 @@ import torch
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.faces.pose import head_pose
-from reliableswap.io import to_uint8
+from reliableswap.images import to_uint8
 
 
 class QualityChecker:

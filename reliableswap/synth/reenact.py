@@ -13,14 +13,10 @@ from typing import Protocol
 
 import torch
 
-from reliableswap.faces.align import similarity_lstsq, transform_points
-from reliableswap.synth.tps import border_points, dense_field, warp_backward
-
-#: Points that move little with expression: eye corners and the nose.
-RIGID = [36, 39, 42, 45] + list(range(27, 36))
-#: Landmark groups moved as units (shape from b, position from a).
-GROUPS = [list(range(0, 17)), list(range(17, 22)), list(range(22, 27)), list(range(27, 36)),
-          list(range(36, 42)), list(range(42, 48)), list(range(48, 68))]
+from reliableswap.faces.ibug68 import GROUPS, RIGID
+from reliableswap.geometry.affine import apply_affine, similarity_lstsq
+from reliableswap.geometry.grid import border_points, warp_backward
+from reliableswap.geometry.tps import dense_field
 
 
 class Reenactor(Protocol):
@@ -36,7 +32,7 @@ class Reenactor(Protocol):
 def identity_in_frame(lm_id: torch.Tensor, lm_drv: torch.Tensor) -> torch.Tensor:
     """a's landmarks moved into b's frame by the similarity that best maps a's rigid points onto b's."""
     m = similarity_lstsq(lm_id[:, RIGID], lm_drv[:, RIGID])
-    return transform_points(lm_id, m)
+    return apply_affine(lm_id, m)
 
 
 def driving_landmarks(lm_id: torch.Tensor, lm_drv: torch.Tensor, identity_layout: float = 1.0) -> torch.Tensor:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from reliableswap.faces.ibug68 import INNER, JAW
+from reliableswap.geometry.grid import border_points, warp_backward
+from reliableswap.geometry.tps import dense_field
 from reliableswap.synth.reenact import identity_in_frame
-from reliableswap.synth.tps import border_points, dense_field, warp_backward
-
-JAW = list(range(0, 17))
-INNER = list(range(17, 68))
 
 
 def contour_targets(lm_attr: torch.Tensor, lm_id: torch.Tensor, strength: float = 1.0) -> torch.Tensor:

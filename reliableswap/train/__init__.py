@@ -5,7 +5,8 @@
 * :class:`~reliableswap.train.losses.CycleSupervision` — per-type-code pixel / perceptual / identity /
   same-identity terms for batches of :class:`triplets.TripletDataset`;
 * :mod:`~reliableswap.train.aei` — a compact FaceShifter AEI-Net with its own losses;
-* :mod:`~reliableswap.train.finetune` — the ``reliableswap finetune`` loop.
+* :mod:`~reliableswap.train.loop` — the fine-tuning loop (:class:`~reliableswap.train.loop.Trainer`);
+* :mod:`~reliableswap.train.build` — swapper, identity encoder and weights from a training recipe.
 """
 
 from reliableswap.train.losses import CycleSupervision

@@ -13,10 +13,14 @@ import os
 import re
 from pathlib import Path
 
+import dlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from reliableswap.faces.embed import DlibEmbedder
+from reliableswap.faces.models import dlib_model
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
@@ -121,11 +125,6 @@ class DlibEncoder:
     """
 
     def __init__(self, box: tuple[float, float, float, float] = (0.18, 0.2, 0.82, 0.92)):
-        import dlib
-
-        from reliableswap.faces.embed import DlibEmbedder
-        from reliableswap.faces.models import dlib_model
-
         self._sp = dlib.shape_predictor(str(dlib_model("landmarks68")))
         self._emb = DlibEmbedder()
         self.box = box

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,17 @@ from torch.utils.data import Dataset, default_collate
 
 from triplets.dataset import TripletDataset
 from triplets.layout import FILES, SAME, VANILLA
+from triplets.records import FaceSet, ManifestRecord, resolve_inside
 
 
 def split_triplets(triplets: Path, holdout: int, run: Path) -> tuple[Path, Path | None]:
     """Write ``run/train.txt`` and ``run/heldout.txt`` (the last ``holdout`` triplet folders, sorted)
     when ``triplets`` is a folder output; shards are used whole (no held-out split)."""
-    man = triplets / "manifest.jsonl"
+    man = triplets / ManifestRecord.FILE
     if not man.is_file() or list(triplets.glob("*.tar")):
         return triplets, None
-    folders = sorted({str((triplets / json.loads(line)["folder"]).resolve()) for line in man.read_text().splitlines() if line.strip()})
+    folders = sorted({str(resolve_inside(triplets, r.folder, r.where, "folder").resolve())
+                      for r in ManifestRecord.read(man) if r.folder is not None})
     folders = [f for f in folders if all((Path(f) / n).is_file() for n in FILES.values())]
     if holdout <= 0 or len(folders) <= holdout:
         return triplets, None
@@ -34,9 +35,9 @@ class FacePairs(Dataset):
     reconstructions (type 1) from a ``prep`` folder's crops. Deterministic per ``(seed, index)``."""
 
     def __init__(self, folder: Path, image_size: int, same_rate: float = 0.0, seed: int = 0):
-        recs = [json.loads(line) for line in (folder / "faces.jsonl").read_text().splitlines() if line.strip()]
-        self.paths = [folder / r["image"] for r in recs]
-        self.labels = [r.get("identity") or r["id"] for r in recs]
+        faces = FaceSet.load(folder, flame=False)
+        self.paths = [faces.image_path(f) for f in faces]
+        self.labels = [f.identity or f.id for f in faces]
         if len(self.paths) < 2:
             raise ValueError(f"{folder}: need at least two faces for vanilla pairs")
         self.size, self.same_rate, self.seed = image_size, same_rate, seed

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reliableswap.geometry.grid import pixel_grid
+
 
 def _kernel(r2: torch.Tensor) -> torch.Tensor:
     """TPS radial basis U(r) = r² log r², with U(0) = 0."""
@@ -53,49 +55,20 @@ def tps_eval(ctrl: torch.Tensor, coef: torch.Tensor, pts: torch.Tensor) -> torch
     return out.to(pts.dtype)
 
 
-def pixel_grid(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """H·W×2 ``(x, y)`` pixel-centre coordinates, row-major."""
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype), torch.arange(w, device=device, dtype=dtype), indexing="ij")
-    return torch.stack([xs, ys], -1).reshape(-1, 2)
-
-
 def dense_field(ctrl: torch.Tensor, disp: torch.Tensor, h: int, w: int, reg: float = 0.0, step: int = 4) -> torch.Tensor:
     """TPS through sparse displacements, evaluated on a grid every ``step`` px and upsampled.
 
     Args:
         ctrl: B×N×2 points, disp: B×N×2 displacements there.
     Returns:
-        B×2×H×W displacement field (pixels).
+        B×2×H×W displacement field (pixels), in ``disp``'s dtype.
     """
     coef = tps_fit(ctrl, disp, reg)
     hs, ws = (h + step - 1) // step + 1, (w + step - 1) // step + 1
-    g = pixel_grid(hs, ws, ctrl.device, torch.float32) * step
-    f = tps_eval(ctrl, coef, g.expand(ctrl.shape[0], -1, -1)).reshape(-1, hs, ws, 2).permute(0, 3, 1, 2).float()
+    g = pixel_grid(hs, ws, ctrl.device, disp.dtype) * step
+    f = tps_eval(ctrl, coef, g.expand(ctrl.shape[0], -1, -1)).reshape(-1, hs, ws, 2).permute(0, 3, 1, 2)
     if step == 1:
         return f[..., :h, :w]
     # coarse sample k sits at pixel k·step: resample onto the full grid (align_corners semantics)
     full = F.interpolate(f, size=((hs - 1) * step + 1, (ws - 1) * step + 1), mode="bilinear", align_corners=True)
     return full[..., :h, :w].contiguous()
-
-
-def warp_backward(image: torch.Tensor, offset: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
-    """``out(p) = image(p + offset(p))`` with bilinear sampling.
-
-    Args:
-        image: B×C×H×W; offset: B×2×H×W pixel offsets (x, y).
-    """
-    b, _, h, w = image.shape
-    g = pixel_grid(h, w, image.device, image.dtype).reshape(1, h, w, 2) + offset.permute(0, 2, 3, 1).to(image.dtype)
-    norm = torch.stack([2 * g[..., 0] / max(w - 1, 1) - 1, 2 * g[..., 1] / max(h - 1, 1) - 1], -1)
-    return F.grid_sample(image, norm, mode="bilinear", padding_mode=padding_mode, align_corners=True)
-
-
-def border_points(h: int, w: int, per_side: int = 5, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Points along the image border (corners included): (4·per_side)×2."""
-    t = torch.linspace(0, 1, per_side + 1, device=device, dtype=dtype)[:-1]
-    x1, y1 = w - 1, h - 1
-    top = torch.stack([t * x1, torch.zeros_like(t)], -1)
-    right = torch.stack([torch.full_like(t, x1), t * y1], -1)
-    bottom = torch.stack([(1 - t) * x1, torch.full_like(t, y1)], -1)
-    left = torch.stack([torch.zeros_like(t), (1 - t) * y1], -1)
-    return torch.cat([top, right, bottom, left], 0)

@@ -1,4 +1,4 @@
-"""Batched triangle rasterization of projected meshes: which triangle covers each pixel, and where.
+"""Batched rasterization: projected triangle meshes (which triangle covers each pixel, and where) and polygons.
 
 ``rasterize`` uses pytorch3d's ``rasterize_meshes`` when pytorch3d imports, otherwise the pure-torch
 rasterizer below (always available, always tested). Meshes are already projected: vertices in
@@ -121,3 +121,19 @@ def interpolate(values: torch.Tensor, faces: torch.Tensor, pix_to_face: torch.Te
     g = torch.gather(values, 1, vid.reshape(b, -1, 1).expand(-1, -1, c)).view(b, -1, 3, c)
     out = (g * bary.view(b, -1, 3, 1)).sum(2) * (pix_to_face.view(b, -1, 1) >= 0)
     return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def polygon_mask(poly: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Rasterize B×N×2 closed polygons (even-odd rule, pixel centres) into B×1×H×W {0, 1}."""
+    dev, dt = poly.device, poly.dtype
+    ys = torch.arange(height, device=dev, dtype=dt).view(1, height, 1, 1)
+    xs = torch.arange(width, device=dev, dtype=dt).view(1, 1, width, 1)
+    p0 = poly.unsqueeze(1).unsqueeze(1)  # B×1×1×N×2
+    p1 = poly.roll(-1, 1).unsqueeze(1).unsqueeze(1)
+    y0, y1 = p0[..., 1], p1[..., 1]
+    x0, x1 = p0[..., 0], p1[..., 0]
+    crosses = (y0 > ys) != (y1 > ys)
+    t = (ys - y0) / torch.where(y1 == y0, torch.ones_like(y1), y1 - y0)
+    x_at = x0 + t * (x1 - x0)
+    inside = (crosses & (xs < x_at)).sum(-1) % 2
+    return inside.to(dt).unsqueeze(1)

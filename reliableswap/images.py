@@ -1,4 +1,4 @@
-"""Robust image and video reading, image encoding, tensor conversion, atomic writes.
+"""Robust image and video reading, image encoding, tensor conversion.
 
 This is the numpy/OpenCV edge of the project: everything past it works on tensors.
 Every failure to read an input raises :class:`InputError` whose message is a one-line reason
@@ -7,9 +7,7 @@ suitable for ``rejects.jsonl``.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from triplets.jsonl import atomic_write_bytes, atomic_write_json, atomic_write_jsonl  # noqa: F401
+from triplets.jsonl import atomic_write_bytes
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -200,6 +198,14 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode image bytes this project wrote (a shard member): H×W×3 uint8 RGB."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InputError("cannot decode image bytes")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def to_tensor(rgb: np.ndarray | list[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
     """H×W×3 uint8 (or a list of same-size ones) → B×3×H×W float32 in [0, 1]."""
     arr = np.stack(rgb) if isinstance(rgb, list) else rgb[None]
@@ -211,48 +217,3 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """B×3×H×W float in [0, 1] → B×H×W×3 uint8 (on the CPU)."""
     x = images.detach().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def pin_run_settings(path: str | os.PathLike, settings: dict, out: str | os.PathLike, what: str) -> None:
-    """Record the settings of a resumable run at ``path``, or refuse (ValueError) when ``out``
-    already holds a ``what`` run made with other settings: resuming it would mix two runs."""
-    path = Path(path)
-    if not path.exists():
-        atomic_write_json(path, settings)
-        return
-    old = json.loads(path.read_text())
-    if old == settings:
-        return
-    scalar = (str, int, float, bool, type(None))
-    diff = [f"{k}: {old.get(k)!r} → {v!r}" if isinstance(v, scalar) and isinstance(old.get(k), scalar) else k
-            for k, v in settings.items() if old.get(k) != v]
-    raise ValueError(f"{out} holds a {what} run with other settings ({'; '.join(diff)}); use another --out")
-
-
-def reason_key(reason: str) -> str:
-    """Group reject reasons for summaries: drop details in parentheses and after a colon."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
-
-
-def sections_from_dict(cls, d: dict):
-    """A recipe dataclass of section dataclasses (plus a ``name`` string) from a TOML dict; unknown
-    sections or keys raise ``ValueError`` naming them, missing ones keep their defaults."""
-    from dataclasses import fields
-
-    kw: dict = {}
-    for f in fields(cls):
-        if f.name not in d:
-            continue
-        if f.name == "name":
-            kw["name"] = d["name"]
-            continue
-        sub = f.default_factory()  # type: ignore[misc]
-        known = {x.name for x in fields(sub)}
-        extra = set(d[f.name]) - known
-        if extra:
-            raise ValueError(f"recipe [{f.name}] has unknown keys {sorted(extra)} (known: {sorted(known)})")
-        kw[f.name] = type(sub)(**d[f.name])
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
-    return cls(**kw)

@@ -14,7 +14,6 @@ z toward the camera; the 68 landmarks sit at OpenFace mean-face positions on it.
 from __future__ import annotations
 
 import pickle
-import sys
 import types
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.sparse
 
 from reliableswap.faces.pose import MEAN_FACE_68
+from reliableswap.testing import stub_modules
 
 N_VERTS, N_FACES = 5023, 9976
 ROWS, COLS = 51, 98  # 4998 grid vertices, 2·50·97 = 9700 triangles
@@ -154,19 +154,10 @@ def write_model(path: str | Path, seed: int = 0, chumpy: bool = True) -> Path:
     d = make_model(seed)
     path = Path(path)
     if chumpy:
-        saved = {k: sys.modules.get(k) for k in ("chumpy", "chumpy.ch")}
-        sys.modules["chumpy"] = types.ModuleType("chumpy")
-        sys.modules["chumpy.ch"] = _chumpy_module()
-        try:
+        with stub_modules({"chumpy": types.ModuleType("chumpy"), "chumpy.ch": _chumpy_module()}):
             for k in ("v_template", "shapedirs", "posedirs", "weights"):
                 d[k] = _Ch(d[k])
             path.write_bytes(pickle.dumps(d, protocol=2))
-        finally:
-            for k, m in saved.items():
-                if m is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = m
     else:
         path.write_bytes(pickle.dumps(d, protocol=2))
     return path

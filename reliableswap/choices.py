@@ -1,0 +1,76 @@
+"""Every closed set of choices, typed once: the CLI lists them in ``--help`` and recipes validate
+against them (stdlib only, so ``reliableswap --help`` stays fast)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A string enum whose ``str()`` is its value (as typer and TOML show it)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Align(Choice):
+    ffhq = "ffhq"  # FFHQ dataset quad from eye and mouth centres
+    arcface = "arcface"  # insightface 5-point similarity to the 112 px template
+
+
+class LandmarkBackend(Choice):
+    dlib = "dlib"
+    fan = "fan"
+
+
+class Detector(Choice):
+    hog = "hog"
+    cnn = "cnn"
+
+
+class CropExt(Choice):
+    png = ".png"
+    jpg = ".jpg"
+
+
+class Strategy(Choice):
+    pose = "pose"
+    random = "random"
+
+
+class OutputFormat(Choice):
+    folder = "folder"
+    webdataset = "webdataset"
+
+
+class Appearance(Choice):
+    none = "none"
+    reinhard = "reinhard"
+    lct = "lct"
+    sot = "sot"
+
+
+class BlendMethod(Choice):
+    multiband = "multiband"
+    poisson = "poisson"
+
+
+class ReshapeMethod(Choice):
+    tps = "tps"
+    flame = "flame"
+
+
+class Rasterizer(Choice):
+    auto = "auto"
+    torch = "torch"
+    pytorch3d = "pytorch3d"
+
+
+class IdentityKind(Choice):
+    dlib = "dlib"
+    arcface = "arcface"
+
+
+class Condition(Choice):
+    pair = "pair"  # swapper(source, target)
+    identity = "identity"  # G(target, identity(source)), SimSwap-style

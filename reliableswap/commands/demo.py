@@ -1,0 +1,89 @@
+"""``reliableswap demo``: prep → pairs → triplets → inspect → a tiny fine-tune on default faces
+taken from registry packages (no image is committed here):
+
+- scikit-image's ``data.astronaut()`` (NASA portrait of Eileen Collins, public domain);
+- ``insightface/data/images/t1.jpg`` (a group of six people) from the insightface 2.1 wheel,
+  fetched with ``pip download --no-deps`` into the cache and read from the wheel (a zip).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from skimage import data as skimage_data
+
+from reliableswap.commands.finetune import run_finetune
+from reliableswap.commands.inspect import run_inspect
+from reliableswap.commands.pairs import run_pairs
+from reliableswap.commands.prep import PrepConfig, run_prep
+from reliableswap.commands.triplets import run_triplets
+from reliableswap.images import save_image
+from reliableswap.recipes import TrainRecipe, TripletRecipe, load_recipe
+from triplets.jsonl import atomic_write_bytes
+
+INSIGHTFACE_WHEEL = "insightface==2.1"
+INSIGHTFACE_MEMBER = "insightface/data/images/t1.jpg"
+
+
+class DemoFacesError(RuntimeError):
+    pass
+
+
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    if cache:
+        return Path(cache)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "reliableswap"
+
+
+def default_faces(cache: str | os.PathLike | None = None) -> Path:
+    """Folder holding ``astronaut.png`` and ``insightface_t1.jpg`` (fetched once)."""
+    root = cache_dir(cache)
+    faces = root / "demo_faces"
+    faces.mkdir(parents=True, exist_ok=True)
+    astro = faces / "astronaut.png"
+    if not astro.exists():
+        save_image(astro, skimage_data.astronaut())
+    t1 = faces / "insightface_t1.jpg"
+    if not t1.exists():
+        wheels = root / "wheels"
+        found = sorted(wheels.glob("insightface-2.1-*.whl"))
+        if not found:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wheels), INSIGHTFACE_WHEEL]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            found = sorted(wheels.glob("insightface-2.1-*.whl"))
+            if r.returncode != 0 or not found:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise DemoFacesError(f"could not fetch {INSIGHTFACE_WHEEL} with pip ({tail[0]})")
+        with zipfile.ZipFile(found[0]) as z:
+            atomic_write_bytes(t1, z.read(INSIGHTFACE_MEMBER))
+    return faces
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say: Callable[[str], None] = print,
+             progress: bool = False) -> dict[str, dict]:
+    """The whole chain on the default faces; returns each step's summary. Re-running resumes."""
+    out = Path(out)
+    faces = default_faces(cache)
+    say(f"default faces in {faces}")
+    recipe = load_recipe(RECIPES / "cycle.toml" if (RECIPES / "cycle.toml").is_file() else None, TripletRecipe)
+    recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "qc.enabled": True})
+    s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True), workers=2, progress=progress)}
+    say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', 16)}")
+    s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress)
+    s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, "auto", 8, progress=progress)
+    say(f"triplets: {s['triplets']['counts']['written']} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
+    if (RECIPES / "tiny.toml").is_file():  # a source checkout: show the third use, a short CPU fine-tune
+        tiny = load_recipe(RECIPES / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 50})
+        run = out / "finetune"
+        s["finetune"] = run_finetune(tiny, out / "triplets", run, faces=out / "prep", device="cpu", progress=progress,
+                                     resume=(run / "checkpoints" / "latest.json").is_file())
+    return s

@@ -1,0 +1,51 @@
+"""``reliableswap finetune``: fine-tune a swapper with its own loss plus ReliableSwap's cycle
+supervision (the loop is :class:`reliableswap.train.loop.Trainer`). Resumable with ``--resume``;
+data parallel under torchrun; rank 0 writes the summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from reliableswap.jobs import Job, SettingsMismatch
+from reliableswap.recipes import TrainRecipe
+from reliableswap.train.loop import Trainer
+from reliableswap.train.losses import CycleSupervision
+
+
+def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os.PathLike, faces: str | os.PathLike | None = None,
+                 resume: bool = False, checkpoint: str | os.PathLike | None = None, device: str = "auto",
+                 progress: bool = False, supervision: CycleSupervision | None = None) -> dict:
+    """Fine-tune; returns the summary (also ``RUN/summary.json`` from rank 0).
+
+    The recipe (all but ``train.steps``, which a resumed run may extend) is pinned in the run
+    folder: resuming with another recipe is refused, and so is starting afresh in a folder that
+    already holds checkpoints (pass ``resume`` to continue it, or use another folder).
+    """
+    run = Path(run)
+    if not resume and (run / "checkpoints" / "latest.json").is_file():
+        raise SettingsMismatch(f"{run} already holds a run's checkpoints: pass --resume to continue it, or use another --out")
+    settings = recipe.model_dump(mode="json")
+    settings["train"].pop("steps")
+    trainer = Trainer(recipe, Path(triplets), run, Path(faces) if faces else None, Path(checkpoint) if checkpoint else None,
+                      device, supervision)
+    with Job("finetune", run, settings, "steps", device=str(trainer.dev), progress=progress and trainer.main) as job:
+        start = trainer.resume() if resume else 0
+        res = trainer.fit(start, job.progress)
+        trainer.close()
+        r, bs, world = recipe, recipe.data.batch, trainer.world
+        details = {
+            "recipe": recipe.model_dump(mode="json"), "world_size": world,
+            "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp else False,
+            "steps": res["step"], "resumed_from": start, "skipped_non_finite": res["skipped"],
+            "train_triplets": trainer.tri._n, "heldout_triplets": trainer.held._n if trainer.held else 0,
+            "vanilla_faces": len(trainer.faces.paths) if trainer.faces else 0,
+            "eval": {"cycle_l1_start": res["eval_start"], "cycle_l1_end": res["eval_end"],
+                     "note": None if trainer.held is not None else "no held-out split (shards, or holdout = 0)"},
+            "samples_per_s": round(res["ran"] * bs * world / res["wall"], 2) if res["wall"] > 0 and res["ran"] else None,
+            **trainer.info,
+        }
+        if not trainer.main:
+            return {"details": details}
+        return job.finish(n_in=r.train.steps, written=res["step"], written_this_run=res["ran"], skipped=start, rejects=[],
+                          details=details, wall=res["wall"])

@@ -1,0 +1,72 @@
+"""``reliableswap fit``: FLAME parameters per face of a prep folder → ``flame.jsonl``.
+
+``fit`` never touches ``faces.jsonl`` (``prep`` is its only writer): it writes ``flame.jsonl`` (one
+:class:`~triplets.records.FlameRecord` per face, keyed by face id), ``fit.rejects.jsonl`` (faces
+whose fit stays above ``--max-rmse``) and ``fit.summary.json`` beside it. Units are batches of
+faces; a re-run fits only the faces no earlier run fitted (faces ``prep`` added since included).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from reliableswap.commands.triplets import file_sha256
+from reliableswap.flame.fit import FitConfig, fit_faces
+from reliableswap.flame.layer import load_flame
+from reliableswap.flame.model import resolve_flame_path
+from reliableswap.jobs import Job, NothingUsable, reject
+from triplets.records import FaceSet, FlameRecord
+
+
+def flame_settings(model: str | os.PathLike | None, embedding: str | os.PathLike | None, cfg: FitConfig) -> dict:
+    """What makes two FLAME fits comparable: the model file's bytes, the embedding, the fit settings."""
+    path = resolve_flame_path(model)
+    return {"model_sha256": file_sha256(path), "embedding": str(embedding) if embedding else "beside the model",
+            "fit": asdict(cfg)}
+
+
+def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embedding: str | os.PathLike | None = None,
+            cfg: FitConfig = FitConfig(), batch: int = 128, device: str = "cpu", max_rmse: float = 8.0,
+            progress: bool = False) -> dict:
+    """Fit FLAME to every face of ``folder``; returns the summary (also ``fit.summary.json``)."""
+    folder = Path(folder)
+    faces = FaceSet.load(folder, flame=False)
+    settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}
+    with Job("fit", folder, settings, "faces", shared="fit", device=str(device), progress=progress) as job:
+        with job.stage("load"):
+            flame = load_flame(model, embedding, device)
+        units = job.done_keys()
+        fitted = {r["id"] for k in units for r in job.load_unit(k)["records"]}
+        todo = [f for f in faces if f.id not in fitted]
+        n = len(units)
+        job.progress(len(faces) - len(todo), len(faces))
+        for i in range(0, len(todo), batch):
+            with job.stage("fit"):
+                recs = fit_faces(flame, todo[i:i + batch], cfg, batch)
+            job.save_unit(f"batch-{n:06d}", {"records": [r.to_json() for r in recs]})
+            n += 1
+            job.progress(len(faces) - len(todo) + min(i + batch, len(todo)), len(faces))
+        by_id = {r["id"]: r for k in job.done_keys() for r in job.load_unit(k)["records"]}
+        keep, rejects = [], []
+        for f in faces:
+            r = by_id[f.id]
+            if r["rmse_px"] > max_rmse:
+                rejects.append(reject(f.id, f"FLAME fit RMSE {r['rmse_px']:.2f} px above --max-rmse {max_rmse}"))
+            else:
+                keep.append(r)
+        FlameRecord.write(folder / FlameRecord.FILE, keep)
+        rm = np.array([by_id[f.id]["rmse_px"] for f in faces])
+        if len(faces) and not keep:
+            raise NothingUsable(f"no face of {folder} was fitted within --max-rmse {max_rmse} px (RMSE median {np.median(rm):.2f})")
+        fit_s = job.stages["fit"]
+        now = {f.id for f in todo}
+        return job.finish(
+            n_in=len(faces), written=len(keep), written_this_run=sum(r["id"] in now for r in keep), skipped=len(faces) - len(todo), rejects=rejects,
+            details={"model": str(resolve_flame_path(model)),
+                     "rmse_px": {"mean": round(float(rm.mean()), 4), "median": round(float(np.median(rm)), 4),
+                                 "max": round(float(rm.max()), 4)} if len(rm) else None,
+                     "fit_faces_per_s": round(len(todo) / fit_s, 1) if fit_s > 0 and todo else None})

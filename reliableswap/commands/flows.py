@@ -1,0 +1,136 @@
+"""``reliableswap flows``: a dense FLAME shape flow per pair (FlowFace++'s shape flow, computed).
+
+For each pair (a, b): ``flows/{a}__{b}.npz`` (float16 H×W×2 ``forward`` and ``backward`` fields,
+coverage masks, FLAME landmarks P2/P12), ``previews/{a}__{b}.png`` (b | colour wheel over b with
+contour arrows P2→P12 | b warped into a's shape), then ``manifest.jsonl``
+(:class:`~triplets.records.FlowRecord`), ``rejects.jsonl`` and ``summary.json``. Faces without
+``fit`` parameters are fitted on the fly (and held to ``--max-rmse`` like ``fit``). Units are
+pairs; a re-run keeps the flows already written. File names come from the face ids, which the
+contracts keep to safe names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from reliableswap.choices import Rasterizer
+from reliableswap.faces.ibug68 import JAW
+from reliableswap.commands.fit import flame_settings
+from reliableswap.commands.triplets import file_sha256
+from reliableswap.flame.fit import FitConfig, params_for_faces
+from reliableswap.flame.flow import shape_flow
+from reliableswap.flame.layer import load_flame
+from reliableswap.flame.model import resolve_flame_path
+from reliableswap.geometry.fields import flow_to_color
+from reliableswap.geometry.grid import warp_backward
+from reliableswap.geometry.raster import available_backends
+from reliableswap.images import encode_image, load_rgb, to_tensor, to_uint8
+from reliableswap.jobs import Job, reject
+from triplets.jsonl import atomic_write_bytes
+from triplets.records import FaceSet, FlowRecord, PairRecord
+
+
+def preview(img_b: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, mask: torch.Tensor, p2: np.ndarray, p12: np.ndarray) -> bytes:
+    """PNG: b | colour wheel of the forward flow over b with contour arrows P2→P12 | b warped by the flow."""
+    b = to_tensor(img_b)
+    wheel = flow_to_color(fwd[None])
+    over = torch.where(mask[None], 0.4 * b + 0.6 * wheel, b)
+    over = np.ascontiguousarray(to_uint8(over)[0])
+    for s, e in zip(p2[JAW], p12[JAW]):
+        cv2.arrowedLine(over, tuple(int(round(v)) for v in s), tuple(int(round(v)) for v in e), (255, 255, 255), 1,
+                        cv2.LINE_AA, tipLength=0.3)
+    warped = to_uint8(warp_backward(b, bwd[None], "border"))[0]
+    return encode_image(np.concatenate([img_b, over, warped], 1), ".png")
+
+
+def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str | os.PathLike,
+              model: str | os.PathLike | None, embedding: str | os.PathLike | None = None, batch: int = 8,
+              device: str = "cpu", previews: bool = True, cfg: FitConfig = FitConfig(),
+              backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False) -> dict:
+    """Shape flows for every pair of ``pairs_file``; returns the summary (also ``OUT/summary.json``)."""
+    folder, out = Path(folder), Path(out)
+    faces = FaceSet.load(folder)
+    pairs = PairRecord.read(pairs_file)
+    backend = Rasterizer(backend)
+    settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse, "previews": previews,
+                "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
+                "faces_sha256": file_sha256(folder / "faces.jsonl"),
+                "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
+    with Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=str(device), progress=progress) as job:
+        with job.stage("load"):
+            flame = load_flame(model, embedding, device)
+        rejects, todo = [], []
+        for p in pairs:
+            key = f"{p.a}__{p.b}"
+            if p.a not in faces or p.b not in faces:
+                rejects.append(reject(key, "pair names a face missing from faces.jsonl"))
+            elif faces[p.a].size != faces[p.b].size:
+                rejects.append(reject(key, "faces of the pair have different crop sizes"))
+            else:
+                todo.append((key, p))
+        keys = list(dict.fromkeys(k for k, _ in todo))
+        pending = [(k, p) for k, p in dict(todo).items() if not job.is_done(k)]
+        job.progress(len(keys) - len(pending), len(keys))
+        fitted = done_now = 0
+        for i in range(0, len(pending), batch):
+            chunk = pending[i:i + batch]
+            with job.stage("fit"):
+                ids = [p.a for _, p in chunk] + [p.b for _, p in chunk]
+                params, n_fit = params_for_faces(flame, faces, ids, cfg, max(batch * 2, 16))
+                fitted += n_fit
+            n = len(chunk)
+            with job.stage("flow"), torch.no_grad():
+                fl = shape_flow(flame, params[:n], params[n:], faces[chunk[0][1].b].size, backend.value)
+            with job.stage("write"):
+                for j, (key, p) in enumerate(chunk):
+                    done_now += _write_one(job, faces, key, p, fl, j, previews, max_rmse)
+            job.progress(len(keys) - len(pending) + min(i + batch, len(pending)), len(keys))
+        manifest = []
+        for key in keys:
+            rec = job.load_unit(key) if job.is_done(key) else None
+            if rec is None:
+                continue
+            if "reason" in rec:
+                rejects.append(rec)
+            else:
+                manifest.append(rec)
+        FlowRecord.write(out / FlowRecord.FILE, manifest)
+        used = "pytorch3d" if backend != Rasterizer.torch and "pytorch3d" in available_backends() else "torch"
+        return job.finish(n_in=len(pairs), written=len(manifest), written_this_run=done_now,
+                          skipped=len(keys) - len(pending), rejects=rejects,
+                          details={"model": str(resolve_flame_path(model)), "rasterizer": used,
+                                   "faces_fitted_on_the_fly": fitted})
+
+
+def _write_one(job: Job, faces: FaceSet, key: str, p: PairRecord, fl: dict, j: int, previews: bool, max_rmse: float) -> int:
+    """Write pair ``key``'s flow (and preview), then its unit record; 1 if a flow was written."""
+    fits = [faces.flame[p.a].rmse_px, faces.flame[p.b].rmse_px]
+    fwd, bwd = fl["forward"][j], fl["backward"][j]
+    if max(fits) > max_rmse:
+        job.save_unit(key, reject(key, f"FLAME fit RMSE {max(fits):.2f} px above --max-rmse {max_rmse}"))
+        return 0
+    if not (torch.isfinite(fwd).all() and torch.isfinite(bwd).all()):
+        job.save_unit(key, reject(key, "non-finite flow"))
+        return 0
+    p2, p12 = fl["p2"][j].cpu().numpy(), fl["p12"][j].cpu().numpy()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, forward=fwd.permute(1, 2, 0).cpu().numpy().astype(np.float16),
+                        backward=bwd.permute(1, 2, 0).cpu().numpy().astype(np.float16),
+                        mask2=fl["mask2"][j, 0].cpu().numpy(), mask12=fl["mask12"][j, 0].cpu().numpy(),
+                        p2=p2.astype(np.float32), p12=p12.astype(np.float32))
+    atomic_write_bytes(job.out / "flows" / f"{key}.npz", buf.getvalue())
+    if previews:
+        img_b = load_rgb(faces.image_path(faces[p.b]))
+        atomic_write_bytes(job.out / "previews" / f"{key}.png",
+                           preview(img_b, fwd.cpu(), bwd.cpu(), fl["mask2"][j].cpu(), p2, p12))
+    shift = float(np.linalg.norm(p12[JAW] - p2[JAW], axis=-1).mean())
+    job.save_unit(key, FlowRecord(key=key, a=p.a, b=p.b, flow=f"flows/{key}.npz",
+                                  preview=f"previews/{key}.png" if previews else None, size=int(fwd.shape[-1]),
+                                  contour_shift_px=round(shift, 3)).to_json())
+    return 1

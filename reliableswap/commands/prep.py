@@ -1,0 +1,257 @@
+"""``reliableswap prep``: photos, folders and videos → aligned faces + ``faces.jsonl``.
+
+Units are input files (an image, or a whole video). Each unit's crops are written atomically,
+then its record (:class:`reliableswap.jobs.Job`); ``faces.jsonl``, ``rejects.jsonl`` and
+``summary.json`` are rebuilt from the unit records at the end of every run. ``prep`` is the only
+writer of ``faces.jsonl``; ``fit`` writes ``flame.jsonl`` beside it, so re-running either never
+loses the other's output.
+
+With ``identity_from_folder`` the identity label is the image's parent folder, crops go to
+``faces/<identity>/`` and ``vanilla.pickle`` (the official trainer's ``(path, quality)`` list,
+:mod:`triplets.official`) is written too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+import torch
+
+from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
+from reliableswap.faces.processor import FaceProcessor
+from reliableswap.images import InputError, is_image, is_video, iter_video_frames, read_image, save_image
+from reliableswap.jobs import Job, reject, unit_record_path
+from triplets.jsonl import atomic_write_json
+from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
+from triplets.records import FaceRecord
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """Every setting that changes what ``prep`` writes (pinned in ``.prep/settings.json``)."""
+
+    size: int = 256
+    align: Align = Align.ffhq
+    landmarks: LandmarkBackend = LandmarkBackend.dlib
+    detector: Detector = Detector.hog
+    every: int = 1
+    largest: bool = False
+    min_face: int = 40
+    embed: bool = False
+    identity_from_folder: bool = False
+    ext: CropExt = CropExt.png
+    device: str = "cpu"
+
+    def settings(self) -> dict:
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+
+    def processor(self) -> FaceProcessor:
+        return FaceProcessor(self.size, self.align, self.landmarks, self.detector, self.min_face, self.largest, self.embed,
+                             self.device)
+
+
+@dataclass
+class Unit:
+    """One input file; ``key`` is stable across runs and names its record."""
+
+    path: Path
+    display: str
+    key: str
+    kind: str  # image | video
+
+
+@dataclass
+class UnitResult:
+    key: str
+    faces: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    frames: int = 0
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A safe file-name fragment of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "input"
+
+
+def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -> tuple[list[Unit], list[dict], int]:
+    """Expand files and folders (recursively) into units.
+
+    Files named explicitly are always tried, whatever their suffix; inside folders only image and
+    video suffixes are taken and other files are counted as ignored. Anything under ``exclude``
+    (the output folder, when it lies inside an input folder) is left out.
+
+    Returns:
+        ``(units, rejects, ignored)``: rejects for inputs that do not exist.
+    """
+    units: list[Unit] = []
+    rejects: list[dict] = []
+    ignored = 0
+    seen: set[Path] = set()
+    skip = exclude.resolve() if exclude is not None else None
+
+    def add(p: Path) -> None:
+        rp = p.resolve()
+        if rp in seen or (skip is not None and rp.is_relative_to(skip)):
+            return
+        seen.add(rp)
+        digest = hashlib.sha1(str(rp).encode()).hexdigest()[:8]
+        units.append(Unit(rp, str(p), f"{slug(p.stem)}-{digest}", "video" if is_video(p) else "image"))
+
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            for q in sorted(p.rglob("*")):
+                if q.is_file() and not q.name.startswith("."):
+                    if is_image(q) or is_video(q):
+                        add(q)
+                    else:
+                        ignored += 1
+        elif p.is_file():
+            add(p)
+        else:
+            rejects.append(reject(str(p), "no such file or folder"))
+    return units, rejects, ignored
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: PrepConfig, single_thread: bool = True) -> None:
+    """Load the models for this process; a pool worker also keeps torch/OpenCV to one thread."""
+    if single_thread:
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+    _WORKER["cfg"], _WORKER["proc"] = cfg, cfg.processor()
+
+
+def process_unit(unit: Unit, out: Path) -> UnitResult:
+    """Process one unit; write its crops, then its record (both atomically). Never raises for bad input."""
+    cfg: PrepConfig = _WORKER["cfg"]
+    proc: FaceProcessor = _WORKER["proc"]
+    res = UnitResult(unit.key)
+    timings: Counter = Counter()
+    identity = unit.path.parent.name if cfg.identity_from_folder else None
+    crop_dir = f"faces/{slug(identity)}" if identity is not None else "faces"
+
+    def handle(rgb: np.ndarray, scale: float, frame: int | None) -> None:
+        recs, crops, reason = proc(rgb, scale, timings)
+        if reason:
+            res.rejects.append(reject(unit.display, reason, frame=frame))
+            return
+        t = time.perf_counter()
+        for k, (r, crop) in enumerate(zip(recs, crops)):
+            fid = unit.key + (f"_f{frame:06d}" if frame is not None else "") + f"_{k}"
+            rel = f"{crop_dir}/{fid}{cfg.ext.value}"
+            save_image(out / rel, crop)
+            res.faces.append(FaceRecord(
+                id=fid, image=rel, align=cfg.align.value, size=cfg.size, identity=identity,
+                origin={"path": unit.display, "frame": frame, "face_index": k,
+                        "size": [int(round(rgb.shape[1] * scale)), int(round(rgb.shape[0] * scale))]}, **r).to_json())
+        timings["write"] += time.perf_counter() - t
+
+    try:
+        if unit.kind == "video":
+            for idx, rgb in _timed(iter_video_frames(unit.path, cfg.every), timings):
+                res.frames += 1
+                handle(rgb, 1.0, idx)
+        else:
+            t = time.perf_counter()
+            rgb, scale = read_image(unit.path)
+            timings["decode"] += time.perf_counter() - t
+            res.frames = 1
+            handle(rgb, scale, None)
+    except InputError as e:
+        res.rejects.append(reject(unit.display, str(e)))
+    except Exception as e:  # a bug or a library failure on odd data must not stop the batch
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
+        res.rejects.append(reject(unit.display, f"processing failed ({msg})"))
+    res.timings = dict(timings)
+    atomic_write_json(unit_record_path(out, "prep", unit.key), asdict(res))
+    return res
+
+
+def _timed(frames, timings: Counter):
+    """Yield from a frame iterator, adding the decoding time to ``timings["decode"]``."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(frames)
+        except StopIteration:
+            return
+        finally:
+            timings["decode"] += time.perf_counter() - t
+        yield item
+
+
+def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepConfig = PrepConfig(), workers: int = 1,
+             progress: bool = False) -> dict:
+    """Run ``prep``; returns the summary (also ``OUT/summary.json``).
+
+    Args:
+        inputs: files and folders.
+        out: output folder (created); a folder holding a run made with other settings is refused.
+        cfg: settings.
+        workers: processes (1 = in this process).
+        progress: show a progress bar.
+    """
+    out = Path(out)
+    with Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
+        units, missing, ignored = discover(inputs, exclude=out)
+        todo = [u for u in units if not job.is_done(u.key)]
+        done = len(units) - len(todo)
+        job.progress(done, len(units))
+        if todo:
+            if workers <= 1 or len(todo) == 1:
+                if _WORKER.get("cfg") != cfg:
+                    _init_worker(cfg, single_thread=False)  # in-process: leave the caller's thread settings
+                for u in todo:
+                    process_unit(u, out)
+                    done += 1
+                    job.progress(done, len(units))
+            else:
+                # forkserver: children start from a clean process, never from one holding the
+                # progress bar's thread or torch's thread pools (fork deadlocks there).
+                ctx = get_context("forkserver")
+                with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as ex:
+                    for _ in ex.map(process_unit, todo, [out] * len(todo)):
+                        done += 1
+                        job.progress(done, len(units))
+        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo})
+
+
+def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg: PrepConfig, ran: set[str]) -> dict:
+    """Rebuild faces.jsonl, rejects.jsonl and summary.json from the per-unit records (``ran``: the
+    units processed by this run)."""
+    faces: list[dict] = []
+    rejects: list[dict] = list(missing)
+    timings: Counter = Counter()
+    frames = written_now = 0
+    for u in units:
+        rec = job.load_unit(u.key)
+        faces.extend(rec["faces"])
+        rejects.extend(rec["rejects"])
+        timings.update(rec["timings"])
+        frames += rec["frames"]
+        written_now += len(rec["faces"]) if u.key in ran else 0
+    FaceRecord.write(job.out / FaceRecord.FILE, faces)
+    if cfg.identity_from_folder:
+        write_vanilla_pickle(job.out / VANILLA_PICKLE, [(job.out / f["image"], f["quality"]["sharpness"]) for f in faces])
+    job.stages = timings  # CPU seconds per stage, summed over this run's and earlier runs' workers
+    busy = sum(timings.values())
+    return job.finish(
+        n_in=len(units) + len(missing), written=len(faces), written_this_run=written_now, skipped=len(units) - len(ran),
+        rejects=rejects,
+        details={"frames": frames, "images_with_faces": len({(f["origin"]["path"], f["origin"]["frame"]) for f in faces}),
+                 "ignored_files": ignored, "faces_per_s_per_worker": round(len(faces) / busy, 2) if busy > 0 else None})

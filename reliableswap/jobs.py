@@ -1,0 +1,222 @@
+"""The resumable-job layer every command runs in.
+
+A :class:`Job` owns what all commands share:
+
+* **settings pin** — the settings that change the outputs are stored in ``OUT/.{command}/settings.json``;
+  a folder holding a run made with other settings is refused (resuming it would mix two runs);
+* **stale temps** — temp files and folders left by killed processes (``.{name}.{pid}.{rand}.tmp``,
+  see :mod:`triplets.jsonl`) are removed at start; temps of live processes (another shard) are kept;
+* **per-unit records** — a unit of work (an input file, a chunk of pairs, a batch of faces, a pair)
+  writes its outputs atomically, then its record ``.{command}/units/{key}.json``; a re-run skips
+  units whose record exists, so a run killed at any point resumes and ends with the same files;
+* **stage timers, rich progress**, and **one summary schema** (:class:`triplets.records.Summary`,
+  ``reliableswap.summary/2``)::
+
+      {"schema", "command", "version", "device", "settings",
+       "counts": {"in", "written", "written_this_run", "skipped", "rejected", "rejected_by_reason"},
+       "timings": {"wall_s", "stages_s": {stage: seconds}},
+       "throughput": {"unit", "per_s"},          # written_this_run / wall_s
+       "details": {...}}                          # the command's own figures
+
+A command that writes beside another's outputs (``fit`` in a prep folder, ``pairs`` beside its
+pairs file) is ``shared``: its files are prefixed (``fit.summary.json``, ``fit.rejects.jsonl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from reliableswap import __version__
+from triplets.jsonl import atomic_write_json, temp_owner
+from triplets.records import RejectRecord, Summary
+
+
+class SettingsMismatch(ValueError):
+    """The output folder holds a run made with other settings."""
+
+
+class NothingUsable(RuntimeError):
+    """The run finished but produced nothing usable (the CLI exits with 1)."""
+
+
+def reason_key(reason: str) -> str:
+    """Group reject reasons for summaries: drop details in parentheses and after a colon."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove temp files/folders in ``folder`` (not below) whose writing process is gone."""
+    n = 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(".*.tmp"):
+        pid = temp_owner(p.name)
+        if pid is not None and _alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def unit_record_path(out: Path, command: str, key: str) -> Path:
+    """Where a unit's record lives (workers in other processes write it there)."""
+    return Path(out) / f".{command}" / "units" / f"{key}.json"
+
+
+class Job:
+    """One run of ``command`` writing into ``out`` (see the module doc).
+
+    Args:
+        command: the command's name (``prep``, ``triplets``…).
+        out: output folder (created).
+        settings: JSON-able settings that change the outputs (pinned when ``resumable``).
+        unit: what throughput counts (``faces``, ``triplets``…).
+        shared: a prefix for this command's files (``fit`` → ``fit.summary.json``) when it writes into
+            another's folder.
+        resumable: keep ``.{command}/`` (settings pin, unit records).
+        temp_dirs: sub-folders (glob patterns) of ``out`` that atomic writes use, cleaned of stale temps too.
+        device: shown in the summary.
+        progress: show a rich progress bar on stderr.
+    """
+
+    def __init__(self, command: str, out: str | os.PathLike, settings: dict[str, Any], unit: str, *,
+                 shared: str | None = None, resumable: bool = True, temp_dirs: tuple[str, ...] = (),
+                 device: str | None = None, progress: bool = False):
+        self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
+        self.shared, self.resumable, self.device = shared, resumable, device
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = self.out / f".{command}"
+        self.stages: Counter = Counter()
+        self._t0 = time.perf_counter()
+        self._bar: Progress | None = None
+        self._task = None
+        self._show = progress
+        for pattern in ("", *temp_dirs):
+            for d in ([self.out] if not pattern else self.out.glob(pattern)):
+                remove_stale_temps(d)
+        if resumable:
+            remove_stale_temps(self.state / "units")
+            self._pin(settings)
+
+    # -- files ------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """``OUT/name``, or ``OUT/{shared}.name`` in a shared folder."""
+        return self.out / (f"{self.shared}.{name}" if self.shared else name)
+
+    def _pin(self, settings: dict[str, Any]) -> None:
+        path = self.state / "settings.json"
+        settings = json.loads(json.dumps(settings))  # as it reads back (tuples → lists)
+        if not path.exists():
+            atomic_write_json(path, settings)
+            return
+        old = json.loads(path.read_text())
+        if old == settings:
+            return
+        scalar = (str, int, float, bool, type(None))
+        diff = [f"{k}: {old.get(k)!r} → {v!r}" if isinstance(v, scalar) and isinstance(old.get(k), scalar) else k
+                for k, v in settings.items() if old.get(k) != v]
+        diff += [k for k in old if k not in settings]
+        raise SettingsMismatch(f"{self.out} holds a {self.command} run with other settings ({'; '.join(diff)}); "
+                               "use another --out")
+
+    # -- units ------------------------------------------------------------------------------
+    def unit_path(self, key: str) -> Path:
+        return unit_record_path(self.out, self.command, key)
+
+    def is_done(self, key: str) -> bool:
+        return self.unit_path(key).is_file()
+
+    def save_unit(self, key: str, record: dict[str, Any]) -> None:
+        """Record a finished unit (after its outputs are in place)."""
+        atomic_write_json(self.unit_path(key), record)
+
+    def load_unit(self, key: str) -> dict[str, Any]:
+        return json.loads(self.unit_path(key).read_text())
+
+    def done_keys(self) -> list[str]:
+        return sorted(p.stem for p in (self.state / "units").glob("*.json"))
+
+    # -- timing and progress ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Accumulate the seconds spent in ``name``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] += time.perf_counter() - t
+
+    def progress(self, done: int, total: int | None) -> None:
+        if not self._show:
+            return
+        if self._bar is None:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+            self._bar.start()
+            self._task = self._bar.add_task(self.command, total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self._t0
+
+    # -- the end ----------------------------------------------------------------------------
+    def finish(self, *, n_in: int, written: int, written_this_run: int, rejects: list[dict], skipped: int = 0,
+               details: dict[str, Any] | None = None, wall: float | None = None) -> dict[str, Any]:
+        """Write ``rejects.jsonl`` and ``summary.json`` (one schema); return the summary."""
+        self.close()
+        wall = self.wall if wall is None else wall
+        RejectRecord.write(self.path("rejects.jsonl"), rejects)
+        summary = Summary(
+            command=self.command, version=__version__, device=self.device, settings=self.settings,
+            counts={"in": n_in, "written": written, "written_this_run": written_this_run, "skipped": skipped,
+                    "rejected": len(rejects),
+                    "rejected_by_reason": dict(Counter(reason_key(r["reason"]) for r in rejects).most_common())},
+            timings={"wall_s": round(wall, 3), "stages_s": {k: round(v, 3) for k, v in sorted(self.stages.items())}},
+            throughput={"unit": self.unit, "per_s": round(written_this_run / wall, 2) if wall > 0 and written_this_run else None},
+            details=details or {},
+        ).to_json()
+        atomic_write_json(self.path("summary.json"), summary)
+        return summary
+
+
+def reject(input: str, reason: str, **extra: Any) -> dict[str, Any]:
+    """A ``rejects.jsonl`` record: the input and a one-line reason."""
+    return RejectRecord(input=input, reason=" ".join(str(reason).split()), **extra).to_json()

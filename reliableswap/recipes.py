@@ -1,0 +1,285 @@
+"""Recipes: every knob of a run in one TOML file, validated at load, the single source of truth.
+
+Two kinds, told apart by the top-level ``kind`` key:
+
+* ``kind = "triplets"`` (:class:`TripletRecipe`): sections ``[pairs]`` (read by ``pairs``),
+  ``[reenact] [appearance] [blend] [reshape] [flame] [qc] [output]`` (read by ``triplets``);
+* ``kind = "train"`` (:class:`TrainRecipe`): ``[model] [identity] [data] [loss] [optim] [train]``
+  (read by ``finetune``).
+
+A recipe with an unknown section or key, a value of the wrong type or out of range, or a choice
+not on the list fails at load with one line naming the file and the key (:class:`RecipeError`).
+Command-line flags override recipe values in one explicit step, :meth:`Recipe.with_overrides`,
+which returns a new validated recipe; the resolved recipe is written beside the outputs so a run
+can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, OutputFormat, Rasterizer,
+                                  ReshapeMethod, Strategy)
+
+#: ``package.module:Class`` (a user's class, imported at start-up).
+CLASS_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+ClassSpec = Annotated[str, StringConstraints(pattern=rf"^{CLASS_SPEC}$")]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; ``str(err)`` is one line naming the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_enum_values=False)
+
+
+# -- triplet recipes ----------------------------------------------------------------------------
+
+class PairsSection(Section):
+    strategy: Strategy = Strategy.pose  # pose: prefer partners with a similar head pose
+    n: int | None = Field(None, ge=1)  # pairs to make (default: one per face)
+    max_yaw_diff: float = Field(20.0, ge=0, le=180)  # pose: largest yaw difference, degrees
+    seed: int = 0
+    min_face_px: float = Field(64.0, ge=0)  # leave out faces narrower than this in their photo
+
+
+class ReenactSection(Section):
+    backend: Annotated[str, StringConstraints(pattern=rf"^(tps|flame|{CLASS_SPEC})$")] = "tps"
+    identity_layout: float = Field(1.0, ge=0, le=1)  # tps: 0 = b's landmarks, 1 = a's feature positions
+    mirror: bool = True  # tps: flip the identity face when that brings its yaw closer to the target's
+
+
+class AppearanceSection(Section):
+    method: Appearance = Appearance.lct
+
+
+class BlendSection(Section):
+    method: BlendMethod = BlendMethod.multiband
+    levels: int = Field(6, ge=1, le=12)
+    forehead: float = Field(0.1, ge=0, le=1)
+    feather: float = Field(0.03, ge=0, le=0.5)
+    erode: float = Field(0.06, ge=0, le=0.5)
+
+
+class ReshapeSection(Section):
+    enabled: bool = True
+    method: ReshapeMethod = ReshapeMethod.tps
+    strength: float = Field(1.0, ge=0, le=2)
+
+
+class FlameSection(Section):
+    model: str = ""  # FLAME model file; "" → --flame or $RELIABLESWAP_FLAME
+    embedding: str = ""  # landmark embedding; "" → beside the model
+    rasterizer: Rasterizer = Rasterizer.auto
+
+
+class QCSection(Section):
+    enabled: bool = False  # identity margin, pose error and seam per fake (dlib work per fake)
+    min_id_margin: float | None = None  # drop pairs whose fakes have a smaller margin (implies enabled)
+
+
+class OutputSection(Section):
+    format: OutputFormat = OutputFormat.folder
+    quality: int = Field(95, ge=1, le=100)  # JPEG quality
+    shard_size: int = Field(1000, ge=1, le=100_000)  # webdataset: triplets per shard
+
+
+class Recipe(Section):
+    """Shared behaviour of both kinds."""
+
+    KIND: ClassVar[str]
+
+    def with_overrides(self, values: dict[str, Any]) -> "Recipe":
+        """A new recipe with ``{"section.key": value}`` set (None values are left alone), validated."""
+        d = self.model_dump(mode="python")
+        for dotted, v in values.items():
+            if v is None:
+                continue
+            sec, _, key = dotted.partition(".")
+            if key:
+                d[sec][key] = v
+            else:
+                d[sec] = v
+        return validate_recipe(type(self), d, "command-line flags")
+
+    def to_toml(self) -> str:
+        """TOML text that loads back to an equal recipe."""
+        d = self.model_dump(mode="json", exclude_none=True)
+        lines = [f"kind = {_toml(d.pop('kind'))}", f"name = {_toml(d.pop('name'))}"]
+        for sec, kv in d.items():
+            lines.append(f"\n[{sec}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in kv.items()]
+        return "\n".join(lines) + "\n"
+
+
+class TripletRecipe(Recipe):
+    """Everything ``pairs`` and ``triplets`` do (defaults = ``recipes/cycle.toml``)."""
+
+    KIND: ClassVar[str] = "triplets"
+    kind: Literal["triplets"] = "triplets"
+    name: str = "cycle"
+    pairs: PairsSection = Field(default_factory=PairsSection)
+    reenact: ReenactSection = Field(default_factory=ReenactSection)
+    appearance: AppearanceSection = Field(default_factory=AppearanceSection)
+    blend: BlendSection = Field(default_factory=BlendSection)
+    reshape: ReshapeSection = Field(default_factory=ReshapeSection)
+    flame: FlameSection = Field(default_factory=FlameSection)
+    qc: QCSection = Field(default_factory=QCSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @property
+    def uses_flame(self) -> bool:
+        return self.reenact.backend == "flame" or (self.reshape.enabled and self.reshape.method == ReshapeMethod.flame)
+
+    @property
+    def qc_on(self) -> bool:
+        return self.qc.enabled or self.qc.min_id_margin is not None
+
+    def steps(self) -> dict[str, Any]:
+        """The synthesis steps' parameters, as stored with each triplet."""
+        d = self.model_dump(mode="json")
+        return {k: d[k] for k in ("reenact", "appearance", "blend", "reshape")}
+
+
+# -- training recipes ---------------------------------------------------------------------------
+
+class ModelSection(Section):
+    swapper: Annotated[str, StringConstraints(pattern=rf"^(faceshifter|{CLASS_SPEC})$")] = "faceshifter"
+    size: int = Field(256, ge=8, le=1024)  # faceshifter: image side (a power of two)
+    base: int = Field(32, ge=1, le=512)  # faceshifter: first encoder channels
+    max_ch: int = Field(512, ge=1, le=4096)
+    d_scales: int = Field(2, ge=1, le=5)
+    d_base: int = Field(32, ge=1, le=512)
+    value_range: tuple[float, float] = (0.0, 1.0)  # user class: the range it takes and returns
+    input_size: int = Field(0, ge=0, le=2048)  # user class: the side it expects (0 = the data's)
+    condition: Condition = Condition.pair
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # user class: constructor arguments
+
+    @field_validator("size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two")
+        return v
+
+    @field_validator("value_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if tuple(v) not in ((0.0, 1.0), (-1.0, 1.0)):
+            raise ValueError("must be [0, 1] or [-1, 1]")
+        return v
+
+
+class IdentitySection(Section):
+    kind: IdentityKind = IdentityKind.dlib  # dlib: 128-D, offline, no gradient; arcface: 512-D iresnet
+    checkpoint: str = ""  # arcface: insightface arcface_torch backbone.pth
+
+
+class DataSection(Section):
+    use_real: bool = True  # types 2–5 per triplet (False: the official 4–5)
+    rec_code: list[Annotated[int, Field(ge=1, le=5)]] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    same_rate: float = Field(0.2, ge=0, le=1)
+    vanilla_rate: float = Field(0.2, ge=0, le=1)
+    image_size: int = Field(256, ge=16, le=1024)
+    batch: int = Field(8, ge=1, le=4096)
+    holdout: int = Field(8, ge=0)  # triplet folders kept out of training for the cycle-L1 evaluation
+
+
+class LossSection(Section):
+    cycle: float = Field(1.0, ge=0)  # pixel L1 on types 2–5 (official: 0.05 next to FaceShifter's losses)
+    same: float = Field(0.0, ge=0)  # L1 on type 1
+    perceptual: float = Field(0.0, ge=0)  # needs a feature extractor (Python API)
+    identity: float = Field(0.0, ge=0)  # needs identity.kind = arcface
+    adv: float = Field(1.0, ge=0)  # FaceShifter weights
+    att: float = Field(10.0, ge=0)
+    id: float = Field(5.0, ge=0)
+    rec: float = Field(10.0, ge=0)
+
+
+class OptimSection(Section):
+    lr: float = Field(4e-4, gt=0, le=1)
+    lr_d: float = Field(4e-4, gt=0, le=1)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(0.0, ge=0)  # 0 = off
+
+
+class TrainSection(Section):
+    steps: int = Field(1000, ge=1)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(100, ge=0)  # 0 = never
+    ckpt_every: int = Field(100, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: at start and end only
+    amp: bool = True  # CUDA only
+
+
+class TrainRecipe(Recipe):
+    """Everything ``finetune`` does."""
+
+    KIND: ClassVar[str] = "train"
+    kind: Literal["train"] = "train"
+    name: str = "faceshifter"
+    model: ModelSection = Field(default_factory=ModelSection)
+    identity: IdentitySection = Field(default_factory=IdentitySection)
+    data: DataSection = Field(default_factory=DataSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def _key(loc: tuple) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2:
+        return f"[{parts[0]}] {'.'.join(parts[1:])}"
+    return parts[0] if parts else "recipe"
+
+
+def validate_recipe(cls: type[Recipe], d: dict[str, Any], source: str) -> Recipe:
+    """``cls`` from a TOML dict, or :class:`RecipeError` naming ``source`` and the key."""
+    kind = d.get("kind")
+    if kind != cls.KIND:
+        got = "has no kind key" if kind is None else f"is kind = {kind!r}"
+        raise RecipeError(f"{source}: {got}, but this command needs a recipe with kind = {cls.KIND!r}")
+    try:
+        return cls.model_validate(d)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        msg = "unknown key (not in this kind of recipe)" if err["type"] == "extra_forbidden" else err["msg"]
+        shown = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err['input']!r})"[:80]
+        raise RecipeError(f"{source}: {_key(err['loc'])}: {msg}{shown}") from None
+
+
+def load_recipe(path: str | os.PathLike | None, cls: type[Recipe]) -> Recipe:
+    """The recipe at ``path`` (None → the built-in defaults of ``cls``)."""
+    if path is None:
+        return cls()
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            d = tomllib.load(f)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    return validate_recipe(cls, d, str(path))

@@ -1,0 +1,311 @@
+"""The fine-tuning loop: a swapper's own loss plus ReliableSwap's cycle supervision.
+
+Each step draws a batch mixing triplets (types 2–5, or 4–5) and vanilla pairs of real faces (type 0,
+with same-identity reconstructions, type 1), runs the swapper, adds :class:`CycleSupervision` to the
+swapper's own generator loss (FaceShifter's when it is the reference AEI-Net), steps AdamW, then the
+discriminator when the swapper has one. Under ``torchrun`` every process draws its own batch and
+gradients are averaged across processes with ``all_reduce`` before each optimizer step (data
+parallel, DDP's semantics, for any swapper and any call pattern of its losses). On CUDA it runs under
+autocast (bf16 where supported, else fp16 with a gradient scaler).
+
+Files in RUN: ``metrics.jsonl`` (+ TensorBoard events when ``tensorboard`` is installed),
+``samples/step-N.png`` (rows: source | target | result | reference), ``checkpoints/step-N.safetensors``
+(weights) + ``step-N.state.pt`` (optimizers, loaded with ``weights_only``) + ``latest.json``, all
+written atomically. Resuming continues from ``latest.json``: batches and random numbers depend only
+on (seed, step, rank), so the resumed run follows the same trajectory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as safetensors_bytes
+from torch.utils.data import default_collate
+
+from reliableswap.images import encode_image, to_uint8
+from reliableswap.recipes import TrainRecipe
+from reliableswap.train.build import build_swapper, load_weights, parameters_of
+from reliableswap.train.data import FacePairs, Mixture, split_triplets
+from reliableswap.train.losses import CycleSupervision
+from triplets.dataset import TripletDataset
+from triplets.jsonl import atomic_write_bytes, atomic_write_json
+from triplets.records import ContractError, resolve_inside
+
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world)``: joins torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, else gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average gradients over the processes with one flat all_reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def all_finite(x: torch.Tensor, world: int) -> bool:
+    """Whether ``x`` is finite on every process."""
+    ok = torch.tensor([float(torch.isfinite(x).all())], device=x.device)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+@torch.no_grad()
+def evaluate(swapper, data: TripletDataset | None, device: torch.device, batch: int) -> float | None:
+    """Mean cycle L1 (result vs the real face) over held-out triplets (types 4 and 5)."""
+    if data is None:
+        return None
+    was = swapper.training
+    swapper.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(data), batch):
+        b = default_collate([data[j] for j in range(i, min(i + batch, len(data)))])
+        out = swapper(b["source"].to(device), b["target"].to(device)).float()
+        tot += float((out - b["reference"].to(device)).abs().flatten(1).mean(1).sum())
+        n += out.shape[0]
+    swapper.train(was)
+    return tot / max(n, 1)
+
+
+def sample_grid(path: Path, batch: dict, result: torch.Tensor, n: int = 4) -> None:
+    """PNG rows: source | target | result | reference."""
+    k = min(n, result.shape[0])
+    rows = [torch.cat([batch["source"][i], batch["target"][i], result[i].detach().float().clamp(0, 1).cpu(),
+                       batch["reference"][i]], -1) for i in range(k)]
+    atomic_write_bytes(path, encode_image(to_uint8(torch.cat(rows, -2)[None])[0], ".png"))
+
+
+class Metrics:
+    """``metrics.jsonl`` (+ TensorBoard when installed), cut back to the resumed step."""
+
+    def __init__(self, run: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = run / "metrics.jsonl", enabled
+        self.tb = None
+        if not enabled:
+            return
+        keep = []
+        if resume_step and self.path.is_file():  # drop lines past the resumed step: the log matches the trajectory
+            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except Exception:  # noqa: BLE001 — tensorboard not installed
+            self.tb = None
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+
+
+class Trainer:
+    """Data, swapper, optimizers and supervision for one run folder (see the module doc)."""
+
+    def __init__(self, recipe: TrainRecipe, triplets: Path, run: Path, faces: Path | None = None,
+                 checkpoint: Path | None = None, device: str = "auto", supervision: CycleSupervision | None = None):
+        self.r, self.run = recipe, Path(run)
+        self.rank, self.world = init_distributed()
+        self.main = self.rank == 0
+        if device == "auto":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.dev = torch.device(device)
+        self.run.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            dist.barrier()
+        torch.manual_seed(recipe.train.seed)
+        self._data(Path(triplets), faces)
+        self._model(checkpoint, supervision)
+
+    def _data(self, triplets: Path, faces: Path | None) -> None:
+        r = self.r
+        train_src, held_src = split_triplets(triplets, r.data.holdout, self.run) if self.main else (None, None)
+        if self.world > 1:
+            obj = [(train_src, held_src)]
+            dist.broadcast_object_list(obj, 0)
+            train_src, held_src = obj[0]
+        size = r.data.image_size
+        self.tri = TripletDataset(train_src, use_real=r.data.use_real, rec_code=r.data.rec_code, same_rate=r.data.same_rate,
+                                  vanilla_rate=0.0 if faces else r.data.vanilla_rate, image_size=size, seed=r.train.seed)
+        self.held = TripletDataset(held_src, use_real=False, image_size=size) if held_src else None
+        self.faces = FacePairs(Path(faces), size, r.data.same_rate, r.train.seed) if faces else None
+        self.mix = Mixture(self.tri, self.faces, r.data.vanilla_rate, r.train.seed)
+
+    def _model(self, checkpoint: Path | None, supervision: CycleSupervision | None) -> None:
+        r, dev = self.r, self.dev
+        self.swapper, enc = build_swapper(r, dev)
+        model = self.model = self.swapper.model
+        self.info: dict[str, Any] = {}
+        if checkpoint is not None:
+            missing, unexpected = model.load_state_dict(load_weights(checkpoint), strict=False)
+            self.info["checkpoint"] = {"path": str(checkpoint), "missing_keys": len(missing), "unexpected_keys": len(unexpected)}
+        self.g_params = parameters_of(model, "generator_parameters") or [p for p in model.parameters() if p.requires_grad]
+        self.d_params = parameters_of(model, "discriminator_parameters") if hasattr(model, "discriminator_loss") else None
+        if self.world > 1:  # identical start on every process
+            for p in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(p.data, 0)
+        o = r.optim
+        self.opt_g = torch.optim.AdamW(self.g_params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.d_params, lr=o.lr_d, betas=tuple(o.betas), weight_decay=o.weight_decay) \
+            if self.d_params else None
+        self.amp = r.train.amp and dev.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.sup = (supervision or CycleSupervision(
+            w_cycle=r.loss.cycle, w_same=r.loss.same, w_perceptual=r.loss.perceptual, w_identity=r.loss.identity,
+            rec_code=r.data.rec_code, identity=enc if r.loss.identity else None)).to(dev)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def latest(self) -> Path:
+        return self.run / "checkpoints" / "latest.json"
+
+    def save(self, step: int) -> Path:
+        """``checkpoints/step-N.safetensors`` + ``step-N.state.pt`` + ``latest.json``, atomically."""
+        ck = self.run / "checkpoints"
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        atomic_write_bytes(ck / f"step-{step:07d}.safetensors", safetensors_bytes(state, metadata={"step": str(step)}))
+        buf = io.BytesIO()
+        torch.save({"step": step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}, buf)
+        atomic_write_bytes(ck / f"step-{step:07d}.state.pt", buf.getvalue())
+        atomic_write_json(self.latest, {"step": step, "weights": f"step-{step:07d}.safetensors",
+                                        "state": f"step-{step:07d}.state.pt"})
+        return ck / f"step-{step:07d}.safetensors"
+
+    def resume(self) -> int:
+        """Load ``latest.json``'s weights and optimizer state (its paths stay inside ``checkpoints/``)."""
+        if not self.latest.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run / 'checkpoints'}")
+        where = str(self.latest)
+        try:
+            meta = json.loads(self.latest.read_text())
+            weights, state = str(meta["weights"]), str(meta["state"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ContractError(where, "", f"not a checkpoint pointer ({type(e).__name__}: {e})") from None
+        ck = self.latest.parent
+        self.model.load_state_dict(load_weights(resolve_inside(ck, weights, where, "weights")))
+        st = torch.load(resolve_inside(ck, state, where, "state"), map_location="cpu", weights_only=True)
+        self.opt_g.load_state_dict(st["opt_g"])
+        if self.opt_d is not None and st["opt_d"] is not None:
+            self.opt_d.load_state_dict(st["opt_d"])
+        if st["scaler"] is not None:
+            self.scaler.load_state_dict(st["scaler"])
+        return int(st["step"])
+
+    # -- steps ------------------------------------------------------------------------------
+    def step(self, step: int) -> tuple[dict[str, Any], dict, torch.Tensor]:
+        """One optimizer step (G, then D); returns ``(logs, batch, result)``."""
+        r, dev = self.r, self.dev
+        torch.manual_seed(r.train.seed * 1_000_003 + step * 1009 + self.rank)
+        batch = self.mix.batch(step, self.rank, r.data.batch)
+        bdev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        logs: dict[str, Any] = {"step": step}
+        with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp):
+            result = self.swapper(bdev["source"], bdev["target"])
+            loss, sup_logs = self.sup(bdev, result.float())
+            if hasattr(self.model, "generator_loss"):
+                loss_own, own_logs = self.model.generator_loss(bdev, result.float())
+                loss = loss + loss_own
+                logs.update(own_logs)
+        logs.update(sup_logs)
+        self.opt_g.zero_grad(set_to_none=True)
+        if not all_finite(loss.detach(), self.world):
+            logs["skipped"] = "non-finite loss"
+            return logs, batch, result
+        self.scaler.scale(loss).backward()
+        average_grads(self.g_params, self.world)
+        if r.optim.grad_clip:
+            self.scaler.unscale_(self.opt_g)
+            torch.nn.utils.clip_grad_norm_(self.g_params, r.optim.grad_clip)
+        self.scaler.step(self.opt_g)
+        if self.opt_d is not None:
+            self._step_d(bdev, result, logs)
+        self.scaler.update()
+        logs["loss"] = float(loss.detach())
+        return logs, batch, result
+
+    def _step_d(self, bdev: dict, result: torch.Tensor, logs: dict[str, Any]) -> None:
+        self.opt_d.zero_grad(set_to_none=True)
+        with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=self.amp):
+            loss_d, d_logs = self.model.discriminator_loss(bdev, result.float())
+        logs.update(d_logs)
+        if all_finite(loss_d.detach(), self.world):
+            self.scaler.scale(loss_d).backward()
+            average_grads(self.d_params, self.world)
+            self.scaler.step(self.opt_d)
+        else:
+            logs["skipped_d"] = "non-finite loss"
+
+    def evaluate(self) -> float | None:
+        return evaluate(self.swapper, self.held, self.dev, self.r.data.batch)
+
+    def fit(self, start: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Steps ``start+1 … train.steps`` with logging, samples, evaluation and checkpoints."""
+        r, main = self.r, self.main
+        metrics = Metrics(self.run, start, main)
+        eval_start = self.evaluate() if start == 0 else None
+        if main and eval_start is not None:
+            metrics.log({"step": 0, "eval/cycle_l1": eval_start})
+        skipped = 0
+        t0 = time.perf_counter()
+        self.swapper.train()
+        step = start
+        for step in range(start + 1, r.train.steps + 1):
+            logs, batch, result = self.step(step)
+            if "skipped" in logs:
+                skipped += 1
+                metrics.log(logs)
+                continue
+            if main and (step % r.train.log_every == 0 or step == r.train.steps):
+                logs["steps_per_s"] = round((step - start) / (time.perf_counter() - t0), 3)
+                metrics.log(logs)
+            if main and r.train.sample_every and step % r.train.sample_every == 0:
+                sample_grid(self.run / "samples" / f"step-{step:07d}.png", batch, result)
+            if r.train.eval_every and step % r.train.eval_every == 0:
+                ev = self.evaluate()
+                if main:
+                    metrics.log({"step": step, "eval/cycle_l1": ev})
+            if main and (step % r.train.ckpt_every == 0 or step == r.train.steps):
+                self.save(step)
+            if self.world > 1 and step % r.train.ckpt_every == 0:
+                dist.barrier()
+            if progress and main:
+                progress(step, r.train.steps)
+        wall = time.perf_counter() - t0
+        eval_end = self.evaluate()
+        if main:
+            metrics.log({"step": step, "eval/cycle_l1": eval_end})
+        return {"step": step, "ran": max(step - start, 0), "skipped": skipped, "wall": wall,
+                "eval_start": eval_start, "eval_end": eval_end}
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
