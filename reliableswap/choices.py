@@ -43,6 +43,12 @@ class OutputFormat(Choice):
     webdataset = "webdataset"
 
 
+class JpegEncoder(Choice):
+    auto = "auto"  # nvJPEG on a CUDA device where torchvision imports, else OpenCV on the CPU threads
+    opencv = "opencv"
+    nvjpeg = "nvjpeg"  # torchvision's batched GPU encoder (CUDA, torchvision installed)
+
+
 class Appearance(Choice):
     none = "none"
     reinhard = "reinhard"

@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="reliableswap: aligned faces, ReliableSwap triplets, FLAME shape flows, and cycle-supervised fine-tuning of face swappers.",
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line (no wrapping at the width)
 
 
 def say(text: str) -> None:

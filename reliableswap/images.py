@@ -19,6 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triplets.jsonl import atomic_write_bytes
 
+try:  # nvJPEG through torchvision, for CUDA tensors (optional: no CPU torchvision wheel exists here)
+    from torchvision.io import encode_jpeg as _tv_encode_jpeg
+except Exception:  # noqa: BLE001 — any import failure means "not available"
+    _tv_encode_jpeg = None
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
@@ -184,6 +189,19 @@ def encode_image(rgb: np.ndarray, ext: str = ".png", quality: int = 95) -> bytes
     return buf.tobytes()
 
 
+def gpu_jpeg_available(device: torch.device | str) -> bool:
+    """Whether :func:`encode_jpegs` encodes on this device (CUDA with torchvision's nvJPEG)."""
+    return _tv_encode_jpeg is not None and torch.device(device).type == "cuda"
+
+
+def encode_jpegs(images: torch.Tensor, quality: int = 95) -> list[bytes]:
+    """B×3×H×W uint8 RGB → JPEG bytes each: batched nvJPEG for CUDA tensors when torchvision is
+    there (:func:`gpu_jpeg_available`), else OpenCV per image."""
+    if gpu_jpeg_available(images.device):
+        return [t.cpu().numpy().tobytes() for t in _tv_encode_jpeg(list(images.contiguous()), quality=int(quality))]
+    return [encode_image(im, ".jpg", quality) for im in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+
 def save_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> Path:
     """Encode and write an RGB uint8 image atomically (format from the suffix)."""
     path = Path(path)
@@ -206,14 +224,22 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def to_tensor(rgb: np.ndarray | list[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
-    """H×W×3 uint8 (or a list of same-size ones) → B×3×H×W float32 in [0, 1]."""
+def to_tensor(rgb: np.ndarray | list[np.ndarray], device: torch.device | str | None = None, pin: bool = False) -> torch.Tensor:
+    """H×W×3 uint8 (or a list of same-size ones) → B×3×H×W float32 in [0, 1] on ``device``
+    (``pin``: through pinned memory, the copy to a GPU overlapping the host's work)."""
     arr = np.stack(rgb) if isinstance(rgb, list) else rgb[None]
-    t = torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(device=device)
+    t = torch.from_numpy(np.require(arr, requirements=["C", "W"]))
+    if pin:
+        t = t.pin_memory()
+    t = t.to(device=device, non_blocking=pin)
     return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W float in [0, 1] → B×3×H×W uint8 on the same device (rounded)."""
+    return images.detach().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """B×3×H×W float in [0, 1] → B×H×W×3 uint8 (on the CPU)."""
-    x = images.detach().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_tensor(images).permute(0, 2, 3, 1).cpu().numpy()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -113,6 +114,7 @@ class Job:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = self.out / f".{command}"
         self.stages: Counter = Counter()
+        self._stage_lock = threading.Lock()
         self._t0 = time.perf_counter()
         self._bar: Progress | None = None
         self._task = None
@@ -165,12 +167,13 @@ class Job:
     # -- timing and progress ----------------------------------------------------------------
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Accumulate the seconds spent in ``name``."""
+        """Accumulate the seconds spent in ``name`` (thread-safe: pipelined stages overlap)."""
         t = time.perf_counter()
         try:
             yield
         finally:
-            self.stages[name] += time.perf_counter() - t
+            with self._stage_lock:
+                self.stages[name] += time.perf_counter() - t
 
     def progress(self, done: int, total: int | None) -> None:
         if not self._show:

@@ -23,8 +23,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, OutputFormat, Rasterizer,
-                                  ReshapeMethod, Strategy)
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, OutputFormat,
+                                  Rasterizer, ReshapeMethod, Strategy)
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
 CLASS_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
@@ -88,6 +88,7 @@ class OutputSection(Section):
     format: OutputFormat = OutputFormat.folder
     quality: int = Field(95, ge=1, le=100)  # JPEG quality
     shard_size: int = Field(1000, ge=1, le=100_000)  # webdataset: triplets per shard
+    encoder: JpegEncoder = JpegEncoder.auto  # who encodes the JPEGs (bytes differ between encoders)
 
 
 class Recipe(Section):

@@ -28,7 +28,7 @@ from reliableswap.commands.triplets import run_triplets
 from reliableswap.images import encode_image, load_rgb
 from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection, TripletRecipe
-from reliableswap.synth.blend import multiband_blend
+from reliableswap.synth.blend import GraphedMultiband, multiband_blend
 from triplets.records import FaceSet, PairRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,21 +46,23 @@ def io_only(prep: Path, pairs: list[PairRecord], out: Path) -> float:
     return time.perf_counter() - t
 
 
-def blend_bench(device: str, levels: int = 6, n: int = 32, reps: int = 3) -> dict:
+def blend_bench(device: str, levels: int = 6, n: int = 32, reps: int = 3, graphed: bool = False,
+                dtype: torch.dtype = torch.float32) -> dict:
     g = torch.Generator().manual_seed(0)
     fg = torch.rand(n, 3, 256, 256, generator=g)
     bg = torch.rand(n, 3, 256, 256, generator=g)
     yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
     mask = (((xx - 128) ** 2 + (yy - 128) ** 2) < 80 ** 2).float().expand(n, 1, -1, -1).contiguous()
     dev = torch.device(device)
-    f, b, m = fg.to(dev), bg.to(dev), mask.to(dev)
-    multiband_blend(f, b, m, levels)
+    f, b, m = fg.to(dev, dtype), bg.to(dev, dtype), mask.to(dev, dtype)
+    blend = GraphedMultiband(levels) if graphed else (lambda x, y, z: multiband_blend(x, y, z, levels))
+    blend(f, b, m)
     ts = []
     for _ in range(reps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        multiband_blend(f, b, m, levels)
+        blend(f, b, m)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
@@ -78,7 +80,8 @@ def blend_bench(device: str, levels: int = 6, n: int = 32, reps: int = 3) -> dic
             bl.blend(None, None)
         tc.append(time.perf_counter() - t)
     ours, ocv = min(ts), min(tc)
-    return {"batch": n, "size": 256, "levels": levels, "device": device, "ours_s": round(ours, 4),
+    return {"batch": n, "size": 256, "levels": levels, "device": device, "cuda_graph": graphed, "dtype": str(dtype),
+            "ours_s": round(ours, 5),
             "opencv_s": round(ocv, 4), "speedup_vs_opencv": round(ocv / ours, 2),
             "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads()}
 

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
                            "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
-    "reliableswap.testing": {"reliableswap.faces"},
+    "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "triplets"},
     "reliableswap.commands": {"*"},  # above everything but the CLI
     "reliableswap.cli": {"*"},
 }

@@ -20,6 +20,7 @@ from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from triplets import TripletDataset
 from triplets.layout import FILES, TYPE_TABLE
 from triplets.records import FaceRecord, ManifestRecord, PairRecord, RejectRecord
+from triplets.webdataset import iter_shard
 
 CLI = [sys.executable, "-m", "reliableswap.cli"]
 CYCLE = Path(__file__).parents[1] / "recipes" / "cycle.toml"
@@ -200,3 +201,37 @@ def test_cli_user_errors_have_no_traceback(prepped, tmp_path):
     assert r.returncode == 2 and "--strategy" in r.stderr
     r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--n", "5"], capture_output=True, text=True)
     assert r.returncode == 0 and len(PairRecord.read(tmp_path / "p.jsonl")) == 5
+
+
+@pytest.mark.parametrize("fmt", ["folder", "webdataset"])
+def test_both_encoder_paths_write_the_same_files(prepped, pairs_file, tmp_path, monkeypatch, fmt):
+    """The nvJPEG branch of the pipeline (own encoder thread, batched call, regrouped per triplet)
+    against the OpenCV branch (writer threads), with a stand-in for nvJPEG that returns OpenCV's
+    bytes: the outputs must be identical, so only the encoder differs on a GPU."""
+    import reliableswap.commands.triplets as cmd
+    import reliableswap.images as images
+    from reliableswap.images import encode_image
+
+    out, _ = prepped
+    base = TripletRecipe().with_overrides({"output.format": fmt, "output.shard_size": 8})
+    run_triplets(out, pairs_file, tmp_path / "opencv", base.with_overrides({"output.encoder": "opencv"}), device="cpu", batch=8)
+    fake = lambda imgs, quality: [torch.frombuffer(bytearray(encode_image(t.permute(1, 2, 0).numpy(), ".jpg", quality)), dtype=torch.uint8)  # noqa: E731
+                                  for t in imgs]
+    monkeypatch.setattr(images, "_tv_encode_jpeg", fake)
+    monkeypatch.setattr(cmd, "gpu_jpeg_available", lambda device: True)
+    monkeypatch.setattr(images, "gpu_jpeg_available", lambda device: True)
+    s = run_triplets(out, pairs_file, tmp_path / "nv", base.with_overrides({"output.encoder": "nvjpeg"}), device="cpu", batch=8)
+    assert s["details"]["jpeg_encoder"] == "nvjpeg"
+    names = sorted(p.relative_to(tmp_path / "opencv").as_posix() for p in (tmp_path / "opencv").rglob("*")
+                   if p.is_file() and not p.relative_to(tmp_path / "opencv").parts[0].startswith(".")
+                   and p.name not in ("summary.json", "recipe.resolved.toml", "triplet.pickle"))
+    assert names and names == sorted(p.relative_to(tmp_path / "nv").as_posix() for p in (tmp_path / "nv").rglob("*")
+                                     if p.is_file() and not p.relative_to(tmp_path / "nv").parts[0].startswith(".")
+                                     and p.name not in ("summary.json", "recipe.resolved.toml", "triplet.pickle"))
+    for n in names:
+        if n.endswith(".tar"):
+            a = {m["__key__"]: m for m in iter_shard(tmp_path / "opencv" / n)}
+            b = {m["__key__"]: m for m in iter_shard(tmp_path / "nv" / n)}
+            assert a.keys() == b.keys() and all(a[k][f] == b[k][f] for k in a for f in FILES.values()), n
+        elif n != "manifest.jsonl":  # the manifest names the recipe, which names the encoder
+            assert (tmp_path / "opencv" / n).read_bytes() == (tmp_path / "nv" / n).read_bytes(), n

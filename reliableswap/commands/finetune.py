@@ -35,7 +35,7 @@ def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os
         trainer.close()
         r, bs, world = recipe, recipe.data.batch, trainer.world
         details = {
-            "recipe": recipe.model_dump(mode="json"), "world_size": world,
+            "recipe": recipe.model_dump(mode="json"), "world_size": world, "backend": trainer.backend,
             "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp else False,
             "steps": res["step"], "resumed_from": start, "skipped_non_finite": res["skipped"],
             "train_triplets": trainer.tri._n, "heldout_triplets": trainer.held._n if trainer.held else 0,

@@ -11,19 +11,23 @@ trainer's list of triplet folders).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from reliableswap.choices import OutputFormat
+from reliableswap.choices import JpegEncoder, OutputFormat
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
-from reliableswap.images import encode_image, load_rgb, to_tensor, to_uint8
+from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, load_rgb, to_uint8, to_uint8_tensor
 from reliableswap.jobs import Job, NothingUsable, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer
@@ -32,6 +36,7 @@ from triplets.jsonl import atomic_dir, atomic_write_bytes
 from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
 from triplets.records import FaceSet, ManifestRecord, PairRecord
+from triplets.schema import MANIFEST_SCHEMA
 from triplets.webdataset import write_shard
 
 
@@ -54,6 +59,11 @@ def shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int
     return i, num_shards
 
 
+def io_threads() -> int:
+    """Threads for decoding crops and encoding JPEGs (OpenCV releases the GIL): every core, up to 16."""
+    return max(2, min(16, os.cpu_count() or 2))
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -62,20 +72,107 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class CropCache:
+    """Decoded crops by face id, and their JPEG bytes (``source.jpg``/``target.jpg`` of every pair
+    the face is in): a face recurs across pairs. Bounded (least recently used out), thread-safe."""
+
+    def __init__(self, faces: FaceSet, quality: int = 95, limit: int = 4096):
+        self.faces, self.quality, self.limit = faces, quality, limit
+        self._d: OrderedDict[str, list] = OrderedDict()  # id → [crop, jpeg bytes or None]
+        self._lock = threading.Lock()
+
+    def _entry(self, face_id: str) -> list:
+        with self._lock:
+            if face_id in self._d:
+                self._d.move_to_end(face_id)
+                return self._d[face_id]
+        entry = [load_rgb(self.faces.image_path(self.faces[face_id])), None]
+        with self._lock:
+            entry = self._d.setdefault(face_id, entry)
+            while len(self._d) > self.limit:
+                self._d.popitem(last=False)
+        return entry
+
+    def __call__(self, face_id: str) -> np.ndarray:
+        return self._entry(face_id)[0]
+
+    def jpeg(self, face_id: str) -> bytes:
+        entry = self._entry(face_id)
+        if entry[1] is None:
+            entry[1] = encode_image(entry[0], ".jpg", self.quality)
+        return entry[1]
+
+
 class TripletRun:
-    """Synthesizes chunks of pairs into the job's folder."""
+    """Synthesizes chunks of pairs into the job's folder, as a pipeline: while the device renders
+    chunk k, chunk k+1 is decoded and chunk k−1's folders are encoded and written by thread pools;
+    a chunk's unit record is written once all its folders are in place."""
 
     def __init__(self, faces: FaceSet, pairs: list[PairRecord], job: Job, recipe: TripletRecipe, device: torch.device,
-                 batch: int, threads: int = 2):
+                 batch: int, threads: int | None = None):
         self.faces, self.pairs, self.job, self.r = faces, pairs, job, recipe
         self.device, self.batch = device, batch
         self.flame = load_flame(recipe.flame.model or None, recipe.flame.embedding or None, device) if recipe.uses_flame else None
         self.fitted_on_the_fly = 0
         self.synth = Synthesizer(recipe, self.flame)
-        self.pool = ThreadPoolExecutor(threads)
+        n = threads or io_threads()
+        self.read_pool, self.write_pool = ThreadPoolExecutor(n), ThreadPoolExecutor(n)
+        self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.crop = CropCache(faces, recipe.output.quality)
         self.checker = QualityChecker() if recipe.qc_on else None
         self.webdataset = recipe.output.format == OutputFormat.webdataset
         self.chunk = recipe.output.shard_size if self.webdataset else batch
+        self.jpeg = choose_encoder(recipe.output.encoder, device)
+        self.steps = recipe.steps()  # stored with every triplet
+
+    def close(self) -> None:
+        for pool in (self.prefetch, self.read_pool, self.encoder, self.sharder, self.write_pool):
+            pool.shutdown()
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def chunk_pairs(self, k: int) -> list[int]:
+        return list(range(k * self.chunk, min(len(self.pairs), (k + 1) * self.chunk)))
+
+    def run(self, chunks: list[int], done: Callable[[int, dict], None]) -> None:
+        """Synthesize ``chunks``; ``done(k, record)`` after chunk k's outputs are all written."""
+        if not chunks:
+            return
+        loading = self.prefetch.submit(self.load, self.chunk_pairs(chunks[0]))
+        in_flight: tuple[int, dict, list] | None = None
+        for n, k in enumerate(chunks):
+            loaded = loading.result()
+            if n + 1 < len(chunks):
+                loading = self.prefetch.submit(self.load, self.chunk_pairs(chunks[n + 1]))
+            record, writes = self.render_chunk(k, loaded)
+            if in_flight is not None:
+                self._finish(*in_flight, done)
+            in_flight = (k, record, writes)
+        self._finish(*in_flight, done)
+
+    def _finish(self, k: int, record: dict, writes: list, done: Callable[[int, dict], None]) -> None:
+        with self.job.stage("wait_writes"):
+            while writes:  # a future may hand back more futures (the nvJPEG thread submits the writes)
+                got = writes.pop().result()  # an output-side failure (disk full…) stops the run here
+                if isinstance(got, list):
+                    writes.extend(got)
+        done(k, record)
+
+    def load(self, idx: list[int]) -> tuple[list, list]:
+        """Chunk pairs ``idx`` decoded (threads), and the ready batches for the device: uint8 crops
+        (pinned when the device is a GPU) and landmarks, built here, off the main thread."""
+        with self.job.stage("decode"):
+            loaded = [(i, err, v) for i, (err, v) in zip(idx, self.read_pool.map(self._load, idx))]
+            ok = [(i, v) for i, err, v in loaded if not err]
+            pin = self.device.type == "cuda"
+            batches = []
+            for s in range(0, len(ok), self.batch):
+                part = ok[s:s + self.batch]
+                ua = torch.from_numpy(np.stack([v[0] for _, v in part]))
+                ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
+                la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
+                lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
+                batches.append((part, *(t.pin_memory() if pin else t for t in (ua, ub, la, lb))))
+            return loaded, batches
 
     def _load(self, i: int) -> tuple[str | None, tuple | None]:
         """Both crops and records of pair ``i``, or a one-line reason to skip it."""
@@ -84,69 +181,118 @@ class TripletRun:
             for fid in (pair.a, pair.b):
                 if fid not in self.faces:
                     raise LookupError(f"face id {fid} not in faces.jsonl")
-            fa, fb = self.faces[pair.a], self.faces[pair.b]
-            ia, ib = load_rgb(self.faces.image_path(fa)), load_rgb(self.faces.image_path(fb))
+            ia, ib = self.crop(pair.a), self.crop(pair.b)
             if ia.shape != ib.shape:
                 raise ValueError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
-            return None, (ia, ib, fa, fb)
+            return None, (ia, ib, self.faces[pair.a], self.faces[pair.b])
         except Exception as e:  # missing file, bad crop: skip the pair with a reason
             return f"{type(e).__name__}: {e}".splitlines()[0], None
 
-    def run_chunk(self, k: int, idx: list[int]) -> dict:
-        job = self.job
-        with job.stage("decode"):
-            loaded = list(self.pool.map(self._load, idx))
-        rejects = [reject(f"pair {i}", err, pair=self.pairs[i].to_json()) for i, (err, _) in zip(idx, loaded) if err]
-        ok = [(i, v) for i, (err, v) in zip(idx, loaded) if not err]
+    def render_chunk(self, k: int, loaded: tuple[list, list]) -> tuple[dict, list]:
+        """Synthesize chunk ``k``; returns its unit record and the futures writing its outputs."""
+        loaded, batches = loaded
+        rejects = [reject(f"pair {i}", err, pair=self.pairs[i].to_json()) for i, err, _ in loaded if err]
         records: list[dict] = []
-        samples: list[dict] = []
-        for s in range(0, len(ok), self.batch):
-            part = ok[s:s + self.batch]
-            with job.stage("synth"):
-                res, tensors = self._synthesize(part)
-                st, ts = to_uint8(res["fake_st"]), to_uint8(res["fake_ts"])
+        writes: list = []
+        samples: list = []
+        for part, *host in batches:
+            with self.job.stage("synth"):
+                res, tensors = self._synthesize(part, *host)
                 finite = (torch.isfinite(res["fake_st"]).flatten(1).all(1) & torch.isfinite(res["fake_ts"]).flatten(1).all(1)).cpu().numpy()
             qc = [dict() for _ in part]
             if self.checker is not None:
-                with job.stage("qc"):
+                with self.job.stage("qc"):
                     qc = self._qc(part, res, *tensors)
-            with job.stage("encode_write"):
-                for j, (i, (a_img, b_img, fa, fb)) in enumerate(part):
-                    pair = self.pairs[i]
-                    if not finite[j]:
-                        rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
-                        continue
-                    margin = self.r.qc.min_id_margin
-                    if margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
-                        worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
-                        rejects.append(reject(f"pair {i}", f"identity margin {worst:.3f} below --min-id-margin {margin}",
-                                              pair=pair.to_json()))
-                        continue
-                    key = f"{i:08d}"
-                    imgs = {"source": a_img, "target": b_img, "output_st": st[j], "output_ts": ts[j]}
-                    data = dict(zip(imgs, self.pool.map(lambda x: encode_image(x, ".jpg", self.r.output.quality), imgs.values())))
-                    rec = ManifestRecord(pair={"index": i, "a": pair.a, "b": pair.b}, folder=key, steps=self.r.steps(),
-                                         qc=qc[j])
-                    if self.webdataset:
-                        rec = rec.model_copy(update={"folder": None, "shard": f"shard-{k:06d}.tar", "key": key})
-                        samples.append({"__key__": key, **{FILES[n]: d for n, d in data.items()},
-                                        "json": json.dumps(rec.to_json()).encode()})
-                    else:
-                        with atomic_dir(job.out / key) as tmp:
-                            for name, d in data.items():
-                                (tmp / FILES[name]).write_bytes(d)
-                    records.append(rec.to_json())
+            keep = []
+            for j, (i, _) in enumerate(part):
+                pair = self.pairs[i]
+                margin = self.r.qc.min_id_margin
+                if not finite[j]:
+                    rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
+                elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
+                    worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
+                    rejects.append(reject(f"pair {i}", f"identity margin {worst:.3f} below --min-id-margin {margin}",
+                                          pair=pair.to_json()))
+                else:
+                    keep.append(j)
+            keys, recs = [], []
+            for j in keep:  # plain dicts here (the hot loop); manifest.jsonl validates them once
+                i = part[j][0]
+                pair, key = self.pairs[i], f"{i:08d}"
+                rec = {"schema": MANIFEST_SCHEMA, "pair": {"index": i, "a": pair.a, "b": pair.b}, "folder": key,
+                       "files": dict(FILES), "steps": self.steps, "qc": qc[j], "shard": None, "key": None}
+                if self.webdataset:
+                    rec |= {"folder": None, "shard": f"shard-{k:06d}.tar", "key": key}
+                keys.append(key)
+                recs.append(rec)
+                records.append(rec)
+            if keep:
+                with self.job.stage("encode_submit"):
+                    writes.extend(self._encode_and_write(part, res, tensors, keep, keys, recs, samples))
         if self.webdataset and samples:
-            with job.stage("encode_write"):
-                write_shard(job.out / f"shard-{k:06d}.tar", samples)
-        return {"records": records, "rejects": rejects}
+            writes.append(self.sharder.submit(self._write_shard, k, samples))
+        return {"records": records, "rejects": rejects}, writes
 
-    def _synthesize(self, part: list) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    def _encode_and_write(self, part: list, res: dict, tensors: tuple, keep: list[int], keys: list[str],
+                          recs: list[dict], samples: list) -> list:
+        """Hand the kept fakes to the encoder; returns futures to wait for. nvJPEG runs in its own
+        thread (one batched call, then it submits the folder writes); OpenCV runs in the writer
+        threads (each encodes and writes one folder). For shards the encoded images are collected in
+        ``samples`` for the shard writer instead."""
+        q = self.r.output.quality
+        ids = [(self.pairs[part[j][0]].a, self.pairs[part[j][0]].b) for j in keep]
+        if self.jpeg == JpegEncoder.nvjpeg:
+            sel = torch.as_tensor(keep, device=res["fake_st"].device)
+            stack = torch.cat([to_uint8_tensor(x[sel]) for x in (res["fake_st"], res["fake_ts"])])
+            n = len(keep)
+
+            def encode() -> list[dict[str, bytes]]:
+                blobs = encode_jpegs(stack, q)  # st…, ts…; the real faces' bytes come from the cache
+                return [{"source": self.crop.jpeg(a), "target": self.crop.jpeg(b), "output_st": blobs[m],
+                         "output_ts": blobs[n + m]} for m, (a, b) in enumerate(ids)]
+
+            if self.webdataset:
+                samples.append(("batch", keys, recs, self.encoder.submit(encode)))
+                return []
+            return [self.encoder.submit(lambda: [self.write_pool.submit(self._write_folder, key, d)
+                                                 for key, d in zip(keys, encode())])]
+        st, ts = to_uint8(res["fake_st"][keep]), to_uint8(res["fake_ts"][keep])
+        jobs = [functools.partial(self._encode_four, a, b, st[m], ts[m]) for m, (a, b) in enumerate(ids)]
+        if self.webdataset:
+            samples.extend(("one", [key], [rec], self.write_pool.submit(lambda f=f: [f()])) for key, rec, f in zip(keys, recs, jobs))
+            return []
+        return [self.write_pool.submit(self._write_folder, key, f) for key, f in zip(keys, jobs)]
+
+    def _encode_four(self, a: str, b: str, st: np.ndarray, ts: np.ndarray) -> dict[str, bytes]:
+        q = self.r.output.quality
+        return {"source": self.crop.jpeg(a), "target": self.crop.jpeg(b), "output_st": encode_image(st, ".jpg", q),
+                "output_ts": encode_image(ts, ".jpg", q)}
+
+    def _write_folder(self, key: str, data) -> None:
+        with self.job.stage("write"):
+            data = data() if callable(data) else data
+            with atomic_dir(self.job.out / key) as tmp:
+                for name, d in data.items():
+                    (tmp / FILES[name]).write_bytes(d)
+
+    def _write_shard(self, k: int, samples: list) -> None:
+        """One tar of the chunk's samples, once their encodings are ready (``samples``: per entry
+        keys, records and a future giving each key's ``{name: bytes}``)."""
+        members = []
+        for _, keys, recs, fut in samples:
+            for key, rec, data in zip(keys, recs, fut.result()):
+                members.append({"__key__": key, **{FILES[name]: d for name, d in data.items()},
+                                "json": json.dumps(rec).encode()})
+        with self.job.stage("write"):
+            write_shard(self.job.out / f"shard-{k:06d}.tar", members)
+
+    def _synthesize(self, part: list, ua: torch.Tensor, ub: torch.Tensor, la: torch.Tensor,
+                    lb: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Upload a ready batch (uint8 crops, landmarks) and render both fakes."""
         dev = self.device
-        ia = to_tensor([v[0] for _, v in part], dev)
-        ib = to_tensor([v[1] for _, v in part], dev)
-        la = torch.tensor([v[2].landmarks68 for _, v in part], dtype=torch.float32, device=dev)
-        lb = torch.tensor([v[3].landmarks68 for _, v in part], dtype=torch.float32, device=dev)
+        ia = ua.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        ib = ub.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        la, lb = la.to(dev, non_blocking=True), lb.to(dev, non_blocking=True)
         pa = pb = None
         if self.flame is not None:
             ids = [v[2].id for _, v in part] + [v[3].id for _, v in part]
@@ -170,6 +316,18 @@ class TripletRun:
         return self.checker.embed(imgs, lm)
 
 
+def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:
+    """``auto``: nvJPEG where it can run (measured faster than 16 OpenCV threads on an H100 host,
+    BENCHMARKS.md), else OpenCV threads."""
+    if choice == JpegEncoder.nvjpeg and not gpu_jpeg_available(device):
+        raise ValueError("output.encoder = nvjpeg needs a CUDA device and torchvision (use opencv or auto)")
+    if choice == JpegEncoder.auto:
+        return JpegEncoder.nvjpeg if gpu_jpeg_available(device) else JpegEncoder.opencv
+    return choice
+
+
+
+
 def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path, recipe: TripletRecipe = TripletRecipe(),
                  device: str = "auto", batch: int = 16, shard_index: int | None = None, num_shards: int | None = None,
                  progress: bool = False) -> dict:
@@ -191,19 +349,23 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
         n_chunks = (len(pairs) + run.chunk - 1) // run.chunk
         mine = [k for k in range(n_chunks) if k % ns == si]
         todo = [k for k in mine if not job.is_done(f"chunk-{k:06d}")]
-        done = len(mine) - len(todo)
-        job.progress(done, len(mine))
-        written_now = 0
+        done = [len(mine) - len(todo), 0]  # chunks done, triplets written this run
+        job.progress(done[0], len(mine))
         t0 = job.wall
-        for k in todo:
-            res = run.run_chunk(k, list(range(k * run.chunk, min(len(pairs), (k + 1) * run.chunk))))
-            written_now += len(res["records"])
-            job.save_unit(f"chunk-{k:06d}", res)
-            done += 1
-            job.progress(done, len(mine))
-        run.pool.shutdown()
+
+        def finished(k: int, record: dict) -> None:
+            job.save_unit(f"chunk-{k:06d}", record)
+            done[0] += 1
+            done[1] += len(record["records"])
+            job.progress(done[0], len(mine))
+
+        try:
+            run.run(todo, finished)
+        finally:
+            run.close()
+        written_now = done[1]
         return assemble(job, recipe, n_chunks, len(pairs), written_now, len(mine) - len(todo), (si, ns),
-                        run.fitted_on_the_fly, job.wall - t0)
+                        run.fitted_on_the_fly, job.wall - t0, run.jpeg)
 
 
 def _qc_aggregates(records: list[dict]) -> dict:
@@ -219,7 +381,7 @@ def _qc_aggregates(records: list[dict]) -> dict:
 
 
 def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, written_now: int, skipped: int,
-             shard: tuple[int, int], fitted: int, wall: float) -> dict:
+             shard: tuple[int, int], fitted: int, wall: float, jpeg: str) -> dict:
     """manifest.jsonl, triplet.pickle, rejects.jsonl and summary.json from every chunk record present."""
     records, rejects = [], []
     present = 0
@@ -240,4 +402,5 @@ def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, writt
                  "synthesis": {"reenact": recipe.reenact.backend, "geometry": geometry,
                                "appearance": recipe.appearance.method.value, "blend": recipe.blend.method.value,
                                "reshape": recipe.reshape.method.value if recipe.reshape.enabled else False},
+                 "jpeg_encoder": jpeg.value, "stages_note": "stages overlap (a pipeline of threads): wall_s is what counts",
                  "qc": _qc_aggregates(records)})

@@ -91,8 +91,12 @@ def rasterize_torch(uv: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, 
         zbuf = torch.full((b * h * w,), float("-inf"), dtype=dt, device=dev)
         zbuf.scatter_reduce_(0, pix, zz, "amax")
         win = zz >= zbuf[pix]
-        pix_to_face[pix[win]] = ff[win]
-        bary_out[pix[win]] = ww[win]
+        # equal depths (a pixel centre on a shared edge): the highest face index wins, on every
+        # device, so CPU and GPU rasterize identically (a plain scatter leaves the winner undefined)
+        pix_to_face.scatter_reduce_(0, pix[win], ff[win], "amax")
+        chosen = win.clone()
+        chosen[win] = ff[win] == pix_to_face[pix[win]]
+        bary_out[pix[chosen]] = ww[chosen]
     return pix_to_face.view(b, h, w), bary_out.view(b, h, w, 3)
 
 

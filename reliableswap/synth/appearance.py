@@ -37,10 +37,18 @@ def _cov(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sqrtm(c: torch.Tensor, inv: bool = False) -> torch.Tensor:
-    ev, v = torch.linalg.eigh(c.double())
+    """Square root (or inverse square root) of B×C×C covariances, in float64 on the CPU: the
+    matrices are tiny, and LAPACK converges where batched GPU solvers fail on degenerate ones (a
+    flat or grey face region); a small ridge keeps them positive definite."""
+    cd = c.detach().to("cpu", torch.float64)
+    eye = torch.eye(cd.shape[-1], dtype=torch.float64)
+    # a non-finite covariance (a NaN in the face) gets the identity: the NaN reaches the fake, and
+    # the pipeline rejects that pair with a reason instead of the solver stopping the batch
+    cd = torch.where(torch.isfinite(cd).all((-1, -2), keepdim=True), cd, eye) + 1e-8 * eye
+    ev, v = torch.linalg.eigh(cd)
     ev = ev.clamp_min(1e-6)
     d = ev.rsqrt() if inv else ev.sqrt()
-    return (v @ torch.diag_embed(d) @ v.transpose(-1, -2)).to(c.dtype)
+    return (v @ torch.diag_embed(d) @ v.transpose(-1, -2)).to(c.device, c.dtype)
 
 
 def linear_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from reliableswap.choices import IdentityKind
+from reliableswap.choices import Condition, IdentityKind
 from reliableswap.recipes import IdentitySection, TrainRecipe
 from reliableswap.train.aei import FaceShifter
 from reliableswap.train.arcface import DlibEncoder, load_arcface
@@ -27,8 +27,18 @@ def build_identity(cfg: IdentitySection, device: torch.device) -> tuple[Callable
     return enc, enc.net.fc.out_features, True
 
 
+def needs_identity(r: TrainRecipe) -> bool:
+    """Whether anything in the run uses an identity encoder (FaceShifter's z_id, an identity-
+    conditioned generator, or the identity loss)."""
+    return r.model.swapper == "faceshifter" or r.model.condition == Condition.identity or r.loss.identity > 0
+
+
 def build_swapper(r: TrainRecipe, device: torch.device, identity=None) -> tuple[SwapperAdapter, Any]:
-    """The trainable swapper wrapped in :class:`SwapperAdapter`, and its identity encoder."""
+    """The trainable swapper wrapped in :class:`SwapperAdapter`, and its identity encoder (None
+    when nothing needs one, so a pair-conditioned swapper never loads dlib or ArcFace)."""
+    if identity is None and not needs_identity(r):
+        model = load_class(r.model.swapper)(**r.model.kwargs)
+        return SwapperAdapter(model, tuple(r.model.value_range), r.model.input_size or None).to(device), None
     enc, dim, diff = identity if identity is not None else build_identity(r.identity, device)
     m = r.model
     if m.swapper == "faceshifter":

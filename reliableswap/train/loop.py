@@ -40,8 +40,14 @@ from triplets.records import ContractError, resolve_inside
 
 
 def init_distributed() -> tuple[int, int]:
-    """``(rank, world)``: joins torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, else gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """``(rank, world)``: joins torchrun's process group (NCCL on CUDA, else gloo) when WORLD_SIZE > 1,
+    or under torchrun with ``RELIABLESWAP_DIST=always`` (one process still goes through the
+    process group and its all-reduce: how the NCCL path is checked on a single GPU)."""
+    under_torchrun = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (under_torchrun and os.environ.get("RELIABLESWAP_DIST") == "always")
+    if wanted and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -51,7 +57,7 @@ def init_distributed() -> tuple[int, int]:
 def average_grads(params: list[torch.Tensor], world: int) -> None:
     """Average gradients over the processes with one flat all_reduce."""
     grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+    if not dist.is_initialized() or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -62,10 +68,10 @@ def average_grads(params: list[torch.Tensor], world: int) -> None:
         i += g.numel()
 
 
-def all_finite(x: torch.Tensor, world: int) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """Whether ``x`` is finite on every process."""
     ok = torch.tensor([float(torch.isfinite(x).all())], device=x.device)
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
 
@@ -132,12 +138,13 @@ class Trainer:
                  checkpoint: Path | None = None, device: str = "auto", supervision: CycleSupervision | None = None):
         self.r, self.run = recipe, Path(run)
         self.rank, self.world = init_distributed()
+        self.backend = dist.get_backend() if dist.is_initialized() else None
         self.main = self.rank == 0
         if device == "auto":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.dev = torch.device(device)
         self.run.mkdir(parents=True, exist_ok=True)
-        if self.world > 1:
+        if self.backend:
             dist.barrier()
         torch.manual_seed(recipe.train.seed)
         self._data(Path(triplets), faces)
@@ -146,7 +153,7 @@ class Trainer:
     def _data(self, triplets: Path, faces: Path | None) -> None:
         r = self.r
         train_src, held_src = split_triplets(triplets, r.data.holdout, self.run) if self.main else (None, None)
-        if self.world > 1:
+        if self.backend:
             obj = [(train_src, held_src)]
             dist.broadcast_object_list(obj, 0)
             train_src, held_src = obj[0]
@@ -167,7 +174,7 @@ class Trainer:
             self.info["checkpoint"] = {"path": str(checkpoint), "missing_keys": len(missing), "unexpected_keys": len(unexpected)}
         self.g_params = parameters_of(model, "generator_parameters") or [p for p in model.parameters() if p.requires_grad]
         self.d_params = parameters_of(model, "discriminator_parameters") if hasattr(model, "discriminator_loss") else None
-        if self.world > 1:  # identical start on every process
+        if self.backend:  # identical start on every process
             for p in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(p.data, 0)
         o = r.optim
@@ -236,7 +243,7 @@ class Trainer:
                 logs.update(own_logs)
         logs.update(sup_logs)
         self.opt_g.zero_grad(set_to_none=True)
-        if not all_finite(loss.detach(), self.world):
+        if not all_finite(loss.detach()):
             logs["skipped"] = "non-finite loss"
             return logs, batch, result
         self.scaler.scale(loss).backward()
@@ -256,7 +263,7 @@ class Trainer:
         with torch.autocast(self.dev.type, dtype=self.amp_dtype, enabled=self.amp):
             loss_d, d_logs = self.model.discriminator_loss(bdev, result.float())
         logs.update(d_logs)
-        if all_finite(loss_d.detach(), self.world):
+        if all_finite(loss_d.detach()):
             self.scaler.scale(loss_d).backward()
             average_grads(self.d_params, self.world)
             self.scaler.step(self.opt_d)
@@ -294,7 +301,7 @@ class Trainer:
                     metrics.log({"step": step, "eval/cycle_l1": ev})
             if main and (step % r.train.ckpt_every == 0 or step == r.train.steps):
                 self.save(step)
-            if self.world > 1 and step % r.train.ckpt_every == 0:
+            if self.backend and step % r.train.ckpt_every == 0:
                 dist.barrier()
             if progress and main:
                 progress(step, r.train.steps)
@@ -306,6 +313,6 @@ class Trainer:
                 "eval_start": eval_start, "eval_end": eval_end}
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.backend:
             dist.barrier()
             dist.destroy_process_group()
