@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_triplets.py
 	$(BIN)/python scripts/bench_flame_fit.py
 	$(BIN)/python scripts/bench_flows.py
+	$(BIN)/python scripts/bench_hostile.py
 	test -d demo_out/triplets || $(MAKE) demo
 	$(BIN)/reliableswap finetune --recipe recipes/tiny.toml --triplets demo_out/triplets --faces demo_out/prep --out bench_out/tiny --steps 100
 

@@ -10,6 +10,7 @@ exit code 3. ``reliableswap --debug …`` shows the traceback instead.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,17 +66,23 @@ def prep(
     ext: Annotated[CropExt, typer.Option(help="Crop file format.")] = CropExt.png,
     device: Annotated[str, typer.Option(help="Torch device for alignment and FAN: cpu, cuda, cuda:1 ...")] = "cpu",
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model file: also fit FLAME per face (as `reliableswap fit`).")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Reject images (and video frames) larger than this many pixels, read from the header before decoding.", min=1)] = 64_000_000,
 ) -> None:
     """Detect, landmark and align every face in INPUTS; write crops and faces.jsonl. Resumable."""
     from reliableswap.commands.prep import PrepConfig, run_prep
+    from reliableswap.device import resolve_device
     from reliableswap.faces.landmarks import FanLandmarks
 
+    resolve_device(device)
     if landmarks == LandmarkBackend.fan:
         FanLandmarks(device)  # fail at start-up naming the missing file, not in every worker
     cfg = PrepConfig(size=size, align=align, landmarks=landmarks, detector=detector, every=every, largest=largest,
-                     min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device)
+                     min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device,
+                     max_pixels=max_pixels)
     s = run_prep(inputs, out, cfg, workers=workers, progress=True)
     c, d = s["counts"], s["details"]
+    if d["warning"]:
+        err.print(f"[yellow]warning:[/] {escape(d['warning'])}")
     say(f"{c['written']} faces from {d['images_with_faces']} of {d['frames']} images/frames "
               f"({c['skipped']} inputs done before); {c['rejected']} rejected {c['rejected_by_reason'] or ''}")
     say(f"wrote {out / 'faces.jsonl'}, {out / 'rejects.jsonl'}, {out / 'summary.json'}")
@@ -195,6 +202,7 @@ def finetune(
     faces: Annotated[Optional[Path], typer.Option("--faces", help="A prep folder: vanilla pairs of real faces are drawn from it.")] = None,
     steps: Annotated[Optional[int], typer.Option(help=f"Total steps {_FROM_RECIPE}.", min=1)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/latest.json (same trajectory).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in a folder that holds a run (its files are removed first).")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Start from these swapper weights (.safetensors, or torch file loaded weights_only).")] = None,
     swapper: Annotated[Optional[str], typer.Option(help=f"package.module:Class of your swapper {_FROM_RECIPE}.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (under torchrun: cuda:LOCAL_RANK).")] = "auto",
@@ -204,7 +212,7 @@ def finetune(
     from reliableswap.recipes import TrainRecipe, load_recipe
 
     r = load_recipe(recipe, TrainRecipe).with_overrides({"train.steps": steps, "model.swapper": swapper})
-    s = run_finetune(r, triplets_dir, out, faces, resume, checkpoint, device, progress=True)
+    s = run_finetune(r, triplets_dir, out, faces, resume, checkpoint, device, progress=True, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return
     d = s["details"]
@@ -249,12 +257,14 @@ def _expected_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
     """(errors that mean bad input → exit 2, errors that mean nothing usable → exit 1)."""
     from reliableswap.faces.models import MissingWeightsError
     from reliableswap.flame.model import FlameFileError, UnsafePickleError
-    from reliableswap.jobs import NothingUsable, SettingsMismatch
+    from reliableswap.jobs import FolderBusy, NothingUsable, SettingsMismatch
+    from safetensors import SafetensorError
+
     from reliableswap.recipes import RecipeError
     from triplets.records import ContractError
 
-    bad = (ContractError, RecipeError, SettingsMismatch, FlameFileError, UnsafePickleError, MissingWeightsError,
-           FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, OSError)
+    bad = (ContractError, RecipeError, SettingsMismatch, FolderBusy, FlameFileError, UnsafePickleError, MissingWeightsError,
+           pickle.UnpicklingError, SafetensorError, ValueError, OSError)
     return bad, (NothingUsable,)
 
 

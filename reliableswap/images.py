@@ -32,8 +32,11 @@ MIN_IMAGE_SIDE = 32
 #: JPEGs are decoded at a reduced DCT scale while the long side stays at least this big.
 DECODE_MIN_SIDE = 2048
 
-# 8000×8000 (64 MP) is legitimate input; refuse only absurd sizes (decompression bombs).
-Image.MAX_IMAGE_PIXELS = 300_000_000
+#: Largest image (width × height, read from the header before any decode) ``prep`` accepts by
+#: default: 8000×8000 photos pass; a 17000×17000 PNG bomb of 0.9 MB does not (``--max-pixels``).
+MAX_PIXELS = 64_000_000
+# Our own check (read_image's max_pixels) runs first, with the user's limit; PIL's stays a backstop.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class InputError(Exception):
@@ -78,7 +81,7 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE) -> tuple[np.ndarray, float]:
+def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, float]:
     """Read an image file as upright RGB.
 
     Handles EXIF orientation, CMYK, grayscale, palette, alpha, 16-bit and float TIFF/PNG.
@@ -107,7 +110,9 @@ def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE) -> t
     except OSError as e:
         raise InputError(f"cannot open image ({e})") from None
     with img:
-        w0, h0 = img.size
+        w0, h0 = img.size  # from the header: nothing is decoded yet
+        if w0 * h0 > max_pixels:
+            raise InputError(f"image too large ({w0}x{h0} px = {w0 * h0 / 1e6:.0f} MP > --max-pixels {max_pixels / 1e6:.0f} MP)")
         if min(w0, h0) < MIN_IMAGE_SIDE:
             raise InputError(f"image too small ({w0}x{h0} px, need >= {MIN_IMAGE_SIDE} px a side)")
         if img.format == "JPEG" and max(w0, h0) >= 2 * min_side:
@@ -144,17 +149,22 @@ def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTS
 
 
-def iter_video_frames(path: str | os.PathLike, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+def iter_video_frames(path: str | os.PathLike, every: int = 1, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(frame_index, rgb)`` for every ``every``-th frame, in order, decoding sequentially.
 
     Raises:
-        InputError: the file cannot be opened as a video or holds no frame.
+        InputError: the file cannot be opened as a video, its frames are larger than ``max_pixels``,
+            or it holds no frame.
     """
     if every < 1:
         raise ValueError("every must be >= 1")
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise InputError("cannot open video (unsupported codec or not a video)")
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if w * h > max_pixels:
+        cap.release()
+        raise InputError(f"video frames too large ({w}x{h} px > --max-pixels {max_pixels / 1e6:.0f} MP)")
     try:
         idx, got_any = 0, False
         while True:

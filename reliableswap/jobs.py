@@ -29,12 +29,15 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +48,15 @@ from triplets.records import RejectRecord, Summary
 
 class SettingsMismatch(ValueError):
     """The output folder holds a run made with other settings."""
+
+
+class FolderBusy(ValueError):
+    """Another run of the same command is writing into the folder (its lock names it)."""
+
+
+class OutputError(OSError):
+    """An output could not be written (disk full, no permission…): the run stops with this message,
+    and nothing is recorded against the input, so a re-run after the cause is fixed completes."""
 
 
 class NothingUsable(RuntimeError):
@@ -104,14 +116,18 @@ class Job:
         temp_dirs: sub-folders (glob patterns) of ``out`` that atomic writes use, cleaned of stale temps too.
         device: shown in the summary.
         progress: show a rich progress bar on stderr.
+        lock: the name of this writer's advisory lock in ``out`` (default: the command); two runs
+            holding the same name at once are refused (:class:`FolderBusy`, naming the holder).
+            Shards of one run take one name each; ``False``: no lock (a helper process).
     """
 
     def __init__(self, command: str, out: str | os.PathLike, settings: dict[str, Any], unit: str, *,
                  shared: str | None = None, resumable: bool = True, temp_dirs: tuple[str, ...] = (),
-                 device: str | None = None, progress: bool = False):
+                 device: str | None = None, progress: bool = False, lock: str | bool = True):
         self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
         self.shared, self.resumable, self.device = shared, resumable, device
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = self._take_lock(command if lock is True else lock) if lock else None
         self.state = self.out / f".{command}"
         self.stages: Counter = Counter()
         self._stage_lock = threading.Lock()
@@ -125,6 +141,24 @@ class Job:
         if resumable:
             remove_stale_temps(self.state / "units")
             self._pin(settings)
+
+    # -- the folder lock --------------------------------------------------------------------
+    def _take_lock(self, name: str) -> FileLock:
+        lock = FileLock(self.out / f".{name}.lock")
+        holder = self.out / f".{name}.lock.json"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                h = json.loads(holder.read_text())
+                who = f"pid {h['pid']} on {h['host']}, since {h['since']}"
+            except (OSError, ValueError, KeyError):
+                who = "holder unknown"
+            raise FolderBusy(f"{self.out} is being written by another {self.command} run ({who}): "
+                             "wait for it to end, or use another --out") from None
+        atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                                   "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
+        return lock
 
     # -- files ------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -186,15 +220,22 @@ class Job:
         self._bar.update(self._task, completed=done, total=total)
 
     def close(self) -> None:
+        """Stop the progress bar (the lock is kept until the job ends: :meth:`release`)."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def release(self) -> None:
+        self.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "Job":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.release()
 
     @property
     def wall(self) -> float:
@@ -223,3 +264,8 @@ class Job:
 def reject(input: str, reason: str, **extra: Any) -> dict[str, Any]:
     """A ``rejects.jsonl`` record: the input and a one-line reason."""
     return RejectRecord(input=input, reason=" ".join(str(reason).split()), **extra).to_json()
+
+
+def bad_records(problems: list) -> list[dict[str, Any]]:
+    """Rejects for contract lines refused on reading (``ContractError``: input ``file:line``)."""
+    return [reject(e.where, f"bad record: {e.field + ': ' if e.field else ''}{e.problem}") for e in problems]

@@ -266,7 +266,7 @@ def validate_recipe(cls: type[Recipe], d: dict[str, Any], source: str) -> Recipe
         return cls.model_validate(d)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        msg = "unknown key (not in this kind of recipe)" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key (not in this kind of recipe)" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         shown = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err['input']!r})"[:80]
         raise RecipeError(f"{source}: {_key(err['loc'])}: {msg}{shown}") from None
 

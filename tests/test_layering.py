@@ -14,6 +14,7 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap": set(),  # the package root: its version only
     "triplets": set(),
     "reliableswap.choices": set(),
+    "reliableswap.device": set(),
     "reliableswap.geometry": set(),
     "reliableswap.images": {"triplets"},
     "reliableswap.recipes": {"reliableswap.choices"},
@@ -24,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.pairs": {"reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
     "reliableswap.viz": {"reliableswap.images", "triplets"},
     "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
-                           "triplets"},
+                           "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
     "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "triplets"},
     "reliableswap.commands": {"*"},  # above everything but the CLI

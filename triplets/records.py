@@ -65,7 +65,7 @@ class ContractError(ValueError):
 def _first_error(e: ValidationError) -> tuple[str, str]:
     err = e.errors(include_url=False)[0]
     loc = ".".join(str(x) for x in err["loc"]) or "record"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err.get("type") == "json_invalid":
         return "record", "not valid JSON"
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
@@ -282,6 +282,12 @@ class PairRecord(Record):
     pose_delta: PoseDelta | None = None
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _two_faces(self) -> "PairRecord":
+        if self.a == self.b:
+            raise ValueError(f"a self-pair ({self.a!r} with itself) makes no triplet")
+        return self
+
 
 # -- manifest.jsonl (triplets) --------------------------------------------------------------------
 
@@ -391,8 +397,10 @@ class FaceSet:
     when present. Ids are unique (a duplicate is refused naming both lines); crop paths resolve
     inside the folder."""
 
-    def __init__(self, folder: Path, faces: list[FaceRecord], flame: dict[str, FlameRecord]):
+    def __init__(self, folder: Path, faces: list[FaceRecord], flame: dict[str, FlameRecord],
+                 problems: list[ContractError] | None = None):
         self.folder, self.faces, self.flame = folder, faces, flame
+        self.problems = problems or []  # lines refused when read leniently
         self.by_id: dict[str, FaceRecord] = {}
         for f in faces:
             if f.id in self.by_id:
@@ -400,15 +408,20 @@ class FaceSet:
             self.by_id[f.id] = f
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, flame: bool = True) -> "FaceSet":
+    def load(cls, folder: str | os.PathLike, flame: bool = True, strict: bool = True) -> "FaceSet":
+        """``strict``: the first bad line raises; otherwise bad lines (of faces.jsonl and flame.jsonl)
+        are left out and kept in :attr:`problems`, so a command can reject them with their reason.
+        Duplicate ids are refused either way (which record is right cannot be known)."""
         folder = Path(folder)
         if not (folder / FaceRecord.FILE).is_file():
             raise ContractError(str(folder), "", "no faces.jsonl here (run `reliableswap prep` first)")
-        faces = FaceRecord.read(folder / FaceRecord.FILE)
+        read = (lambda rec_cls, p: (rec_cls.read(p), [])) if strict else (lambda rec_cls, p: rec_cls.read_valid(p))
+        faces, problems = read(FaceRecord, folder / FaceRecord.FILE)
         params: dict[str, FlameRecord] = {}
         if flame and (folder / FlameRecord.FILE).is_file():
-            params = {r.id: r for r in FlameRecord.read(folder / FlameRecord.FILE)}
-        return cls(folder, faces, params)
+            recs, bad = read(FlameRecord, folder / FlameRecord.FILE)
+            params, problems = {r.id: r for r in recs}, problems + bad
+        return cls(folder, faces, params, problems)
 
     def __len__(self) -> int:
         return len(self.faces)

@@ -5,6 +5,7 @@ data parallel under torchrun; rank 0 writes the summary."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from reliableswap.jobs import Job, SettingsMismatch
@@ -13,23 +14,39 @@ from reliableswap.train.loop import Trainer
 from reliableswap.train.losses import CycleSupervision
 
 
+#: What a run writes in its folder (``--overwrite`` removes these, nothing else).
+RUN_FILES = ("checkpoints", "samples", "tensorboard", "metrics.jsonl", "summary.json", "rejects.jsonl", "train.txt",
+             "heldout.txt", ".finetune")
+
+
 def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os.PathLike, faces: str | os.PathLike | None = None,
                  resume: bool = False, checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 progress: bool = False, supervision: CycleSupervision | None = None) -> dict:
+                 progress: bool = False, supervision: CycleSupervision | None = None, overwrite: bool = False) -> dict:
     """Fine-tune; returns the summary (also ``RUN/summary.json`` from rank 0).
 
     The recipe (all but ``train.steps``, which a resumed run may extend) is pinned in the run
     folder: resuming with another recipe is refused, and so is starting afresh in a folder that
-    already holds checkpoints (pass ``resume`` to continue it, or use another folder).
+    already holds a run (pass ``resume`` to continue it, ``overwrite`` to remove the old run's
+    files first, or use another folder).
     """
     run = Path(run)
-    if not resume and (run / "checkpoints" / "latest.json").is_file():
-        raise SettingsMismatch(f"{run} already holds a run's checkpoints: pass --resume to continue it, or use another --out")
+    used = [n for n in RUN_FILES if (run / n).exists()]
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if used and not resume:
+        if not overwrite:
+            raise SettingsMismatch(f"{run} already holds a run ({', '.join(used)}): pass --resume to continue it, "
+                                   "--overwrite to start again in it, or use another --out")
+        if int(os.environ.get("RANK", "0")) == 0:
+            for n in used:
+                p = run / n
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     settings = recipe.model_dump(mode="json")
     settings["train"].pop("steps")
     trainer = Trainer(recipe, Path(triplets), run, Path(faces) if faces else None, Path(checkpoint) if checkpoint else None,
                       device, supervision)
-    with Job("finetune", run, settings, "steps", device=str(trainer.dev), progress=progress and trainer.main) as job:
+    with Job("finetune", run, settings, "steps", device=str(trainer.dev), progress=progress and trainer.main,
+             lock=trainer.main) as job:
         start = trainer.resume() if resume else 0
         res = trainer.fit(start, job.progress)
         trainer.close()

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from reliableswap.commands.triplets import file_sha256
+from reliableswap.device import resolve_device
 from reliableswap.flame.fit import FitConfig, fit_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.flame.model import resolve_flame_path
-from reliableswap.jobs import Job, NothingUsable, reject
+from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from triplets.records import FaceSet, FlameRecord
 
 
@@ -34,7 +35,8 @@ def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embeddin
             progress: bool = False) -> dict:
     """Fit FLAME to every face of ``folder``; returns the summary (also ``fit.summary.json``)."""
     folder = Path(folder)
-    faces = FaceSet.load(folder, flame=False)
+    device = str(resolve_device(device))
+    faces = FaceSet.load(folder, flame=False, strict=False)
     settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}
     with Job("fit", folder, settings, "faces", shared="fit", device=str(device), progress=progress) as job:
         with job.stage("load"):
@@ -51,7 +53,7 @@ def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embeddin
             n += 1
             job.progress(len(faces) - len(todo) + min(i + batch, len(todo)), len(faces))
         by_id = {r["id"]: r for k in job.done_keys() for r in job.load_unit(k)["records"]}
-        keep, rejects = [], []
+        keep, rejects = [], bad_records(faces.problems)
         for f in faces:
             r = by_id[f.id]
             if r["rmse_px"] > max_rmse:
@@ -65,7 +67,7 @@ def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embeddin
         fit_s = job.stages["fit"]
         now = {f.id for f in todo}
         return job.finish(
-            n_in=len(faces), written=len(keep), written_this_run=sum(r["id"] in now for r in keep), skipped=len(faces) - len(todo), rejects=rejects,
+            n_in=len(faces) + len(faces.problems), written=len(keep), written_this_run=sum(r["id"] in now for r in keep), skipped=len(faces) - len(todo), rejects=rejects,
             details={"model": str(resolve_flame_path(model)),
                      "rmse_px": {"mean": round(float(rm.mean()), 4), "median": round(float(np.median(rm)), 4),
                                  "max": round(float(rm.max()), 4)} if len(rm) else None,

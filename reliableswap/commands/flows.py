@@ -23,6 +23,7 @@ from reliableswap.choices import Rasterizer
 from reliableswap.faces.ibug68 import JAW
 from reliableswap.commands.fit import flame_settings
 from reliableswap.commands.triplets import file_sha256
+from reliableswap.device import resolve_device
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.flow import shape_flow
 from reliableswap.flame.layer import load_flame
@@ -31,7 +32,7 @@ from reliableswap.geometry.fields import flow_to_color
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.geometry.raster import available_backends
 from reliableswap.images import encode_image, load_rgb, to_tensor, to_uint8
-from reliableswap.jobs import Job, reject
+from reliableswap.jobs import Job, bad_records, reject
 from triplets.jsonl import atomic_write_bytes
 from triplets.records import FaceSet, FlowRecord, PairRecord
 
@@ -55,8 +56,9 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
               backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False) -> dict:
     """Shape flows for every pair of ``pairs_file``; returns the summary (also ``OUT/summary.json``)."""
     folder, out = Path(folder), Path(out)
-    faces = FaceSet.load(folder)
-    pairs = PairRecord.read(pairs_file)
+    device = str(resolve_device(device))
+    faces = FaceSet.load(folder, strict=False)
+    pairs, bad_pairs = PairRecord.read_valid(pairs_file)
     backend = Rasterizer(backend)
     settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse, "previews": previews,
                 "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
@@ -65,7 +67,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
     with Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=str(device), progress=progress) as job:
         with job.stage("load"):
             flame = load_flame(model, embedding, device)
-        rejects, todo = [], []
+        rejects, todo = bad_records(faces.problems + bad_pairs), []
         for p in pairs:
             key = f"{p.a}__{p.b}"
             if p.a not in faces or p.b not in faces:
@@ -102,7 +104,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 manifest.append(rec)
         FlowRecord.write(out / FlowRecord.FILE, manifest)
         used = "pytorch3d" if backend != Rasterizer.torch and "pytorch3d" in available_backends() else "torch"
-        return job.finish(n_in=len(pairs), written=len(manifest), written_this_run=done_now,
+        return job.finish(n_in=len(pairs) + len(bad_pairs), written=len(manifest), written_this_run=done_now,
                           skipped=len(keys) - len(pending), rejects=rejects,
                           details={"model": str(resolve_flame_path(model)), "rasterizer": used,
                                    "faces_fitted_on_the_fly": fitted})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -29,9 +30,10 @@ import numpy as np
 import torch
 
 from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
+from reliableswap.device import resolve_device
 from reliableswap.faces.processor import FaceProcessor
-from reliableswap.images import InputError, is_image, is_video, iter_video_frames, read_image, save_image
-from reliableswap.jobs import Job, reject, unit_record_path
+from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image
+from reliableswap.jobs import Job, OutputError, reject, unit_record_path
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
 from triplets.records import FaceRecord
@@ -52,6 +54,7 @@ class PrepConfig:
     identity_from_folder: bool = False
     ext: CropExt = CropExt.png
     device: str = "cpu"
+    max_pixels: int = MAX_PIXELS  # larger images/video frames are rejected from their header, before decoding
 
     def settings(self) -> dict:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
@@ -128,12 +131,26 @@ def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: PrepConfig, single_thread: bool = True) -> None:
-    """Load the models for this process; a pool worker also keeps torch/OpenCV to one thread."""
+def _init_worker(cfg: PrepConfig, single_thread: bool = True, parent: int | None = None) -> None:
+    """Load the models for this process; a pool worker also keeps torch/OpenCV to one thread and
+    exits when the process that started the run is gone (``kill -9`` of ``prep`` leaves no worker)."""
     if single_thread:
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
+    if parent is not None:
+        threading.Thread(target=_die_with, args=(parent,), daemon=True).start()
     _WORKER["cfg"], _WORKER["proc"] = cfg, cfg.processor()
+
+
+def _die_with(pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
 
 
 def process_unit(unit: Unit, out: Path) -> UnitResult:
@@ -154,7 +171,10 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
         for k, (r, crop) in enumerate(zip(recs, crops)):
             fid = unit.key + (f"_f{frame:06d}" if frame is not None else "") + f"_{k}"
             rel = f"{crop_dir}/{fid}{cfg.ext.value}"
-            save_image(out / rel, crop)
+            try:
+                save_image(out / rel, crop)
+            except OSError as e:  # an output failure stops the run; the input is not to blame
+                raise OutputError(f"cannot write {out / rel}: {e.strerror or e}") from e
             res.faces.append(FaceRecord(
                 id=fid, image=rel, align=cfg.align.value, size=cfg.size, identity=identity,
                 origin={"path": unit.display, "frame": frame, "face_index": k,
@@ -163,22 +183,28 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
 
     try:
         if unit.kind == "video":
-            for idx, rgb in _timed(iter_video_frames(unit.path, cfg.every), timings):
+            for idx, rgb in _timed(iter_video_frames(unit.path, cfg.every, cfg.max_pixels), timings):
                 res.frames += 1
                 handle(rgb, 1.0, idx)
         else:
             t = time.perf_counter()
-            rgb, scale = read_image(unit.path)
+            rgb, scale = read_image(unit.path, max_pixels=cfg.max_pixels)
             timings["decode"] += time.perf_counter() - t
             res.frames = 1
             handle(rgb, scale, None)
     except InputError as e:
         res.rejects.append(reject(unit.display, str(e)))
+    except OutputError:
+        raise
     except Exception as e:  # a bug or a library failure on odd data must not stop the batch
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
         res.rejects.append(reject(unit.display, f"processing failed ({msg})"))
     res.timings = dict(timings)
-    atomic_write_json(unit_record_path(out, "prep", unit.key), asdict(res))
+    path = unit_record_path(out, "prep", unit.key)
+    try:
+        atomic_write_json(path, asdict(res))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     return res
 
 
@@ -207,13 +233,17 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
         progress: show a progress bar.
     """
     out = Path(out)
+    resolve_device(cfg.device)
     with Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
         done = len(units) - len(todo)
         job.progress(done, len(units))
+        cores = os.cpu_count() or 1
+        warning = f"--workers {workers} capped at {cores} (the CPU count)" if workers > cores else None
+        workers = max(1, min(workers, cores, len(todo)))
         if todo:
-            if workers <= 1 or len(todo) == 1:
+            if workers <= 1:
                 if _WORKER.get("cfg") != cfg:
                     _init_worker(cfg, single_thread=False)  # in-process: leave the caller's thread settings
                 for u in todo:
@@ -224,14 +254,15 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
                 # forkserver: children start from a clean process, never from one holding the
                 # progress bar's thread or torch's thread pools (fork deadlocks there).
                 ctx = get_context("forkserver")
-                with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as ex:
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, True, os.getpid())) as ex:
                     for _ in ex.map(process_unit, todo, [out] * len(todo)):
                         done += 1
                         job.progress(done, len(units))
-        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo})
+        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning)
 
 
-def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg: PrepConfig, ran: set[str]) -> dict:
+def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg: PrepConfig, ran: set[str],
+             warning: str | None = None) -> dict:
     """Rebuild faces.jsonl, rejects.jsonl and summary.json from the per-unit records (``ran``: the
     units processed by this run)."""
     faces: list[dict] = []
@@ -254,4 +285,5 @@ def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg
         n_in=len(units) + len(missing), written=len(faces), written_this_run=written_now, skipped=len(units) - len(ran),
         rejects=rejects,
         details={"frames": frames, "images_with_faces": len({(f["origin"]["path"], f["origin"]["frame"]) for f in faces}),
-                 "ignored_files": ignored, "faces_per_s_per_worker": round(len(faces) / busy, 2) if busy > 0 else None})
+                 "ignored_files": ignored, "faces_per_s_per_worker": round(len(faces) / busy, 2) if busy > 0 else None,
+                 "warning": warning})

@@ -77,4 +77,7 @@ def load_reenactor(spec: str | None, identity_layout: float = 1.0) -> Reenactor:
     mod, _, cls = spec.partition(":")
     if not cls:
         raise ValueError(f"reenactor {spec!r}: expected 'module:Class'")
-    return getattr(importlib.import_module(mod), cls)()
+    try:
+        return getattr(importlib.import_module(mod), cls)()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"[reenact] backend {spec!r}: cannot import it ({e})") from None

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import default_collate
 
+from reliableswap.device import resolve_device
 from reliableswap.images import encode_image, to_uint8
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.build import build_swapper, load_weights, parameters_of
@@ -140,9 +141,9 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.backend = dist.get_backend() if dist.is_initialized() else None
         self.main = self.rank == 0
-        if device == "auto":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.dev = torch.device(device)
+        if device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.dev = resolve_device(device)
         self.run.mkdir(parents=True, exist_ok=True)
         if self.backend:
             dist.barrier()
