@@ -25,6 +25,7 @@ pairs file) is ``shared``: its files are prefixed (``fit.summary.json``, ``fit.r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -68,7 +69,8 @@ def reason_key(reason: str) -> str:
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) still runs."""
     if pid == os.getpid():
         return True
     try:
@@ -87,7 +89,7 @@ def remove_stale_temps(folder: Path) -> int:
         return 0
     for p in folder.glob(".*.tmp"):
         pid = temp_owner(p.name)
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -95,6 +97,24 @@ def remove_stale_temps(folder: Path) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Fingerprint of an input file for a settings pin (same path, other contents: another run)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure to write ``path`` (disk full, no permission…) into :class:`OutputError`."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def unit_record_path(out: Path, command: str, key: str) -> Path:
@@ -127,7 +147,6 @@ class Job:
         self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
         self.shared, self.resumable, self.device = shared, resumable, device
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = self._take_lock(command if lock is True else lock) if lock else None
         self.state = self.out / f".{command}"
         self.stages: Counter = Counter()
         self._stage_lock = threading.Lock()
@@ -135,12 +154,17 @@ class Job:
         self._bar: Progress | None = None
         self._task = None
         self._show = progress
-        for pattern in ("", *temp_dirs):
-            for d in ([self.out] if not pattern else self.out.glob(pattern)):
-                remove_stale_temps(d)
-        if resumable:
-            remove_stale_temps(self.state / "units")
-            self._pin(settings)
+        self._lock = self._take_lock(command if lock is True else lock) if lock else None
+        try:
+            for pattern in ("", *temp_dirs):
+                for d in ([self.out] if not pattern else self.out.glob(pattern)):
+                    remove_stale_temps(d)
+            if resumable:
+                remove_stale_temps(self.state / "units")
+                self._pin(settings)
+        except BaseException:  # a refused pin (or a failed cleanup) must not leave the folder locked
+            self.release()
+            raise
 
     # -- the folder lock --------------------------------------------------------------------
     def _take_lock(self, name: str) -> FileLock:

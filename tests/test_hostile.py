@@ -280,6 +280,10 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             Job("triplets", tmp_path, {}, "t")
         Job("triplets", tmp_path, {}, "t", lock="triplets.shard-1-of-2").release()  # another shard may write beside
     Job("triplets", tmp_path, {}, "t").release()  # free again once the first has ended
+    with pytest.raises(SettingsMismatch) as refused:  # kept: its traceback holds the half-made Job
+        Job("triplets", tmp_path, {"other": 1}, "t")
+    Job("triplets", tmp_path, {}, "t").release()  # a refused pin released the lock it had taken
+    assert "other settings" in str(refused.value)
 
 
 def test_disk_full_stops_the_run_and_a_rerun_completes(synth_prep, tmp_path, monkeypatch):

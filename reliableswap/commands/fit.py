@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from reliableswap.commands.triplets import file_sha256
 from reliableswap.device import resolve_device
 from reliableswap.flame.fit import FitConfig, fit_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.flame.model import resolve_flame_path
-from reliableswap.jobs import Job, NothingUsable, bad_records, reject
+from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from triplets.records import FaceSet, FlameRecord
 
 
@@ -38,21 +37,21 @@ def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embeddin
     device = str(resolve_device(device))
     faces = FaceSet.load(folder, flame=False, strict=False)
     settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}
-    with Job("fit", folder, settings, "faces", shared="fit", device=str(device), progress=progress) as job:
+    with Job("fit", folder, settings, "faces", shared="fit", device=device, progress=progress) as job:
         with job.stage("load"):
             flame = load_flame(model, embedding, device)
         units = job.done_keys()
-        fitted = {r["id"] for k in units for r in job.load_unit(k)["records"]}
-        todo = [f for f in faces if f.id not in fitted]
+        by_id = {r["id"]: r for k in units for r in job.load_unit(k)["records"]}  # fitted by earlier runs
+        todo = [f for f in faces if f.id not in by_id]
         n = len(units)
         job.progress(len(faces) - len(todo), len(faces))
         for i in range(0, len(todo), batch):
             with job.stage("fit"):
-                recs = fit_faces(flame, todo[i:i + batch], cfg, batch)
-            job.save_unit(f"batch-{n:06d}", {"records": [r.to_json() for r in recs]})
+                recs = [r.to_json() for r in fit_faces(flame, todo[i:i + batch], cfg, batch)]
+            job.save_unit(f"batch-{n:06d}", {"records": recs})
+            by_id.update((r["id"], r) for r in recs)
             n += 1
             job.progress(len(faces) - len(todo) + min(i + batch, len(todo)), len(faces))
-        by_id = {r["id"]: r for k in job.done_keys() for r in job.load_unit(k)["records"]}
         keep, rejects = [], bad_records(faces.problems)
         for f in faces:
             r = by_id[f.id]

@@ -22,7 +22,6 @@ import torch
 from reliableswap.choices import Rasterizer
 from reliableswap.faces.ibug68 import JAW
 from reliableswap.commands.fit import flame_settings
-from reliableswap.commands.triplets import file_sha256
 from reliableswap.device import resolve_device
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.flow import shape_flow
@@ -32,7 +31,7 @@ from reliableswap.geometry.fields import flow_to_color
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.geometry.raster import available_backends
 from reliableswap.images import encode_image, load_rgb, to_tensor, to_uint8
-from reliableswap.jobs import Job, bad_records, reject
+from reliableswap.jobs import Job, bad_records, file_sha256, reject
 from triplets.jsonl import atomic_write_bytes
 from triplets.records import FaceSet, FlowRecord, PairRecord
 
@@ -64,10 +63,10 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
                 "faces_sha256": file_sha256(folder / "faces.jsonl"),
                 "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
-    with Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=str(device), progress=progress) as job:
+    with Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device, progress=progress) as job:
         with job.stage("load"):
             flame = load_flame(model, embedding, device)
-        rejects, todo = bad_records(faces.problems + bad_pairs), []
+        rejects, todo = bad_records(faces.problems + bad_pairs), {}  # key → pair (a repeated pair once)
         for p in pairs:
             key = f"{p.a}__{p.b}"
             if p.a not in faces or p.b not in faces:
@@ -75,10 +74,9 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
             elif faces[p.a].size != faces[p.b].size:
                 rejects.append(reject(key, "faces of the pair have different crop sizes"))
             else:
-                todo.append((key, p))
-        keys = list(dict.fromkeys(k for k, _ in todo))
-        pending = [(k, p) for k, p in dict(todo).items() if not job.is_done(k)]
-        job.progress(len(keys) - len(pending), len(keys))
+                todo[key] = p
+        pending = [(k, p) for k, p in todo.items() if not job.is_done(k)]
+        job.progress(len(todo) - len(pending), len(todo))
         fitted = done_now = 0
         for i in range(0, len(pending), batch):
             chunk = pending[i:i + batch]
@@ -92,9 +90,9 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
             with job.stage("write"):
                 for j, (key, p) in enumerate(chunk):
                     done_now += _write_one(job, faces, key, p, fl, j, previews, max_rmse)
-            job.progress(len(keys) - len(pending) + min(i + batch, len(pending)), len(keys))
+            job.progress(len(todo) - len(pending) + min(i + batch, len(pending)), len(todo))
         manifest = []
-        for key in keys:
+        for key in todo:
             rec = job.load_unit(key) if job.is_done(key) else None
             if rec is None:
                 continue
@@ -105,7 +103,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
         FlowRecord.write(out / FlowRecord.FILE, manifest)
         used = "pytorch3d" if backend != Rasterizer.torch and "pytorch3d" in available_backends() else "torch"
         return job.finish(n_in=len(pairs) + len(bad_pairs), written=len(manifest), written_this_run=done_now,
-                          skipped=len(keys) - len(pending), rejects=rejects,
+                          skipped=len(todo) - len(pending), rejects=rejects,
                           details={"model": str(resolve_flame_path(model)), "rasterizer": used,
                                    "faces_fitted_on_the_fly": fitted})
 

@@ -33,7 +33,7 @@ from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
 from reliableswap.device import resolve_device
 from reliableswap.faces.processor import FaceProcessor
 from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image
-from reliableswap.jobs import Job, OutputError, reject, unit_record_path
+from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
 from triplets.records import FaceRecord
@@ -143,14 +143,9 @@ def _init_worker(cfg: PrepConfig, single_thread: bool = True, parent: int | None
 
 
 def _die_with(pid: int) -> None:
-    while True:
+    while pid_alive(pid):
         time.sleep(0.5)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:
-            pass
+    os._exit(1)
 
 
 def process_unit(unit: Unit, out: Path) -> UnitResult:
@@ -171,10 +166,8 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
         for k, (r, crop) in enumerate(zip(recs, crops)):
             fid = unit.key + (f"_f{frame:06d}" if frame is not None else "") + f"_{k}"
             rel = f"{crop_dir}/{fid}{cfg.ext.value}"
-            try:
+            with writing(out / rel):  # an output failure stops the run; the input is not to blame
                 save_image(out / rel, crop)
-            except OSError as e:  # an output failure stops the run; the input is not to blame
-                raise OutputError(f"cannot write {out / rel}: {e.strerror or e}") from e
             res.faces.append(FaceRecord(
                 id=fid, image=rel, align=cfg.align.value, size=cfg.size, identity=identity,
                 origin={"path": unit.display, "frame": frame, "face_index": k,
@@ -201,10 +194,8 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
         res.rejects.append(reject(unit.display, f"processing failed ({msg})"))
     res.timings = dict(timings)
     path = unit_record_path(out, "prep", unit.key)
-    try:
+    with writing(path):
         atomic_write_json(path, asdict(res))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     return res
 
 

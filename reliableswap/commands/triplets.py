@@ -12,7 +12,6 @@ trainer's list of triplet folders).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import threading
@@ -29,7 +28,7 @@ from reliableswap.device import check_batch_memory, resolve_device
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, load_rgb, to_uint8, to_uint8_tensor
-from reliableswap.jobs import Job, NothingUsable, bad_records, reject
+from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer
 from reliableswap.synth.quality import QualityChecker
@@ -61,14 +60,6 @@ SYNTH_BYTES_PER_PAIR = 32 * 2**20
 def io_threads() -> int:
     """Threads for decoding crops and encoding JPEGs (OpenCV releases the GIL): every core, up to 16."""
     return max(2, min(16, os.cpu_count() or 2))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CropCache:
@@ -323,8 +314,6 @@ def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:
     if choice == JpegEncoder.auto:
         return JpegEncoder.nvjpeg if gpu_jpeg_available(device) else JpegEncoder.opencv
     return choice
-
-
 
 
 def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path, recipe: TripletRecipe = TripletRecipe(),
