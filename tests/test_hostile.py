@@ -105,15 +105,17 @@ def test_odd_files_each_get_one_line(tmp_path):
     assert "too large" in by_name["bomb.png"] and "empty" in by_name["empty.jpg"] and "HTML" in by_name["page\nwith newline.jpg"]
 
 
-def test_workers_are_capped_and_out_inside_the_input_is_left_out(tmp_path):
+def test_workers_are_capped_and_out_inside_the_input_is_left_out(tmp_path, faces_dir):
     d = tmp_path / "in"
     d.mkdir()
-    for i in range(2):
-        (d / f"blank_{i}.png").write_bytes(encode_image(np.full((64, 64, 3), 90, np.uint8), ".png"))
-    s = run_prep([d], d / "prep_out", PrepConfig(), workers=1000)
-    assert "capped" in s["details"]["warning"] and s["counts"]["in"] == 2
-    s = run_prep([d], d / "prep_out", PrepConfig(), workers=1)  # its own outputs are never read back as inputs
-    assert s["counts"]["in"] == 2
+    (d / "face.jpg").write_bytes((faces_dir / "london_set" / "london_030_neutral.jpg").read_bytes())
+    (d / "blank.png").write_bytes(encode_image(np.full((64, 64, 3), 90, np.uint8), ".png"))
+    s = run_prep([d], d / "prep_out", PrepConfig(largest=True), workers=1000)
+    assert "capped" in s["details"]["warning"] and s["counts"]["in"] == 2 and s["counts"]["written"] == 1
+    assert list((d / "prep_out" / "faces").glob("*.png"))  # a crop now lies inside the input folder
+    for _ in range(2):  # its own outputs are never read back as inputs (the issue: 1 → 2 → 3 faces)
+        s = run_prep([d], d / "prep_out", PrepConfig(largest=True), workers=1)
+        assert s["counts"]["in"] == 2 and s["counts"]["written"] == 1
 
 
 def test_batch_and_device_flags_are_bounded(tmp_path, monkeypatch):
