@@ -43,6 +43,14 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
     DEBUG["on"] = debug
 
 
+def _require_output(s: dict, what: str, rejects: Path) -> None:
+    """Exit 1 (nothing usable) when a run wrote nothing at all."""
+    from reliableswap.jobs import NothingUsable
+
+    if s["counts"]["written"] == 0:
+        raise NothingUsable(f"no usable {what} came out (reasons in {rejects})")
+
+
 def _counts(s: dict) -> str:
     c = s["counts"]
     rej = f"; {c['rejected']} rejected {c['rejected_by_reason']}" if c["rejected"] else ""
@@ -86,10 +94,7 @@ def prep(
     say(f"{c['written']} faces from {d['images_with_faces']} of {d['frames']} images/frames "
               f"({c['skipped']} inputs done before); {c['rejected']} rejected {c['rejected_by_reason'] or ''}")
     say(f"wrote {out / 'faces.jsonl'}, {out / 'rejects.jsonl'}, {out / 'summary.json'}")
-    if c["written"] == 0:
-        from reliableswap.jobs import NothingUsable
-
-        raise NothingUsable(f"no usable face in the inputs (reasons in {out / 'rejects.jsonl'})")
+    _require_output(s, "face", out / "rejects.jsonl")
     if flame is not None:
         fit(out, flame=flame, device=device)
 
@@ -139,6 +144,7 @@ def flows(
                   progress=True)
     say(f"flows: {_counts(s)}; rasterizer {s['details']['rasterizer']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
+    _require_output(s, "flow", out / "rejects.jsonl")
 
 
 @app.command()
@@ -192,6 +198,7 @@ def triplets(
     s = run_triplets(folder, pairs_file, out, r, device, batch, shard_index, num_shards, progress=True)
     say(f"triplets: {_counts(s)}; {s['throughput']['per_s']} triplets/s on {s['device']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
+    _require_output(s, "triplet", out / "rejects.jsonl")
 
 
 @app.command()

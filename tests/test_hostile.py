@@ -251,6 +251,9 @@ def test_self_pairs_and_duplicates_are_refused_with_file_line(synth_prep, tmp_pa
     s = run_triplets(synth_prep, pairs, tmp_path / "tri", device="cpu", batch=4)
     rej = RejectRecord.read(tmp_path / "tri" / "rejects.jsonl")
     assert s["counts"]["written"] == 1 and rej[0].input == f"{pairs}:1" and "self-pair" in rej[0].reason
+    PairRecord.write(tmp_path / "none.jsonl", [PairRecord(a="synthetic_0_00002", b="no_such_face")])
+    r = _cli("triplets", synth_prep, "--pairs", tmp_path / "none.jsonl", "--out", tmp_path / "t0", "--device", "cpu")
+    assert r.returncode == 1 and "no usable triplet came out" in r.stderr  # nothing usable: exit 1
     nan = json.loads((synth_prep / "faces.jsonl").read_text().splitlines()[0])
     nan["landmarks68"][3][0] = float("nan")
     with open(synth_prep / "faces.jsonl", "a") as f:
