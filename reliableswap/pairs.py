@@ -77,7 +77,3 @@ def make_pairs(faces: list[FaceRecord], cfg: PairsSection = PairsSection(), k_ne
                 pose_delta={k: round(float(poses[b, i] - poses[a, i]), 2) for i, k in enumerate(("yaw", "pitch", "roll"))}))
     return pairs
 
-
-def has_identity_info(faces: list[FaceRecord]) -> bool:
-    """Whether pairing can tell people apart (labels or embeddings on every face)."""
-    return bool(faces) and all(f.identity is not None or f.embedding is not None for f in faces)

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, OutputFormat,
                                   Rasterizer, ReshapeMethod, Strategy)
@@ -50,26 +50,29 @@ class PairsSection(Section):
 
 
 class ReenactSection(Section):
-    backend: Annotated[str, StringConstraints(pattern=rf"^(tps|flame|{CLASS_SPEC})$")] = "tps"
+    # mesh: a's 468-point face mesh in b's pose/expression, textured from a (z-buffered); tps: 2D
+    # warp through 68 points; flame: dense FLAME correspondence (needs --flame); or module:Class
+    backend: Annotated[str, StringConstraints(pattern=rf"^(mesh|tps|flame|{CLASS_SPEC})$")] = "mesh"
     identity_layout: float = Field(1.0, ge=0, le=1)  # tps: 0 = b's landmarks, 1 = a's feature positions
-    mirror: bool = True  # tps: flip the identity face when that brings its yaw closer to the target's
+    mirror: bool = True  # mesh/tps: flip the identity face when that brings its yaw closer to the target's
 
 
 class AppearanceSection(Section):
-    method: Appearance = Appearance.lct
+    method: Appearance = Appearance.skin
+    large_gap: float = Field(25.0, ge=0)  # skin: LAB distance of the skin means above which sliced OT replaces LCT
 
 
 class BlendSection(Section):
     method: BlendMethod = BlendMethod.multiband
     levels: int = Field(6, ge=1, le=12)
-    forehead: float = Field(0.1, ge=0, le=1)
+    forehead: float = Field(0.2, ge=0, le=1)
     feather: float = Field(0.03, ge=0, le=0.5)
     erode: float = Field(0.06, ge=0, le=0.5)
 
 
 class ReshapeSection(Section):
     enabled: bool = True
-    method: ReshapeMethod = ReshapeMethod.tps
+    method: ReshapeMethod = ReshapeMethod.mesh
     strength: float = Field(1.0, ge=0, le=2)
 
 
@@ -137,6 +140,22 @@ class TripletRecipe(Recipe):
     @property
     def uses_flame(self) -> bool:
         return self.reenact.backend == "flame" or (self.reshape.enabled and self.reshape.method == ReshapeMethod.flame)
+
+    @property
+    def uses_mesh(self) -> bool:
+        """Whether synthesis needs the faces' 468-point meshes (stored by prep, else measured)."""
+        return self.reenact.backend == "mesh"
+
+    @model_validator(mode="after")
+    def _mesh_steps_together(self) -> "TripletRecipe":
+        if self.reshape.enabled and self.reshape.method == ReshapeMethod.mesh and self.reenact.backend != "mesh":
+            if "method" not in self.reshape.model_fields_set:  # the default follows the reenactor: 2D
+                self.reshape.method = ReshapeMethod.tps
+            else:
+                raise ValueError("[reshape] method = \"mesh\" needs [reenact] backend = \"mesh\"")
+        if self.reenact.backend == "mesh" and self.reshape.enabled and self.reshape.method == ReshapeMethod.flame:
+            raise ValueError("[reshape] method = \"flame\" goes with [reenact] backend \"tps\" or \"flame\", not \"mesh\"")
+        return self
 
     @property
     def qc_on(self) -> bool:
@@ -267,6 +286,8 @@ def validate_recipe(cls: type[Recipe], d: dict[str, Any], source: str) -> Recipe
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         msg = "unknown key (not in this kind of recipe)" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across sections: its message names the keys
+            raise RecipeError(f"{source}: {msg}") from None
         shown = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err['input']!r})"[:80]
         raise RecipeError(f"{source}: {_key(err['loc'])}: {msg}{shown}") from None
 

@@ -1,6 +1,7 @@
 """Benchmark triplet synthesis, side by side in one run:
 
-1. triplets/s from prepped 256 px faces (``run_triplets``, no QC and with ``--qc``);
+1. triplets/s from prepped 256 px faces (``run_triplets``): the default mesh recipe (no QC and
+   with ``--qc``) and the 2D recipe ``recipes/tps.toml``, on the same pairs;
 2. the same pairs with only the I/O (decode two crops, encode four JPEGs, write the folder):
    the ratio synthesis-run / I/O-only says how much the synthesis adds;
 3. multi-band blending of a batch of 32 at 256 px: ``synth.blend.multiband_blend`` against
@@ -27,7 +28,7 @@ from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.images import encode_image, load_rgb
 from reliableswap.pairs import make_pairs
-from reliableswap.recipes import PairsSection, TripletRecipe
+from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from reliableswap.synth.blend import GraphedMultiband, multiband_blend
 from triplets.records import FaceSet, PairRecord
 
@@ -101,11 +102,13 @@ def main() -> None:
     pairs = make_pairs(FaceSet.load(prep).faces, PairsSection(n=a.pairs, max_yaw_diff=25, seed=0))
     PairRecord.write(work / "pairs.jsonl", pairs)
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "pairs": len(pairs)}
-    for name, qc in (("triplets", False), ("triplets_qc", True)):
+    tps = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe)
+    for name, recipe in (("triplets", TripletRecipe()), ("triplets_qc", TripletRecipe().with_overrides({"qc.enabled": True})),
+                         ("triplets_tps", tps)):
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        s = run_triplets(prep, work / "pairs.jsonl", out, TripletRecipe().with_overrides({"qc.enabled": qc}), a.device, a.batch)
+        s = run_triplets(prep, work / "pairs.jsonl", out, recipe, a.device, a.batch)
         wall = time.perf_counter() - t
         res[name] = {"written": s["counts"]["written"], "wall_s": round(wall, 2),
                      "triplets_per_s": round(s["counts"]["written"] / wall, 2), "stages_s": s["timings"]["stages_s"]}
@@ -113,6 +116,7 @@ def main() -> None:
     t_io = io_only(prep, pairs, work / "io_only")
     res["io_only"] = {"wall_s": round(t_io, 2), "triplets_per_s": round(len(pairs) / t_io, 2)}
     res["synthesis_over_io"] = round(res["triplets"]["wall_s"] / t_io, 2)
+    res["tps_over_io"] = round(res["triplets_tps"]["wall_s"] / t_io, 2)
     res["multiband"] = blend_bench(a.device)
     print(json.dumps(res, indent=1))
 

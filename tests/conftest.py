@@ -32,12 +32,13 @@ def manifest(faces_dir) -> list[dict]:
 @pytest.fixture(scope="session")
 def prepped(faces_dir, tmp_path_factory):
     """``prep`` over every still image of the shared faces (videos excluded), 256 px FFHQ, with
-    embeddings and identity labels from folders. Returns ``(out_dir, summary)``."""
+    embeddings, identity labels from folders and the 468-point mesh. Returns ``(out_dir, summary)``."""
+    from reliableswap.choices import LandmarkBackend
     from reliableswap.commands.prep import PrepConfig, run_prep
 
     out = tmp_path_factory.mktemp("prepped")
     inputs = [p for p in sorted(faces_dir.iterdir()) if p.is_dir() and p.name not in ("video",)]
-    summary = run_prep(inputs, out, PrepConfig(embed=True), workers=2)
+    summary = run_prep(inputs, out, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
     return out, summary
 
 

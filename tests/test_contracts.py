@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reliableswap.choices import OutputFormat, Strategy
+from reliableswap.choices import OutputFormat, ReshapeMethod, Strategy
 from reliableswap.jobs import Job, SettingsMismatch, reject, remove_stale_temps
 from reliableswap.recipes import PairsSection, RecipeError, TrainRecipe, TripletRecipe, load_recipe, validate_recipe
 from triplets.records import (ContractError, FaceRecord, FaceSet, FlameRecord, FlowRecord, ManifestRecord, PairRecord,
@@ -174,7 +174,11 @@ def test_overrides_return_a_new_validated_recipe():
     assert r2.output.format == OutputFormat.webdataset and r2.qc_on and r2.pairs.strategy == Strategy.pose
     with pytest.raises(RecipeError, match=r"command-line flags: \[output\] shard_size"):
         r.with_overrides({"output.shard_size": 0})
-    assert TripletRecipe().with_overrides({"reenact.backend": "flame"}).uses_flame
+    assert TripletRecipe().with_overrides({"reenact.backend": "flame", "reshape.method": "flame"}).uses_flame
+    # a recipe naming another reenactor and no reshape method gets the 2D reshape, not the mesh one
+    assert validate_recipe(TripletRecipe, {"kind": "triplets", "reenact": {"backend": "tps"}}, "r").reshape.method == ReshapeMethod.tps
+    with pytest.raises(RecipeError, match=r"command-line flags: \[reshape\] method = \"mesh\" needs \[reenact\] backend = \"mesh\"$"):
+        r.with_overrides({"reenact.backend": "flame", "reshape.method": "mesh"})
 
 
 # -- the job layer --------------------------------------------------------------------------------

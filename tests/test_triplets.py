@@ -81,7 +81,7 @@ def test_triplet_folders_official_layout_and_manifest(triplet_run):
         assert set(r.qc) >= {"id_margin_st", "id_margin_ts", "pose_err_st", "pose_err_ts", "seam_st", "seam_ts"}
     assert load_recipe(dst / "recipe.resolved.toml", TripletRecipe) == load_recipe(CYCLE, TripletRecipe).with_overrides(
         {"qc.enabled": True})
-    assert s["details"]["synthesis"]["geometry"].startswith("2D")
+    assert s["details"]["synthesis"]["geometry"].startswith("468-point face mesh")
 
 
 def test_fakes_have_positive_identity_margin(triplet_run):

@@ -213,6 +213,8 @@ class Quality(Sub):
 
 
 Landmarks68 = Annotated[list[Point], Len(68, 68)]
+#: MediaPipe's 468-point face mesh: (x, y, z) crop pixels, z smaller = nearer the camera.
+Mesh468 = Annotated[list[tuple[Finite, Finite, Finite]], Len(468, 468)]
 
 
 class FaceRecord(Record):
@@ -234,12 +236,15 @@ class FaceRecord(Record):
     quality: Quality
     identity: str | None = None
     embedding: Annotated[list[Finite], Len(128, 128)] | None = None
+    mesh468: Mesh468 | None = None  # prep --landmarks mesh
 
     @model_validator(mode="after")
     def _landmarks_near_crop(self) -> "FaceRecord":
         lo, hi = -self.size, 2 * self.size
         if any(not (lo <= v <= hi) for p in self.landmarks68 for v in p):
             raise ValueError(f"landmarks68 lie far outside the {self.size} px crop")
+        if self.mesh468 is not None and any(not (lo <= v <= hi) for p in self.mesh468 for v in p):
+            raise ValueError(f"mesh468 lies far outside the {self.size} px crop")
         return self
 
 

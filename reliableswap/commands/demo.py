@@ -20,6 +20,7 @@ from skimage import data as skimage_data
 from reliableswap.commands.finetune import run_finetune
 from reliableswap.commands.inspect import run_inspect
 from reliableswap.commands.pairs import run_pairs
+from reliableswap.choices import LandmarkBackend
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.images import save_image
@@ -76,7 +77,7 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     say(f"default faces in {faces}")
     recipe = load_recipe(RECIPES / "cycle.toml" if (RECIPES / "cycle.toml").is_file() else None, TripletRecipe)
     recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "qc.enabled": True})
-    s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True), workers=2, progress=progress)}
+    s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2, progress=progress)}
     say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', 16)}")
     s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress)
     s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, "auto", 8, progress=progress)

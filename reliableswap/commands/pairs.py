@@ -1,21 +1,71 @@
 """``reliableswap pairs``: faces of a prep folder → ``pairs.jsonl`` (+ ``<stem>.summary.json``).
 
 Pairing settings come from a recipe's ``[pairs]`` section (flags override them); see
-:func:`reliableswap.pairs.make_pairs`. Instant, so not resumable: a re-run rewrites the file.
+:func:`reliableswap.pairs.make_pairs`. A re-run rewrites the file.
+
+Pairs never join one person with themself: faces that carry neither an identity label nor a
+``prep --embed`` descriptor get dlib's 128-D descriptor computed here, from their crop and
+landmarks, and cached beside the output (``embeddings.jsonl``: face id, crop SHA-256,
+descriptor), so a re-run computes only what changed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from reliableswap.jobs import Job, NothingUsable, bad_records
-from reliableswap.pairs import has_identity_info, make_pairs
-from reliableswap.recipes import PairsSection
-from triplets.records import FaceSet, PairRecord
+import numpy as np
 
-NO_IDENTITY = ("faces carry neither identity labels nor embeddings: pairs may join one person with themself "
-               "(use prep --embed or --identity-from-folder)")
+from reliableswap.faces.embed import DlibEmbedder
+from reliableswap.images import load_rgb
+from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
+from reliableswap.pairs import make_pairs
+from reliableswap.recipes import PairsSection
+from triplets.jsonl import atomic_write_jsonl
+from triplets.records import ContractError, FaceRecord, FaceSet, PairRecord
+
+EMBEDDINGS = "embeddings.jsonl"
+
+
+def fill_embeddings(faces: FaceSet, cache: Path) -> tuple[list[FaceRecord], list[dict], int]:
+    """Every face with an identity label or a descriptor: the missing descriptors computed (dlib,
+    on the crop) or taken from ``cache``. Returns ``(faces, rejects, computed)``; a face whose crop
+    cannot be read is left out with a reason."""
+    need = [f for f in faces.faces if f.identity is None and f.embedding is None]
+    if not need:
+        return faces.faces, [], 0
+    cached: dict[str, tuple[str, list[float]]] = {}
+    if cache.is_file():  # a cache line that does not parse is simply recomputed
+        for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                d = json.loads(line)
+                emb = [float(v) for v in d["embedding"]]
+                if len(emb) == 128 and all(np.isfinite(emb)):
+                    cached[str(d["id"])] = (str(d["sha256"]), emb)
+            except (ValueError, KeyError, TypeError):
+                continue
+    embedder, out, rejects, computed, lines = None, {}, [], 0, []
+    for f in need:
+        try:
+            path = faces.image_path(f)
+            sha = file_sha256(path)
+            if f.id in cached and cached[f.id][0] == sha:
+                emb = cached[f.id][1]
+            else:
+                embedder = embedder or DlibEmbedder()
+                emb = [round(float(v), 5) for v in embedder(load_rgb(path), np.asarray([f.landmarks68], np.float32))[0]]
+                computed += 1
+        except (OSError, ValueError, ContractError) as e:
+            rejects.append(reject(f.id, f"no descriptor: {type(e).__name__}: {e}".splitlines()[0]))
+            continue
+        out[f.id] = emb
+        lines.append({"id": f.id, "sha256": sha, "embedding": emb})
+    if computed:
+        atomic_write_jsonl(cache, lines)
+    done = [f if f.id not in out else f.model_copy(update={"embedding": out[f.id]}) for f in faces.faces
+            if f.identity is not None or f.embedding is not None or f.id in out]
+    return done, rejects, computed
 
 
 def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSection = PairsSection(),
@@ -26,13 +76,16 @@ def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSecti
     with Job("pairs", out.parent, cfg.model_dump(mode="json"), "pairs", shared=out.stem, resumable=False,
              progress=progress) as job:
         job.progress(0, 1)
+        with job.stage("embed"):
+            usable, no_desc, computed = fill_embeddings(faces, out.parent / EMBEDDINGS)
         with job.stage("pair"):
-            pairs = make_pairs(faces.faces, cfg)
+            pairs = make_pairs(usable, cfg)
         if not pairs:
             first = f"; {len(faces.problems)} lines refused, the first: {faces.problems[0]}" if faces.problems else ""
             raise NothingUsable(f"no eligible pair among {len(faces)} faces (all one identity, or poses too far apart){first}")
         PairRecord.write(out, pairs)
         job.progress(1, 1)
         return job.finish(n_in=len(faces) + len(faces.problems), written=len(pairs), written_this_run=len(pairs),
-                          rejects=bad_records(faces.problems),
-                          details={"warning": None if has_identity_info(faces.faces) else NO_IDENTITY})
+                          rejects=bad_records(faces.problems) + no_desc,
+                          details={"descriptors_computed": computed, "descriptors_cached": len(usable) - computed
+                                   - sum(f.identity is not None or f.embedding is not None for f in faces.faces)})

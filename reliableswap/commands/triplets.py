@@ -161,7 +161,13 @@ class TripletRun:
                 ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
                 la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
                 lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
-                batches.append((part, *(t.pin_memory() if pin else t for t in (ua, ub, la, lb))))
+                # stored meshes (prep --landmarks mesh) when every face of the batch has one; else
+                # the synthesizer measures them on the crops
+                ma = mb = None
+                if self.r.uses_mesh and all(v[2].mesh468 is not None and v[3].mesh468 is not None for _, v in part):
+                    ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
+                    mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
+                batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb))))
             return loaded, batches
 
     def _load(self, i: int) -> tuple[str | None, tuple | None]:
@@ -276,10 +282,12 @@ class TripletRun:
         with self.job.stage("write"):
             write_shard(self.job.out / f"shard-{k:06d}.tar", members)
 
-    def _synthesize(self, part: list, ua: torch.Tensor, ub: torch.Tensor, la: torch.Tensor,
-                    lb: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """Upload a ready batch (uint8 crops, landmarks) and render both fakes."""
+    def _synthesize(self, part: list, ua: torch.Tensor, ub: torch.Tensor, la: torch.Tensor, lb: torch.Tensor,
+                    ma: torch.Tensor | None, mb: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Upload a ready batch (uint8 crops, landmarks, meshes or None) and render both fakes."""
         dev = self.device
+        if ma is not None:
+            ma, mb = ma.to(dev, non_blocking=True), mb.to(dev, non_blocking=True)
         ia = ua.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         ib = ub.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         la, lb = la.to(dev, non_blocking=True), lb.to(dev, non_blocking=True)
@@ -289,13 +297,13 @@ class TripletRun:
             params, n_fit = params_for_faces(self.flame, self.faces, ids, FitConfig(), max(len(ids), 16))
             self.fitted_on_the_fly += n_fit
             pa, pb = params[:len(part)], params[len(part):]
-        return self.synth.cycle(ia, la, ib, lb, pa, pb), (ia, ib, la, lb)
+        return self.synth.cycle(ia, la, ib, lb, pa, pb, ma, mb), (ia, ib, la, lb)
 
     def _qc(self, part: list, res: dict[str, torch.Tensor], ia, ib, la, lb) -> list[dict]:
         emb_a = self._embeddings([v[2] for _, v in part], ia, la)
         emb_b = self._embeddings([v[3] for _, v in part], ib, lb)
-        q_st = self.checker(res["fake_st"], res["landmarks_st"], emb_a, emb_b, lb, ib, res["mask_st"])
-        q_ts = self.checker(res["fake_ts"], res["landmarks_ts"], emb_b, emb_a, la, ia, res["mask_ts"])
+        q_st = self.checker(res["fake_st"], res["landmarks_st"], emb_a, emb_b, lb, ib, res["mask_st"], res["flow_st"], res.get("mesh_st"))
+        q_ts = self.checker(res["fake_ts"], res["landmarks_ts"], emb_b, emb_a, la, ia, res["mask_ts"], res["flow_ts"], res.get("mesh_ts"))
         return [{f"{k}_{d}": round(float(q[k][j]), 4) for d, q in (("st", q_st), ("ts", q_ts)) for k in q} for j in range(len(part))]
 
     def _embeddings(self, recs: list, imgs: torch.Tensor, lm: torch.Tensor) -> np.ndarray:
@@ -388,7 +396,8 @@ def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, writt
     if recipe.output.format == OutputFormat.folder:
         write_triplet_pickle(job.out / TRIPLET_PICKLE, [job.out / r["folder"] for r in records])
     geometry = ("FLAME 3D (" + (recipe.flame.model or "$RELIABLESWAP_FLAME") + f"; {fitted} faces fitted on the fly)"
-                if recipe.uses_flame else "2D landmarks (no FLAME file given)")
+                if recipe.uses_flame else "468-point face mesh (MediaPipe), z-buffered 3D" if recipe.uses_mesh
+                else "2D landmarks (no FLAME file given)")
     return job.finish(
         n_in=n_pairs, written=len(records), written_this_run=written_now, skipped=skipped, rejects=rejects, wall=wall,
         details={"shard": {"index": shard[0], "count": shard[1]}, "chunks_done": present, "chunks": n_chunks,

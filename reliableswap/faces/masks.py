@@ -45,12 +45,17 @@ def face_mask(
     poly = face_polygon(landmarks.float(), forehead)
     if feather <= 0:
         return polygon_mask(poly, height, width)
+    face_h = (poly[:, 17:].mean(1) - landmarks[:, CHIN].float()).norm(dim=-1)
+    return soft_polygon_mask(poly, height, width, feather * face_h)
+
+
+def soft_polygon_mask(poly: torch.Tensor, height: int, width: int, sigma: torch.Tensor) -> torch.Tensor:
+    """B×N×2 closed polygons → B×1×H×W in [0, 1], edges blurred by a Gaussian of ``sigma`` (B, px)."""
     # The edge gets blurred anyway: rasterize at half resolution (4× less work) and upsample.
     hh, hw = (height + 1) // 2, (width + 1) // 2
-    half = polygon_mask((poly + 0.5) / 2 - 0.5, hh, hw)
+    half = polygon_mask((poly.float() + 0.5) / 2 - 0.5, hh, hw)
     hard = torch.nn.functional.interpolate(half, size=(hh * 2, hw * 2), mode="bilinear", align_corners=False)[..., :height, :width]
     # Each face its own sigma (the kernel spans ±3σ of the widest face of the batch).
-    face_h = (poly[:, 17:].mean(1) - landmarks[:, CHIN].float()).norm(dim=-1)
-    sigma = (feather * face_h).clamp_min(0.5).to(hard.dtype)
+    sigma = sigma.clamp_min(0.5).to(hard.dtype)
     k = int(2 * round(3 * float(sigma.max())) + 1)
     return gaussian_blur2d(hard, (k, k), sigma[:, None].expand(-1, 2), border_type="constant").clamp_(0, 1)

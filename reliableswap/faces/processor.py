@@ -19,6 +19,8 @@ from reliableswap.faces.align import align_transform, warp_faces
 from reliableswap.faces.detect import DlibDetector
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import make_landmarker
+from reliableswap.faces.mesh import FaceMesh
+from reliableswap.faces.mesh import as_array as mesh_array
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.affine import affine_scale, apply_affine, compose_affine, invert_affine, resize_affine, translate_affine
 from reliableswap.images import to_tensor, to_uint8
@@ -37,7 +39,8 @@ class FaceProcessor:
     """Holds the models; call it on one RGB image.
 
     Args:
-        size: crop side; align: alignment recipe; landmarks: 68-point backend; detector: dlib detector;
+        size: crop side; align: alignment recipe; landmarks: 68-point backend (``mesh``: dlib's 68 plus
+        the 468-point face mesh measured on the crop); detector: dlib detector;
         min_face: faces narrower than this (original pixels) are left out; largest: keep only the
         largest face; embed: add dlib's 128-D descriptor; device: torch device for alignment and FAN.
     """
@@ -48,7 +51,10 @@ class FaceProcessor:
         self.size, self.align, self.min_face, self.largest = size, Align(align), min_face, largest
         self.device = torch.device(device)
         self.detector = DlibDetector(Detector(detector).value)
-        self.landmarker = make_landmarker(LandmarkBackend(landmarks).value, self.device)
+        backend = LandmarkBackend(landmarks)
+        # mesh: dlib's 68 points align the crop, then the 468-point mesh is measured on the crop
+        self.landmarker = make_landmarker("dlib" if backend == LandmarkBackend.mesh else backend.value, self.device)
+        self.mesh = FaceMesh().to(self.device).eval() if backend == LandmarkBackend.mesh else None
         self.embedder = DlibEmbedder() if embed else None
 
     def __call__(self, rgb: np.ndarray, scale: float, timings: Counter) -> tuple[list[dict], list[np.ndarray], str | None]:
@@ -97,6 +103,12 @@ class FaceProcessor:
         crops = list(to_uint8(crops_t))
         timings["align"] += time.perf_counter() - t
 
+        mesh = None
+        if self.mesh is not None:
+            t = time.perf_counter()
+            mesh = mesh_array(self.mesh.from_landmarks68(crops_t, lm_crop.float())[0])
+            timings["mesh"] += time.perf_counter() - t
+
         emb = None
         if self.embedder is not None:
             t = time.perf_counter()
@@ -116,5 +128,7 @@ class FaceProcessor:
             }
             if emb is not None:
                 r["embedding"] = np.round(emb[i], 5).tolist()
+            if mesh is not None:
+                r["mesh468"] = mesh[i].tolist()
             recs.append(r)
         return recs, crops, None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from reliableswap.choices import BlendMethod, ReshapeMethod
+from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
+from reliableswap.faces import mesh as fm
 from reliableswap.faces.ibug68 import INNER, MIRROR68
 from reliableswap.faces.masks import face_mask
 from reliableswap.faces.pose import head_pose
@@ -17,23 +18,27 @@ from reliableswap.flame.flow import reenact_map, shape_flow
 from reliableswap.flame.layer import Flame, FlameParams
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.recipes import TripletRecipe
-from reliableswap.synth import appearance, blend
+from reliableswap.synth import appearance, blend, meshswap
 from reliableswap.synth.reenact import load_reenactor
 from reliableswap.synth.reshape import reshape
 
 
-def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror the faces whose yaw is closer to the reference's once flipped (B×3×H×W, B×68×2)."""
+def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor,
+                  mesh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mirror the faces whose yaw is closer to the reference's once flipped (B×3×H×W, B×68×2 and,
+    when given, their B×468×3 meshes). Returns ``(img, lm, mesh)``."""
     yaw = head_pose(lm)[:, 0]
     yaw_ref = head_pose(lm_ref)[:, 0]
     flip = (yaw + yaw_ref).abs() < (yaw - yaw_ref).abs()
     if not bool(flip.any()):
-        return img, lm
+        return img, lm, mesh
     w = img.shape[-1]
     lm_f = lm[:, MIRROR68].clone()
     lm_f[..., 0] = w - 1 - lm_f[..., 0]
     f4 = flip.view(-1, 1, 1, 1)
-    return torch.where(f4, img.flip(-1), img), torch.where(flip.view(-1, 1, 1), lm_f, lm)
+    if mesh is not None:
+        mesh = torch.where(flip.view(-1, 1, 1), fm.mirror_mesh(mesh, w), mesh)
+    return torch.where(f4, img.flip(-1), img), torch.where(flip.view(-1, 1, 1), lm_f, lm), mesh
 
 
 class Synthesizer:
@@ -48,7 +53,66 @@ class Synthesizer:
         self.flame = flame
         if recipe.uses_flame and flame is None:
             raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
-        self.reenactor = None if recipe.reenact.backend == "flame" else load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
+        builtin = recipe.reenact.backend in ("flame", "mesh")
+        self.reenactor = None if builtin else load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
+        self.mesh_net = fm.load_face_mesh() if recipe.uses_mesh else None  # measures meshes not stored by prep
+
+    def measure_mesh(self, img: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+        """468-point meshes of aligned crops B×3×S×S with their 68 landmarks (for faces whose
+        prep stored none) → B×468×3."""
+        net = self.mesh_net
+        dev = img.device
+        if next(net.parameters()).device != dev:
+            net = self.mesh_net = fm.load_face_mesh(str(dev))
+        return net.from_landmarks68(img, lm)[0].to(img.dtype)
+
+    @torch.no_grad()
+    def render_mesh(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
+                    mesh_id: torch.Tensor, mesh_attr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mesh path of :meth:`render` (see ``reliableswap.synth.meshswap``); adds ``mesh``
+        (B×468×3, the fake's face mesh) and ``kept`` (B, fraction of the reshape displacement kept
+        to stay fold-free) to the outputs."""
+        r = self.r
+        h, w = img_attr.shape[-2:]
+        if r.reenact.mirror:
+            img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id)
+        mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
+        flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
+        kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
+        background = img_attr
+        if r.reshape.enabled and r.reshape.method == ReshapeMethod.mesh:
+            flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
+            background = warp_backward(img_attr, flow, "border")
+        backend = r.flame.rasterizer.value
+        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend)
+        face, covered, labels = rend["face"], rend["covered"], rend["labels"]
+        labels_b = meshswap.region_map(mesh_attr, h, backend)[2]
+        m_src = meshswap.skin_mask(labels, covered & ~rend["hidden"])
+        m_ref = meshswap.skin_mask(labels_b)
+        # what covers either face (hair over the forehead, glasses, hands) stays b's: a's occluders
+        # are found on the render, b's on b (then moved by the reshape flow like b itself)
+        occ = meshswap.occluders(face, labels, m_src)
+        occ_b = meshswap.occluders(img_attr, labels_b, m_ref)
+        if r.reshape.enabled and r.reshape.method == ReshapeMethod.mesh:
+            occ_b = warp_backward(occ_b, flow, "zeros")
+        method = r.appearance.method
+        if method != Appearance.none:
+            if method == Appearance.skin:
+                recoloured, _ = meshswap.skin_transfer(face, img_attr, m_src, m_ref, r.appearance.large_gap)
+            else:
+                recoloured = appearance.transfer(method.value, face, img_attr, m_src, m_ref)
+            face = torch.where(labels == fm.MOUTH_R, face, recoloured)  # b's own mouth stays as it is
+        face = torch.where(covered, face, background)
+        mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather) * covered
+        mask = mask * (1 - torch.maximum(occ, occ_b))
+        if r.blend.method == BlendMethod.multiband:
+            fake = blend.multiband_blend(face, background, mask, r.blend.levels)
+        else:
+            fake = blend.poisson_blend(face, background, mask)
+        lm_out = fm.mesh_to_68(mesh_ab).to(lm_attr.dtype)
+        if r.reshape.enabled and r.reshape.method == ReshapeMethod.tps:
+            fake, flow, lm_out = reshape(fake, lm_out, lm_id, r.reshape.strength)
+        return {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Soft region where the reenacted face replaces the target (B×1×H×W)."""
@@ -58,12 +122,13 @@ class Synthesizer:
 
     @torch.no_grad()
     def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
-               p_id=None, p_attr=None) -> dict[str, torch.Tensor]:
+               p_id=None, p_attr=None, mesh_id: torch.Tensor | None = None, mesh_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
 
         Args:
             img_id, img_attr: B×3×S×S in [0, 1]; lm_id, lm_attr: B×68×2;
-            p_id, p_attr: FLAME parameters of both (``FlameParams``, B rows) for FLAME recipes.
+            p_id, p_attr: FLAME parameters of both (``FlameParams``, B rows) for FLAME recipes;
+            mesh_id, mesh_attr: B×468×3 face meshes for mesh recipes (measured here when None).
         Returns:
             dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
@@ -72,6 +137,10 @@ class Synthesizer:
         shape: M2 → M12), then a's face is warped densely onto FLAME(β_a, θ_b, ψ_b) under b's
         camera — the same geometry M12 — and blended in, so face and outline agree.
         """
+        if self.r.uses_mesh:
+            mesh_id = self.measure_mesh(img_id, lm_id) if mesh_id is None else mesh_id
+            mesh_attr = self.measure_mesh(img_attr, lm_attr) if mesh_attr is None else mesh_attr
+            return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr))
         h, w = img_attr.shape[-2:]
         zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         flame_shape = self.r.reshape.enabled and self.r.reshape.method == ReshapeMethod.flame
@@ -92,11 +161,13 @@ class Synthesizer:
             reen, lm_reen = warp_backward(img_id, back.to(img_id.dtype), "border"), lm_back.to(lm_id.dtype)
         else:
             if self.r.reenact.mirror:
-                img_id, lm_id = mirror_toward(img_id, lm_id, lm_attr)
+                img_id, lm_id, _ = mirror_toward(img_id, lm_id, lm_attr)
             reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
         mask = self.blend_mask(lm_reen, h, w)
         m_attr = self.blend_mask(lm_attr, h, w)
-        reen = appearance.transfer(self.r.appearance.method.value, reen, img_attr, mask, m_attr)
+        method = self.r.appearance.method.value
+        # "skin" needs the mesh's regions: without a mesh it is LCT over the 68-point face masks
+        reen = appearance.transfer("lct" if method == "skin" else method, reen, img_attr, mask, m_attr)
         if self.r.blend.method == BlendMethod.multiband:
             fake = blend.multiband_blend(reen, img_attr, mask, self.r.blend.levels)
         else:
@@ -104,18 +175,33 @@ class Synthesizer:
         lm_out = lm_reen
         if self.r.reshape.enabled and not flame_shape:
             fake, flow, lm_out = reshape(fake, lm_reen, lm_id, self.r.reshape.strength)
-        if not torch.isfinite(fake).all():
-            bad = (~torch.isfinite(fake)).flatten(1).any(1)
-            fake = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(fake, float("nan")), fake)
-        return {"fake": fake.clamp(0, 1), "landmarks": lm_out, "mask": mask, "flow": flow}
+        return _finite({"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow})
 
-    def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None) -> dict[str, torch.Tensor]:
+    def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None, mesh_a=None, mesh_b=None) -> dict[str, torch.Tensor]:
         """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a).
-        ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only)."""
+        ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only); ``mesh_a``, ``mesh_b``: stored
+        B×468×3 meshes (mesh recipes; measured when None)."""
         p_id = p_attr = None
         if p_a is not None:
             p_id, p_attr = FlameParams.cat([p_a, p_b]), FlameParams.cat([p_b, p_a])
+        if self.r.uses_mesh:
+            mesh_a = self.measure_mesh(img_a, lm_a) if mesh_a is None else mesh_a
+            mesh_b = self.measure_mesh(img_b, lm_b) if mesh_b is None else mesh_b
+        m_id = m_attr = None
+        if mesh_a is not None:
+            m_id, m_attr = torch.cat([mesh_a, mesh_b]), torch.cat([mesh_b, mesh_a])
         out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
-                          p_id, p_attr)
+                          p_id, p_attr, m_id, m_attr)
         n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}
+
+
+def _finite(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clamp the fakes to [0, 1]; a fake with any non-finite value becomes all-NaN, so the caller
+    rejects that pair with a reason instead of writing a partly broken image."""
+    fake = out["fake"]
+    if not torch.isfinite(fake).all():
+        bad = (~torch.isfinite(fake)).flatten(1).any(1)
+        fake = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(fake, float("nan")), fake)
+    out["fake"] = fake.clamp(0, 1)
+    return out

@@ -1,4 +1,6 @@
-"""Quality checks of fakes: identity margin (dlib 128-D), pose error, seam score.
+"""Quality checks of fakes: identity margin (dlib 128-D), pose error, seam score; fold-over of the
+reshape flow; for mesh recipes, the mouth check (the fake's measured mouth opening against the
+one it was rendered with).
 
 The identity margin is ``d(fake, attribute donor) − d(fake, identity donor)`` with dlib's
 descriptor distance: positive when the fake looks more like its identity donor. The real faces'
@@ -12,16 +14,21 @@ import torch
 
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import DlibLandmarks
+from reliableswap.faces.mesh import FaceMesh, load_face_mesh, mouth_open_ratio
 from reliableswap.faces.pose import head_pose
+from reliableswap.geometry.grid import jacobian_determinant
 from reliableswap.images import to_uint8
 
 
 class QualityChecker:
-    """Per fake: ``id_margin``, ``pose_err`` (deg, max over yaw/pitch/roll) and ``seam``."""
+    """Per fake: ``id_margin``, ``pose_err`` (deg, max over yaw/pitch/roll) and ``seam``; with the
+    reshape ``flow``, ``fold`` (smallest Jacobian determinant: ≤ 0 means the warp folds); with the
+    fake's expected mesh, ``mouth_err`` (|measured − expected| inner-lip gap / mouth width)."""
 
     def __init__(self) -> None:
         self.embedder = DlibEmbedder()
         self.landmarks = DlibLandmarks()
+        self.mesh: FaceMesh | None = None
 
     def _embed_each(self, ims: np.ndarray, lms: np.ndarray) -> np.ndarray:
         """B×H×W×3 uint8 with B×68×2 landmarks (one face an image) → B×128."""
@@ -32,7 +39,8 @@ class QualityChecker:
         return self._embed_each(to_uint8(images), lm.detach().cpu().numpy())
 
     def __call__(self, fake: torch.Tensor, lm_fake: torch.Tensor, emb_id: np.ndarray, emb_attr: np.ndarray,
-                 lm_attr: torch.Tensor, img_attr: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+                 lm_attr: torch.Tensor, img_attr: torch.Tensor, mask: torch.Tensor, flow: torch.Tensor | None = None,
+                 mesh_expected: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         ims = to_uint8(fake)
         lmn = lm_fake.detach().cpu().numpy()
         # re-measure the fake's landmarks with dlib (box from the expected ones) for the pose error
@@ -44,7 +52,16 @@ class QualityChecker:
         pose_f = head_pose(torch.from_numpy(measured).double())
         pose_a = head_pose(lm_attr.detach().cpu().double())
         pose_err = (pose_f - pose_a).abs().amax(-1).numpy()
-        return {"id_margin": d_attr - d_id, "pose_err": pose_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
+        out = {"id_margin": d_attr - d_id, "pose_err": pose_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
+        if flow is not None:
+            out["fold"] = jacobian_determinant(flow).flatten(1).amin(1).cpu().numpy()
+        if mesh_expected is not None:
+            if self.mesh is None or next(self.mesh.parameters()).device != fake.device:
+                self.mesh = load_face_mesh(str(fake.device))
+            lm_m = torch.from_numpy(measured).to(fake.device, fake.dtype)
+            got = self.mesh.from_landmarks68(fake, lm_m)[0]
+            out["mouth_err"] = (mouth_open_ratio(got) - mouth_open_ratio(mesh_expected)).abs().cpu().numpy()
+        return out
 
 
 def seam_score(fake: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""The dense face mesh (issue 10): the network in torch against the TFLite interpreter, its points
+against dlib's, mesh reenactment / rendering / reshaping geometry, and the mesh recipe end to end,
+all on the shared real faces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from reliableswap.faces import mesh as fm
+from reliableswap.images import load_rgb
+from reliableswap.recipes import RecipeError, TripletRecipe, validate_recipe
+from reliableswap.synth import meshswap as ms
+from triplets.records import ContractError, FaceRecord
+
+
+@pytest.fixture(scope="module")
+def real(prepped):
+    """Crops (B×3×256×256), landmarks68 and stored mesh468 of every prepped shared face."""
+    out, _ = prepped
+    recs = FaceRecord.read(out / "faces.jsonl")
+    imgs = torch.stack([torch.from_numpy(load_rgb(out / r.image).copy()).permute(2, 0, 1).float() / 255 for r in recs])
+    lm = torch.tensor([r.landmarks68 for r in recs], dtype=torch.float32)
+    mesh = torch.tensor([r.mesh468 for r in recs], dtype=torch.float32)
+    return recs, imgs, lm, mesh
+
+
+def iod(lm: torch.Tensor) -> torch.Tensor:
+    return (lm[:, 36:42].mean(1) - lm[:, 42:48].mean(1)).norm(dim=-1)
+
+
+def test_torch_network_equals_tflite_interpreter(real):
+    litert = pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert (test extra) not installed")
+    from kornia.geometry.transform import warp_affine
+
+    _, imgs, lm, _ = real
+    net = fm.FaceMesh().eval()
+    x = warp_affine(imgs[:12], fm.roi_from_landmarks68(lm[:12].double()).float(), (fm.INPUT, fm.INPUT), align_corners=True)
+    with torch.no_grad():
+        coords, flag = net.net(x)
+    it = litert.Interpreter(model_path=str(fm.mesh_model_path()))
+    it.allocate_tensors()
+    inp, outs = it.get_input_details()[0]["index"], it.get_output_details()
+    for i in range(len(x)):
+        it.set_tensor(inp, x[i:i + 1].permute(0, 2, 3, 1).contiguous().numpy())
+        it.invoke()
+        ref = {o["name"]: it.get_tensor(o["index"]) for o in outs}
+        np.testing.assert_allclose(coords[i].reshape(-1).numpy(), ref["conv2d_20"].reshape(-1), atol=2e-3)  # 192-px units
+        np.testing.assert_allclose(flag[i].reshape(-1).numpy(), ref["conv2d_30"].reshape(-1), atol=2e-3)
+
+
+def test_mesh_agrees_with_dlib_where_points_correspond(real):
+    recs, imgs, lm, mesh = real
+    assert mesh.shape[1:] == (468, 3) and len(recs) >= 40
+    err = (fm.mesh_to_68(mesh) - lm).norm(dim=-1) / iod(lm).unsqueeze(1)  # B×68, interocular units
+    assert float(err.mean()) < 0.1
+    assert float(err[:, 36:48].mean()) < 0.08  # eyes
+    assert float(err[:, 48:68].mean()) < 0.1  # mouth
+    assert float(err.mean(1).max()) < 0.25  # no face far off
+    # the stored mesh is the network's output on the crop (prep --landmarks mesh)
+    again, score = fm.FaceMesh().eval().from_landmarks68(imgs[:6], lm[:6])
+    # (prep measured the float crop, here its 8-bit PNG: a tenth of a pixel apart at most)
+    assert float((again[..., :2] - mesh[:6, :, :2]).abs().max()) < 0.2 and bool((score > 0.9).all())
+
+
+def test_mirror_and_topology_tables():
+    t = fm.topology()
+    m = t["mirror"]
+    assert bool((m[m] == torch.arange(468)).all())  # an involution
+    assert int((t["labels"] == fm.MOUTH_R).sum()) >= 12 and int((t["labels"] == fm.RIGHT_EYE_R).sum()) == 14
+    assert t["faces"].max() < 468 and len(t["faces"]) > 850
+    x = torch.rand(2, 468, 3) * 200
+    assert torch.allclose(fm.mirror_mesh(fm.mirror_mesh(x, 256), 256), x, atol=1e-4)
+
+
+def test_reenact_mesh_keeps_shape_takes_pose_and_mouth(real):
+    _, _, lm, mesh = real
+    a, b = mesh[:20], mesh[20:40]
+    assert torch.allclose(ms.reenact_mesh(a, a), a, atol=1e-3)  # nothing to transfer onto itself
+    ab = ms.reenact_mesh(a, b)
+    # pose from b: the rigid part of M_ab sits on b's (small residual), and keeps a's proportions
+    t = fm.topology()
+    rigid = ((t["w_mouth"] + t["w_eyes"]) < 0.05).float()
+    a_in_b = ms.similarity3d(a, b, rigid)
+    sel = rigid.bool()
+    assert float((ab[:, sel] - a_in_b[:, sel]).norm(dim=-1).mean()) < 0.5
+    # mouth opening from b (relative to the mouth width)
+    assert float((fm.mouth_open_ratio(ab) - fm.mouth_open_ratio(b)).abs().mean()) < 0.05
+
+
+def test_render_onto_own_mesh_gives_the_face_back(real):
+    _, imgs, _, mesh = real
+    i = slice(0, 8)
+    r = ms.render_mesh(imgs[i], mesh[i], imgs[i], mesh[i], mesh[i], "torch")
+    cov = r["covered"] & ~r["hidden"]
+    err = ((r["face"] - imgs[i]).abs() * cov).sum() / (cov.sum() * 3)
+    assert float(err) < 0.01 and float(r["hidden"].float().mean()) < 0.01
+
+
+def test_hidden_points_are_not_sampled_from_what_covers_them(real):
+    """A strongly turned source: the far cheek is hidden; those pixels are flagged and filled."""
+    recs, imgs, _, mesh = real
+    yaw = torch.tensor([r.pose.yaw for r in recs])
+    a = int(yaw.abs().argmax())
+    b = int(yaw.abs().argmin())
+    mab = ms.reenact_mesh(mesh[a:a + 1], mesh[b:b + 1])
+    r = ms.render_mesh(imgs[a:a + 1], mesh[a:a + 1], imgs[b:b + 1], mesh[b:b + 1], mab, "torch")
+    assert abs(float(yaw[a])) > 15
+    assert int(r["hidden"].sum()) > 0  # some of the frontal target's face is hidden in the turned source
+    assert torch.isfinite(r["face"]).all()
+
+
+@pytest.mark.parametrize("strength", [1.0, 2.0])
+def test_mesh_reshape_flow_never_folds(real, strength):
+    _, _, _, mesh = real
+    a, b = mesh[:24], mesh[24:48]
+    flow, kept = ms.mesh_reshape_flow(b, ms.reenact_mesh(a, b), 256, strength)
+    from reliableswap.geometry.grid import jacobian_determinant
+
+    det = jacobian_determinant(flow)
+    assert float(det.min()) > 0  # one-to-one everywhere
+    assert bool((kept > 0).all()) and float(kept.mean()) > 0.5
+    assert float(flow.abs().amax()) > 0.5  # it does move the outline
+    # the image border stays (anchored by the spline: a fraction of a pixel between anchors)
+    assert float(flow[..., :1, :].abs().max()) < 1.0 and float(flow[..., :1, :].abs().max()) < 0.2 * float(flow.abs().amax())
+
+
+def test_contract_and_recipe_rules():
+    base = dict(FaceRecord(id="x", image="faces/x.png", origin={"path": "x.png", "size": (256, 256)}, align="ffhq", size=256,
+                                 bbox=(0, 0, 1, 1), landmarks68=[(100.0, 100.0)] * 68, pose={"yaw": 0, "pitch": 0, "roll": 0},
+                                 inverse=((1, 0, 0), (0, 1, 0)),
+                                 quality={"det_score": 1, "face_px": 100, "sharpness": 1}).to_json())
+    with pytest.raises(ContractError, match="mesh468"):
+        FaceRecord.parse_line(json.dumps(base | {"mesh468": [[1, 2, 3]] * 467}), "faces.jsonl:1")
+    with pytest.raises(ContractError, match="mesh468"):
+        FaceRecord.parse_line(json.dumps(base | {"mesh468": [[1e6, 2, 3]] * 468}), "faces.jsonl:1")
+    assert FaceRecord.parse_line(json.dumps(base | {"mesh468": [[1, 2, 3]] * 468}), "faces.jsonl:1").mesh468 is not None
+    d = TripletRecipe().model_dump(mode="json")
+    d["reenact"]["backend"] = "tps"
+    with pytest.raises(RecipeError, match="needs"):
+        validate_recipe(TripletRecipe, d, "r.toml")
+
+
+@pytest.mark.slow
+def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
+    """Default recipe (mesh): prep stored meshes → pairs → triplets with QC → inspect sheet."""
+    from reliableswap.commands.inspect import run_inspect
+    from reliableswap.commands.pairs import run_pairs
+    from reliableswap.commands.triplets import run_triplets
+    from reliableswap.recipes import PairsSection
+
+    out, _ = prepped
+    run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=10, seed=3))
+    recipe = TripletRecipe().with_overrides({"qc.enabled": True})
+    s = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "trip", recipe, "cpu", 5)
+    assert s["counts"]["written"] == 10
+    qc = s["details"]["qc"]
+    assert qc["positive_id_margin_rate"] >= 0.9
+    assert qc["fold_st"]["min"] > 0 and qc["fold_ts"]["min"] > 0
+    assert qc["pose_err_st"]["mean"] < 8 and qc["mouth_err_st"]["mean"] < 0.15
+    assert run_inspect(tmp_path / "trip", tmp_path / "sheet.png", 4).is_file()
+
+
+def test_pairs_compute_missing_descriptors_and_never_pair_one_person(prepped, tmp_path):
+    """Faces without labels or descriptors: pairs computes dlib descriptors (cached) itself."""
+    from reliableswap.commands.pairs import EMBEDDINGS, run_pairs
+    from reliableswap.recipes import PairsSection
+
+    out, _ = prepped
+    recs = FaceRecord.read(out / "faces.jsonl")
+    person = [r for r in recs if "cc0_one_person" in r.origin.path]
+    others = [r for r in recs if "cc0_one_person" not in r.origin.path and "multi_face" not in r.origin.path][:6]
+    assert len(person) >= 4
+    folder = tmp_path / "prep"
+    (folder / "faces").mkdir(parents=True)
+    kept = []
+    for r in person + others:
+        shutil.copy(out / r.image, folder / r.image)
+        kept.append(r.model_copy(update={"embedding": None, "identity": None}))
+    FaceRecord.write(folder / "faces.jsonl", kept)
+    ids = {r.id for r in person}
+    for seed in range(3):
+        s = run_pairs(folder, tmp_path / "p" / "pairs.jsonl", PairsSection(strategy="random", seed=seed))
+        pairs = [json.loads(line) for line in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+        assert pairs and not any(p["a"] in ids and p["b"] in ids for p in pairs)
+        assert s["details"]["descriptors_computed"] == (len(kept) if seed == 0 else 0)  # cached after the first
+    assert len((tmp_path / "p" / EMBEDDINGS).read_text().splitlines()) == len(kept)
