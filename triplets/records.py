@@ -58,6 +58,8 @@ class ContractError(ValueError):
     """A record that breaks its contract; ``str(err)`` is one line ``file:line: field: problem``."""
 
     def __init__(self, where: str, field: str, problem: str):
+        # a key or value read from the file may hold line breaks: keep the message one line
+        field, problem = (" ".join(str(t).splitlines()) if t else t for t in (field, problem))
         self.where, self.field, self.problem = where, field, problem
         super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
