@@ -51,7 +51,7 @@ class JpegEncoder(Choice):
 
 
 class Appearance(Choice):
-    skin = "skin"  # mesh recipes: LCT from skin pixels only, sliced OT on skin when the skins are far apart
+    skin = "skin"  # mesh recipes: LCT from skin pixels only, a damped LAB transfer when the skins are far apart
     none = "none"
     reinhard = "reinhard"
     lct = "lct"

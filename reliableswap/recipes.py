@@ -59,7 +59,7 @@ class ReenactSection(Section):
 
 class AppearanceSection(Section):
     method: Appearance = Appearance.skin
-    large_gap: float = Field(25.0, ge=0)  # skin: LAB distance of the skin means above which sliced OT replaces LCT
+    large_gap: float = Field(25.0, ge=0)  # skin: LAB distance of the skin means above which a damped LAB transfer replaces LCT
 
 
 class BlendSection(Section):

@@ -26,8 +26,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from triplets.jsonl import atomic_write_bytes, dumps
 from triplets.layout import FILES
-from triplets.schema import (FACES_SCHEMA, FLAME_SCHEMA, FLOWS_SCHEMA, MANIFEST_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA,
-                             SUMMARY_SCHEMA)
+from triplets.schema import (EMBEDDINGS_SCHEMA, FACES_SCHEMA, FLAME_SCHEMA, FLOWS_SCHEMA, MANIFEST_SCHEMA, PAIRS_SCHEMA,
+                             REJECTS_SCHEMA, SUMMARY_SCHEMA)
 
 #: Ids: letters, digits, ``._-``; no leading dot; 1–120 characters. Safe as a file name, also
 #: two of them joined (a flow's key ``{a}__{b}``).
@@ -294,6 +294,18 @@ class PairRecord(Record):
         if self.a == self.b:
             raise ValueError(f"a self-pair ({self.a!r} with itself) makes no triplet")
         return self
+
+
+class EmbeddingRecord(Record):
+    """A dlib descriptor that ``pairs`` computed for a face without one (``embeddings.jsonl``
+    beside its output), valid while the crop's bytes have this SHA-256."""
+
+    SCHEMA: ClassVar[str] = EMBEDDINGS_SCHEMA
+    FILE: ClassVar[str] = "embeddings.jsonl"
+    schema_: Literal["reliableswap.embeddings/1"] = Field(EMBEDDINGS_SCHEMA, alias="schema")
+    id: SafeId
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    embedding: Annotated[list[Finite], Len(128, 128)]
 
 
 # -- manifest.jsonl (triplets) --------------------------------------------------------------------

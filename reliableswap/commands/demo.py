@@ -17,10 +17,10 @@ from typing import Callable
 
 from skimage import data as skimage_data
 
+from reliableswap.choices import LandmarkBackend
 from reliableswap.commands.finetune import run_finetune
 from reliableswap.commands.inspect import run_inspect
 from reliableswap.commands.pairs import run_pairs
-from reliableswap.choices import LandmarkBackend
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.images import save_image

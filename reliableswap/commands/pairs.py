@@ -11,7 +11,6 @@ descriptor), so a re-run computes only what changed.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,50 +21,40 @@ from reliableswap.images import load_rgb
 from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection
-from triplets.jsonl import atomic_write_jsonl
-from triplets.records import ContractError, FaceRecord, FaceSet, PairRecord
+from triplets.records import ContractError, EmbeddingRecord, FaceRecord, FaceSet, PairRecord
 
-EMBEDDINGS = "embeddings.jsonl"
+EMBEDDINGS = EmbeddingRecord.FILE
 
 
-def fill_embeddings(faces: FaceSet, cache: Path) -> tuple[list[FaceRecord], list[dict], int]:
+def fill_embeddings(faces: FaceSet, cache: Path) -> tuple[list[FaceRecord], list[dict], int, int]:
     """Every face with an identity label or a descriptor: the missing descriptors computed (dlib,
-    on the crop) or taken from ``cache``. Returns ``(faces, rejects, computed)``; a face whose crop
-    cannot be read is left out with a reason."""
+    on the crop) or taken from ``cache``. Returns ``(faces, rejects, computed, cached)``; a face
+    whose crop cannot be read is left out with a reason."""
     need = [f for f in faces.faces if f.identity is None and f.embedding is None]
     if not need:
-        return faces.faces, [], 0
-    cached: dict[str, tuple[str, list[float]]] = {}
-    if cache.is_file():  # a cache line that does not parse is simply recomputed
-        for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                d = json.loads(line)
-                emb = [float(v) for v in d["embedding"]]
-                if len(emb) == 128 and all(np.isfinite(emb)):
-                    cached[str(d["id"])] = (str(d["sha256"]), emb)
-            except (ValueError, KeyError, TypeError):
-                continue
-    embedder, out, rejects, computed, lines = None, {}, [], 0, []
+        return faces.faces, [], 0, 0
+    # a cache line that breaks the contract is simply recomputed
+    cached = {r.id: r for r in EmbeddingRecord.read_valid(cache)[0]} if cache.is_file() else {}
+    embedder, out, rejects, computed = None, {}, [], 0
     for f in need:
         try:
             path = faces.image_path(f)
             sha = file_sha256(path)
-            if f.id in cached and cached[f.id][0] == sha:
-                emb = cached[f.id][1]
-            else:
-                embedder = embedder or DlibEmbedder()
-                emb = [round(float(v), 5) for v in embedder(load_rgb(path), np.asarray([f.landmarks68], np.float32))[0]]
-                computed += 1
+            if f.id in cached and cached[f.id].sha256 == sha:
+                out[f.id] = cached[f.id]
+                continue
+            embedder = embedder or DlibEmbedder()
+            emb = embedder(load_rgb(path), np.asarray([f.landmarks68], np.float32))[0]
         except (OSError, ValueError, ContractError) as e:
             rejects.append(reject(f.id, f"no descriptor: {type(e).__name__}: {e}".splitlines()[0]))
             continue
-        out[f.id] = emb
-        lines.append({"id": f.id, "sha256": sha, "embedding": emb})
+        out[f.id] = EmbeddingRecord(id=f.id, sha256=sha, embedding=[round(float(v), 5) for v in emb])
+        computed += 1
     if computed:
-        atomic_write_jsonl(cache, lines)
-    done = [f if f.id not in out else f.model_copy(update={"embedding": out[f.id]}) for f in faces.faces
+        EmbeddingRecord.write(cache, out.values())
+    done = [f if f.id not in out else f.model_copy(update={"embedding": out[f.id].embedding}) for f in faces.faces
             if f.identity is not None or f.embedding is not None or f.id in out]
-    return done, rejects, computed
+    return done, rejects, computed, len(out) - computed
 
 
 def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSection = PairsSection(),
@@ -77,7 +66,7 @@ def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSecti
              progress=progress) as job:
         job.progress(0, 1)
         with job.stage("embed"):
-            usable, no_desc, computed = fill_embeddings(faces, out.parent / EMBEDDINGS)
+            usable, no_desc, computed, cached = fill_embeddings(faces, out.parent / EMBEDDINGS)
         with job.stage("pair"):
             pairs = make_pairs(usable, cfg)
         if not pairs:
@@ -87,5 +76,4 @@ def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSecti
         job.progress(1, 1)
         return job.finish(n_in=len(faces) + len(faces.problems), written=len(pairs), written_this_run=len(pairs),
                           rejects=bad_records(faces.problems) + no_desc,
-                          details={"descriptors_computed": computed, "descriptors_cached": len(usable) - computed
-                                   - sum(f.identity is not None or f.embedding is not None for f in faces.faces)})
+                          details={"descriptors_computed": computed, "descriptors_cached": cached})

@@ -29,6 +29,8 @@ import torch
 from kornia.geometry.transform import warp_affine
 from torch import nn
 
+from reliableswap.faces.ibug68 import LEFT_EYE as LEFT_EYE68
+from reliableswap.faces.ibug68 import RIGHT_EYE as RIGHT_EYE68
 from reliableswap.faces.mesh_topology import MEAN, MESH_TO_68, TRIANGLES
 from reliableswap.faces.models import MissingWeightsError
 from reliableswap.faces.tflite import TfliteNet
@@ -102,7 +104,7 @@ def _roi_from_box(pts: torch.Tensor, right: torch.Tensor, left: torch.Tensor, to
 def roi_from_landmarks68(lm: torch.Tensor) -> torch.Tensor:
     """First-pass ROI from B×68×2 landmarks: their box extended upward by a quarter (the mesh
     reaches the hairline, the 68 points stop at the brows), ×1.5, eye line level."""
-    return _roi_from_box(lm, lm[:, 36:42].mean(1), lm[:, 42:48].mean(1), 0.25)
+    return _roi_from_box(lm, lm[:, RIGHT_EYE68].mean(1), lm[:, LEFT_EYE68].mean(1), 0.25)
 
 
 def roi_from_mesh(mesh: torch.Tensor) -> torch.Tensor:
@@ -171,11 +173,6 @@ def mouth_open_ratio(mesh: torch.Tensor) -> torch.Tensor:
     gap = (xy[:, MOUTH_BOTTOM] - xy[:, MOUTH_TOP]).norm(dim=-1)
     width = (xy[:, MOUTH_LEFT] - xy[:, MOUTH_RIGHT]).norm(dim=-1).clamp_min(1e-6)
     return gap / width
-
-
-def as_array(mesh: torch.Tensor) -> np.ndarray:
-    """B×468×3 → float32 numpy rounded to 0.01 px (what faces.jsonl stores)."""
-    return np.round(mesh.detach().cpu().numpy().astype(np.float64), 2).astype(np.float32)
 
 
 # -- topology: triangles, their regions, mirror pairs, expression weights -----------------------

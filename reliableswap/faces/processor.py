@@ -19,8 +19,7 @@ from reliableswap.faces.align import align_transform, warp_faces
 from reliableswap.faces.detect import DlibDetector
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import make_landmarker
-from reliableswap.faces.mesh import FaceMesh
-from reliableswap.faces.mesh import as_array as mesh_array
+from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.affine import affine_scale, apply_affine, compose_affine, invert_affine, resize_affine, translate_affine
 from reliableswap.images import to_tensor, to_uint8
@@ -54,7 +53,7 @@ class FaceProcessor:
         backend = LandmarkBackend(landmarks)
         # mesh: dlib's 68 points align the crop, then the 468-point mesh is measured on the crop
         self.landmarker = make_landmarker("dlib" if backend == LandmarkBackend.mesh else backend.value, self.device)
-        self.mesh = FaceMesh().to(self.device).eval() if backend == LandmarkBackend.mesh else None
+        self.mesh = load_face_mesh(str(self.device)) if backend == LandmarkBackend.mesh else None
         self.embedder = DlibEmbedder() if embed else None
 
     def __call__(self, rgb: np.ndarray, scale: float, timings: Counter) -> tuple[list[dict], list[np.ndarray], str | None]:
@@ -106,7 +105,7 @@ class FaceProcessor:
         mesh = None
         if self.mesh is not None:
             t = time.perf_counter()
-            mesh = mesh_array(self.mesh.from_landmarks68(crops_t, lm_crop.float())[0])
+            mesh = self.mesh.from_landmarks68(crops_t, lm_crop.float())[0].double().cpu().numpy()
             timings["mesh"] += time.perf_counter() - t
 
         emb = None
@@ -129,6 +128,6 @@ class FaceProcessor:
             if emb is not None:
                 r["embedding"] = np.round(emb[i], 5).tolist()
             if mesh is not None:
-                r["mesh468"] = mesh[i].tolist()
+                r["mesh468"] = np.round(mesh[i], 2).tolist()
             recs.append(r)
         return recs, crops, None

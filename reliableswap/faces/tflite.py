@@ -140,9 +140,6 @@ class TfliteNet(nn.Module):
             return _Op("concat", ins, out, {"axis": axis})
         return _Op("reshape", [ins[0]], out, {"shape": self.shapes[out]})  # RESHAPE
 
-    def _nchw(self, t: int) -> bool:
-        return len(self.shapes[t]) == 4
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: B×C×H×W; returns the graph outputs (4-D ones as B×C×H×W, others as TFLite lays them out)."""
         vals: dict[int, torch.Tensor] = {self.input_ids[0]: x}

@@ -10,7 +10,7 @@ import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
 
-def _stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted per-channel mean and std: B×C×1×1 each."""
     w = m / m.sum((2, 3), keepdim=True).clamp_min(1e-6)
     mu = (x * w).sum((2, 3), keepdim=True)
@@ -18,15 +18,19 @@ def _stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mu, var.clamp_min(1e-8).sqrt()
 
 
-def reinhard(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor) -> torch.Tensor:
-    """Reinhard et al. 2001: match LAB mean and std."""
+def reinhard(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
+             max_ratio: float | None = None) -> torch.Tensor:
+    """Reinhard et al. 2001: match LAB mean and std. With ``max_ratio`` the spread is damped: the
+    mean moves fully, each channel's std only by a factor within ``[1/max_ratio, max_ratio]``."""
     ls, lr = rgb_to_lab(src.clamp(0, 1)), rgb_to_lab(ref.clamp(0, 1))
-    mu_s, sd_s = _stats(ls, m_src)
-    mu_r, sd_r = _stats(lr, m_ref)
-    return lab_to_rgb((ls - mu_s) / sd_s * sd_r + mu_r).clamp(0, 1)
+    mu_s, sd_s = masked_stats(ls, m_src)
+    mu_r, sd_r = masked_stats(lr, m_ref)
+    if max_ratio is None:
+        return lab_to_rgb((ls - mu_s) / sd_s * sd_r + mu_r).clamp(0, 1)
+    return lab_to_rgb((ls - mu_s) * (sd_r / sd_s).clamp(1 / max_ratio, max_ratio) + mu_r).clamp(0, 1)
 
 
-def _cov(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_cov(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean B×C and covariance B×C×C of B×C×H×W."""
     b, c = x.shape[:2]
     w = (m / m.sum((2, 3), keepdim=True).clamp_min(1e-6)).reshape(b, 1, -1)
@@ -55,8 +59,8 @@ def linear_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m
     """Linear colour transfer (the official ReliableSwap 'LCT'): match RGB mean and covariance,
     ``x' = C_r^{1/2} C_s^{-1/2} (x − μ_s) + μ_r``."""
     b, c, h, w = src.shape
-    mu_s, cs = _cov(src, m_src)
-    mu_r, cr = _cov(ref, m_ref)
+    mu_s, cs = masked_cov(src, m_src)
+    mu_r, cr = masked_cov(ref, m_ref)
     t = _sqrtm(cr) @ _sqrtm(cs, inv=True)
     x = src.reshape(b, c, -1) - mu_s.unsqueeze(-1)
     return (t @ x + mu_r.unsqueeze(-1)).reshape(b, c, h, w).clamp(0, 1)

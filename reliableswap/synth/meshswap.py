@@ -31,19 +31,21 @@ All functions are batched (B pairs), device-agnostic and differentiable where th
 from __future__ import annotations
 
 import torch
-from kornia.color import lab_to_rgb, rgb_to_lab
+from kornia.color import rgb_to_lab
 from kornia.filters import gaussian_blur2d
 
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.masks import soft_polygon_mask
 from reliableswap.geometry.fields import harmonic_fill
-from reliableswap.geometry.grid import border_points, jacobian_determinant, pixel_grid, sample_at, warp_backward
+from reliableswap.geometry.grid import border_points, jacobian_determinant, pixel_grid, warp_backward
 from reliableswap.geometry.raster import interpolate, rasterize
 from reliableswap.geometry.tps import dense_field
-from reliableswap.synth.appearance import linear_transfer
+from reliableswap.synth.appearance import linear_transfer, masked_cov, masked_stats, reinhard
 
 #: Vertices fitted for the head pose: everything that barely moves with expression.
 _POSE_WEIGHT_CUTOFF = 0.05
+#: Far-apart skins: each LAB channel's spread changes by at most this factor.
+DAMPED_RATIO = 1.4
 
 
 def similarity3d(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -173,10 +175,10 @@ def occluders(img: torch.Tensor, labels: torch.Tensor, ref_mask: torch.Tensor, t
     never occluders."""
     lab = rgb_to_lab(img.clamp(0, 1).float())
     b, c = lab.shape[:2]
-    w = ref_mask.float() / ref_mask.float().sum((2, 3), keepdim=True).clamp_min(1)
-    mu = (lab * w).sum((2, 3), keepdim=True)
+    mu, cov = masked_cov(lab, ref_mask.float())
+    mu = mu.view(b, c, 1, 1)
+    cov = cov + 4.0 * torch.eye(c, device=img.device)  # ridge: 2 LAB units
     d = (lab - mu).reshape(b, c, -1)
-    cov = (d * w.reshape(b, 1, -1)) @ d.transpose(1, 2) + 4.0 * torch.eye(c, device=img.device)  # ridge: 2 LAB units
     m2 = (torch.linalg.solve(cov, d) * d).sum(1).reshape_as(labels).float()
     skin_like = (labels == fm.SKIN) | (labels == fm.FOREHEAD_R)
     dark = lab[:, :1] < mu[:, :1]
@@ -190,35 +192,18 @@ def occluders(img: torch.Tensor, labels: torch.Tensor, ref_mask: torch.Tensor, t
 
 def skin_gap(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor) -> torch.Tensor:
     """CIE-LAB distance between the mean skin colours of two batches (B)."""
-    def mean_lab(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        lab = rgb_to_lab(x.clamp(0, 1).float())
-        return (lab * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1)
-    return (mean_lab(src, m_src) - mean_lab(ref, m_ref)).norm(dim=1)
-
-
-def damped_lab_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
-                        max_ratio: float = 1.4) -> torch.Tensor:
-    """LAB transfer for far-apart skins: the mean moves fully to ``ref``'s, the spread only within
-    ``[1/max_ratio, max_ratio]`` of its own (a dark face brought to a pale target keeps its
-    shading instead of the blown-up contrast full covariance matching gives)."""
-    ls, lr = rgb_to_lab(src.clamp(0, 1)), rgb_to_lab(ref.clamp(0, 1))
-    mu_s, sd_s = _weighted_stats(ls, m_src)
-    mu_r, sd_r = _weighted_stats(lr, m_ref)
-    ratio = (sd_r / sd_s).clamp(1 / max_ratio, max_ratio)
-    return lab_to_rgb((ls - mu_s) * ratio + mu_r).clamp(0, 1)
-
-
-def _weighted_stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = m / m.sum((2, 3), keepdim=True).clamp_min(1e-6)
-    mu = (x * w).sum((2, 3), keepdim=True)
-    return mu, ((x - mu) ** 2 * w).sum((2, 3), keepdim=True).clamp_min(1e-8).sqrt()
+    mu_s = masked_stats(rgb_to_lab(src.clamp(0, 1).float()), m_src)[0]
+    mu_r = masked_stats(rgb_to_lab(ref.clamp(0, 1).float()), m_ref)[0]
+    return (mu_s - mu_r).flatten(1).norm(dim=1)
 
 
 def skin_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
                   large_gap: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Recolour ``src`` so its skin matches ``ref``'s skin, statistics from skin pixels only: linear
-    colour transfer (LCT) when the skins are close, :func:`damped_lab_transfer` where they are far
-    apart (``skin_gap`` > ``large_gap`` LAB units), where full covariance matching over-stretches.
+    colour transfer (LCT) when the skins are close; where they are far apart (``skin_gap`` >
+    ``large_gap`` LAB units), where full covariance matching over-stretches, a damped LAB transfer
+    (Reinhard with the spread kept within :data:`DAMPED_RATIO`: a dark face brought to a pale
+    target keeps its shading instead of blown-up contrast).
 
     Returns ``(recoloured B×3×S×S, far B bool)``.
     """
@@ -226,7 +211,7 @@ def skin_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_r
     out = linear_transfer(src, ref, m_src, m_ref)
     far = gap > large_gap
     if bool(far.any()):
-        out = torch.where(far.view(-1, 1, 1, 1), damped_lab_transfer(src, ref, m_src, m_ref), out)
+        out = torch.where(far.view(-1, 1, 1, 1), reinhard(src, ref, m_src, m_ref, DAMPED_RATIO), out)
     return out, far
 
 
@@ -266,18 +251,7 @@ def mesh_reshape_flow(mesh_b: torch.Tensor, mesh_ab: torch.Tensor, size: int, st
     return flow, scale
 
 
-def warp_mesh(mesh: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Move mesh points (B×468×3, b's pixels) by the forward effect of a backward flow: a point p
-    of b appears, after ``warp_backward(b, flow)``, at q with ``q + flow(q) = p`` (a few fixed-point
-    steps; the flows here are smooth and small)."""
-    p = mesh[..., :2]
-    q = p.clone()
-    for _ in range(5):
-        q = p - sample_at(flow, q)
-    return torch.cat([q, mesh[..., 2:]], -1)
-
-
 __all__ = [
     "face_oval_mask", "mesh_reshape_flow", "reenact_mesh", "region_map", "render_mesh", "sample_at_nearest",
-    "similarity3d", "skin_gap", "skin_mask", "skin_transfer", "warp_mesh",
+    "similarity3d", "skin_gap", "skin_mask", "skin_transfer",
 ]

@@ -55,16 +55,14 @@ class Synthesizer:
             raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
         builtin = recipe.reenact.backend in ("flame", "mesh")
         self.reenactor = None if builtin else load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
-        self.mesh_net = fm.load_face_mesh() if recipe.uses_mesh else None  # measures meshes not stored by prep
+        if recipe.uses_mesh:
+            fm.mesh_model_path()  # a missing model file stops the run here, naming it; loaded when first needed
 
-    def measure_mesh(self, img: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def measure_mesh(img: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
         """468-point meshes of aligned crops B×3×S×S with their 68 landmarks (for faces whose
         prep stored none) → B×468×3."""
-        net = self.mesh_net
-        dev = img.device
-        if next(net.parameters()).device != dev:
-            net = self.mesh_net = fm.load_face_mesh(str(dev))
-        return net.from_landmarks68(img, lm)[0].to(img.dtype)
+        return fm.load_face_mesh(str(img.device)).from_landmarks68(img, lm)[0].to(img.dtype)
 
     @torch.no_grad()
     def render_mesh(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
@@ -80,7 +78,8 @@ class Synthesizer:
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
         background = img_attr
-        if r.reshape.enabled and r.reshape.method == ReshapeMethod.mesh:
+        mesh_reshape = r.reshape.enabled and r.reshape.method == ReshapeMethod.mesh
+        if mesh_reshape:
             flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
@@ -93,7 +92,7 @@ class Synthesizer:
         # are found on the render, b's on b (then moved by the reshape flow like b itself)
         occ = meshswap.occluders(face, labels, m_src)
         occ_b = meshswap.occluders(img_attr, labels_b, m_ref)
-        if r.reshape.enabled and r.reshape.method == ReshapeMethod.mesh:
+        if mesh_reshape:
             occ_b = warp_backward(occ_b, flow, "zeros")
         method = r.appearance.method
         if method != Appearance.none:

@@ -14,7 +14,7 @@ import torch
 
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import DlibLandmarks
-from reliableswap.faces.mesh import FaceMesh, load_face_mesh, mouth_open_ratio
+from reliableswap.faces.mesh import load_face_mesh, mouth_open_ratio
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.grid import jacobian_determinant
 from reliableswap.images import to_uint8
@@ -28,7 +28,6 @@ class QualityChecker:
     def __init__(self) -> None:
         self.embedder = DlibEmbedder()
         self.landmarks = DlibLandmarks()
-        self.mesh: FaceMesh | None = None
 
     def _embed_each(self, ims: np.ndarray, lms: np.ndarray) -> np.ndarray:
         """B×H×W×3 uint8 with B×68×2 landmarks (one face an image) → B×128."""
@@ -56,10 +55,8 @@ class QualityChecker:
         if flow is not None:
             out["fold"] = jacobian_determinant(flow).flatten(1).amin(1).cpu().numpy()
         if mesh_expected is not None:
-            if self.mesh is None or next(self.mesh.parameters()).device != fake.device:
-                self.mesh = load_face_mesh(str(fake.device))
             lm_m = torch.from_numpy(measured).to(fake.device, fake.dtype)
-            got = self.mesh.from_landmarks68(fake, lm_m)[0]
+            got = load_face_mesh(str(fake.device)).from_landmarks68(fake, lm_m)[0]
             out["mouth_err"] = (mouth_open_ratio(got) - mouth_open_ratio(mesh_expected)).abs().cpu().numpy()
         return out
 
