@@ -79,11 +79,8 @@ def prep(
     """Detect, landmark and align every face in INPUTS; write crops and faces.jsonl. Resumable."""
     from reliableswap.commands.prep import PrepConfig, run_prep
     from reliableswap.device import resolve_device
-    from reliableswap.faces.landmarks import FanLandmarks
 
     resolve_device(device)
-    if landmarks == LandmarkBackend.fan:
-        FanLandmarks(device)  # fail at start-up naming the missing file, not in every worker
     cfg = PrepConfig(size=size, align=align, landmarks=landmarks, detector=detector, every=every, largest=largest,
                      min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device,
                      max_pixels=max_pixels)

