@@ -58,6 +58,17 @@ class Appearance(Choice):
     sot = "sot"
 
 
+class MaskBackend(Choice):
+    geometry = "geometry"  # the 68-point outline (2D recipes) or the face mesh's regions (mesh recipes)
+    bisenet = "bisenet"  # plus face parsing: hair, glasses, hands… stay the target's (weights: 79999_iter.pth)
+
+
+class RestoreBackend(Choice):
+    none = "none"
+    gfpgan = "gfpgan"  # GFPGAN v1.4, clean architecture (weights: GFPGANv1.4.pth)
+    gpen = "gpen"  # GPEN-BFR-512 (weights: GPEN-BFR-512.pth)
+
+
 class BlendMethod(Choice):
     multiband = "multiband"
     poisson = "poisson"

@@ -183,6 +183,7 @@ def triplets(
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This process's shard (default: $RANK or 0).", min=0)] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Number of shards (default: $WORLD_SIZE or 1).", min=1)] = None,
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model: reenact by FLAME(β_a, θ_b, ψ_b) and reshape by the dense shape flow (faces without `fit` parameters are fitted on the fly).")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Folder of the learned backends' weight files, <dir>/<backend>/<file> (default: the recipe's [weights] dir, $RELIABLESWAP_WEIGHTS, ~/.cache/reliableswap/weights).")] = None,
 ) -> None:
     """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable.
     Default geometry: MediaPipe's 468-point face mesh (stored by prep --landmarks mesh, else measured here);
@@ -190,7 +191,8 @@ def triplets(
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.recipes import TripletRecipe, load_recipe
 
-    over = {"output.format": fmt, "qc.enabled": qc, "qc.min_id_margin": min_id_margin}
+    over = {"output.format": fmt, "qc.enabled": qc, "qc.min_id_margin": min_id_margin,
+            "weights.dir": None if weights is None else str(weights)}
     if flame is not None:
         over |= {"flame.model": str(flame), "reenact.backend": "flame", "reshape.method": "flame"}
     r = load_recipe(recipe, TripletRecipe).with_overrides(over)
@@ -237,6 +239,63 @@ def inspect(
     from reliableswap.commands.inspect import run_inspect
 
     say(f"wrote {run_inspect(folder, sheet, n)}")
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="The learned backends' weight files: which each needs, check them, fetch them.")
+app.add_typer(weights_app, name="weights")
+_TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights."
+
+
+@weights_app.command("list")
+def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None) -> None:
+    """Every learned backend, the step it serves, the files it needs and whether they are there."""
+    from reliableswap.nets.weights import BACKENDS, file_path, weights_dir
+
+    root = weights_dir(to)
+    for b in BACKENDS.values():
+        print(f"{b.name}  [{b.step}]  {b.what}")
+        for wf in b.files:
+            p = file_path(b.name, wf, root)
+            tag = "present" if p.is_file() else ("missing, optional" if wf.name in b.optional else "missing")
+            print(f"    {p}  ({tag}){'  manual download: ' + wf.url if wf.manual else '  from ' + wf.url}")
+
+
+@weights_app.command("check")
+def weights_check(
+    name: Annotated[Optional[str], typer.Argument(help="Backend (lia, liveportrait, bisenet, gfpgan, gpen); default: all.")] = None,
+    to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
+) -> None:
+    """Read each file without unpickling code and check its keys and shapes against the architecture. Exit 1 if any is bad or missing."""
+    from reliableswap.jobs import NothingUsable
+    from reliableswap.nets.weights import BACKENDS, check_backend, weights_dir
+
+    names = [name] if name else list(BACKENDS)
+    if name and name not in BACKENDS:
+        raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
+    root = weights_dir(to)
+    bad = 0
+    for n in names:
+        for path, status, detail in check_backend(n, root):
+            print(f"{n}  {status:<18} {path}  {detail}")
+            bad += status in ("missing", "bad")
+    if bad:
+        raise NothingUsable(f"{bad} weight file(s) missing or unusable (get them with `reliableswap weights fetch NAME --to {root}`)")
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: Annotated[str, typer.Argument(help="Backend (lia, liveportrait, bisenet, gfpgan, gpen).")],
+    to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
+) -> None:
+    """Download a backend's files from their public release addresses (needs internet; Google Drive releases are named for a manual download), then check them."""
+    from reliableswap.nets.weights import BACKENDS, check_backend, fetch, weights_dir
+
+    if name not in BACKENDS:
+        raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
+    root = weights_dir(to)
+    fetch(name, root, progress=say)
+    for path, status, detail in check_backend(name, root):
+        say(f"{name}  {status}  {path}  {detail}")
 
 
 @app.command()

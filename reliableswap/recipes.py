@@ -23,8 +23,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, OutputFormat,
-                                  Rasterizer, ReshapeMethod, Strategy)
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, MaskBackend, OutputFormat,
+                                  Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
 CLASS_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
@@ -51,15 +51,32 @@ class PairsSection(Section):
 
 class ReenactSection(Section):
     # mesh: a's 468-point face mesh in b's pose/expression, textured from a (z-buffered); tps: 2D
-    # warp through 68 points; flame: dense FLAME correspondence (needs --flame); or module:Class
-    backend: Annotated[str, StringConstraints(pattern=rf"^(mesh|tps|flame|{CLASS_SPEC})$")] = "mesh"
+    # warp through 68 points; flame: dense FLAME correspondence (needs --flame); lia, liveportrait:
+    # the published networks with the user's weight files ([weights]); or module:Class
+    backend: Annotated[str, StringConstraints(pattern=rf"^(mesh|tps|flame|lia|liveportrait|{CLASS_SPEC})$")] = "mesh"
     identity_layout: float = Field(1.0, ge=0, le=1)  # tps: 0 = b's landmarks, 1 = a's feature positions
     mirror: bool = True  # mesh/tps: flip the identity face when that brings its yaw closer to the target's
+    stitching: bool = True  # liveportrait: apply the stitching MLP when its file is there
 
 
 class AppearanceSection(Section):
     method: Appearance = Appearance.skin
     large_gap: float = Field(25.0, ge=0)  # skin: LAB distance of the skin means above which a damped LAB transfer replaces LCT
+
+
+class MasksSection(Section):
+    backend: MaskBackend = MaskBackend.geometry
+    blur: float = Field(2.0, ge=0, le=32)  # bisenet: softening of the parsed regions, pixels
+
+
+class RestoreSection(Section):
+    backend: RestoreBackend = RestoreBackend.none  # applied to the reenacted face before blending
+    strength: float = Field(1.0, ge=0, le=1)  # 1 = the restored face, 0 = the input
+
+
+class WeightsSection(Section):
+    dir: str = ""  # learned backends' weight files (<dir>/<backend>/<file>); "" → $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights
+    amp: bool = True  # fp16 autocast for the learned networks on CUDA
 
 
 class BlendSection(Section):
@@ -131,11 +148,26 @@ class TripletRecipe(Recipe):
     pairs: PairsSection = Field(default_factory=PairsSection)
     reenact: ReenactSection = Field(default_factory=ReenactSection)
     appearance: AppearanceSection = Field(default_factory=AppearanceSection)
+    masks: MasksSection = Field(default_factory=MasksSection)
+    restore: RestoreSection = Field(default_factory=RestoreSection)
     blend: BlendSection = Field(default_factory=BlendSection)
     reshape: ReshapeSection = Field(default_factory=ReshapeSection)
     flame: FlameSection = Field(default_factory=FlameSection)
     qc: QCSection = Field(default_factory=QCSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    weights: WeightsSection = Field(default_factory=WeightsSection)
+
+    @property
+    def learned(self) -> list[tuple[str, str]]:
+        """``(step, backend)`` of every step that runs a network from the user's weight files."""
+        out = []
+        if self.reenact.backend in ("lia", "liveportrait"):
+            out.append(("reenact", self.reenact.backend))
+        if self.masks.backend != MaskBackend.geometry:
+            out.append(("masks", self.masks.backend.value))
+        if self.restore.backend != RestoreBackend.none:
+            out.append(("restore", self.restore.backend.value))
+        return out
 
     @property
     def uses_flame(self) -> bool:
@@ -164,7 +196,7 @@ class TripletRecipe(Recipe):
     def steps(self) -> dict[str, Any]:
         """The synthesis steps' parameters, as stored with each triplet."""
         d = self.model_dump(mode="json")
-        return {k: d[k] for k in ("reenact", "appearance", "blend", "reshape")}
+        return {k: d[k] for k in ("reenact", "appearance", "masks", "restore", "blend", "reshape")}
 
 
 # -- training recipes ---------------------------------------------------------------------------

@@ -20,14 +20,15 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.recipes": {"reliableswap.choices"},
     "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices"},
     "reliableswap.flame": {"reliableswap.geometry", "triplets"},
-    "reliableswap.synth": {"reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.images",
-                           "reliableswap.recipes", "reliableswap.choices"},
+    "reliableswap.nets": {"reliableswap.faces"},  # MissingWeightsError
+    "reliableswap.synth": {"reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.nets",
+                           "reliableswap.images", "reliableswap.recipes", "reliableswap.choices"},
     "reliableswap.pairs": {"reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
     "reliableswap.viz": {"reliableswap.images", "triplets"},
     "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
                            "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
-    "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "triplets"},
+    "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "reliableswap.nets", "triplets"},
     "reliableswap.commands": {"*"},  # above everything but the CLI
     "reliableswap.cli": {"*"},
 }

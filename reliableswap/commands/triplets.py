@@ -30,7 +30,7 @@ from reliableswap.flame.layer import load_flame
 from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, load_rgb, to_uint8, to_uint8_tensor
 from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from reliableswap.recipes import TripletRecipe
-from reliableswap.synth.pipeline import Synthesizer
+from reliableswap.synth.pipeline import Synthesizer, check_models
 from reliableswap.synth.quality import QualityChecker
 from triplets.jsonl import atomic_dir, atomic_write_bytes
 from triplets.layout import FILES
@@ -109,7 +109,7 @@ class TripletRun:
         self.read_pool, self.write_pool = ThreadPoolExecutor(n), ThreadPoolExecutor(n)
         self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.crop = CropCache(faces, recipe.output.quality)
-        self.checker = QualityChecker() if recipe.qc_on else None
+        self.checker = QualityChecker(self.synth.parser) if recipe.qc_on else None
         self.webdataset = recipe.output.format == OutputFormat.webdataset
         self.chunk = recipe.output.shard_size if self.webdataset else batch
         self.jpeg = choose_encoder(recipe.output.encoder, device)
@@ -342,6 +342,7 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
                 "faces_sha256": file_sha256(faces_dir / "faces.jsonl")}
     if recipe.uses_flame and (faces_dir / "flame.jsonl").is_file():
         settings["flame_sha256"] = file_sha256(faces_dir / "flame.jsonl")
+    check_models(recipe)  # a missing or unusable model file stops the run before its folder is made
     lock = "triplets" if ns == 1 else f"triplets.shard-{si}-of-{ns}"
     with Job("triplets", out, settings, "triplets", device=str(dev), progress=progress, lock=lock) as job:
         atomic_write_bytes(out / "recipe.resolved.toml", recipe.to_toml().encode())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
+from reliableswap.choices import Appearance, BlendMethod, MaskBackend, ReshapeMethod, RestoreBackend
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.ibug68 import INNER, MIRROR68
 from reliableswap.faces.masks import face_mask
@@ -18,7 +18,9 @@ from reliableswap.flame.flow import reenact_map, shape_flow
 from reliableswap.flame.layer import Flame, FlameParams
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.recipes import TripletRecipe
-from reliableswap.synth import appearance, blend, meshswap
+from reliableswap.nets.weights import require, weights_dir
+from reliableswap.synth import appearance, blend, learned, meshswap
+from reliableswap.synth.learned import FaceParser, LearnedReenactor, Restorer
 from reliableswap.synth.reenact import load_reenactor
 from reliableswap.synth.reshape import reshape
 
@@ -41,6 +43,19 @@ def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor,
     return torch.where(f4, img.flip(-1), img), torch.where(flip.view(-1, 1, 1), lm_f, lm), mesh
 
 
+def check_models(recipe: TripletRecipe) -> None:
+    """Before any output is written: every model file the recipe needs is there and usable (the
+    learned backends' files are read, checked and kept loaded; the face-mesh file located).
+    Raises ``MissingWeightsError`` / ``WeightsError`` with one line naming the file."""
+    root = weights_dir(recipe.weights.dir)
+    for step, backend in recipe.learned:
+        require(backend, root, step)
+    for _, backend in recipe.learned:
+        learned.load_nets(backend, root)
+    if recipe.uses_mesh:
+        fm.mesh_model_path()
+
+
 class Synthesizer:
     """Renders fakes from aligned crops with 68 landmarks (crop pixels), on the crops' device.
 
@@ -53,10 +68,33 @@ class Synthesizer:
         self.flame = flame
         if recipe.uses_flame and flame is None:
             raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
-        builtin = recipe.reenact.backend in ("flame", "mesh")
-        self.reenactor = None if builtin else load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
+        # learned steps: a missing weight file stops the run here, naming it and the command that gets it
+        root = weights_dir(recipe.weights.dir)
+        for step, backend in recipe.learned:
+            require(backend, root, step)
+        amp = recipe.weights.amp
+        if recipe.reenact.backend in ("flame", "mesh"):
+            self.reenactor = None
+        elif recipe.reenact.backend in ("lia", "liveportrait"):
+            self.reenactor = LearnedReenactor(recipe.reenact.backend, root, recipe.reenact.stitching, amp)
+        else:
+            self.reenactor = load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
+        self.parser = FaceParser(root, amp) if recipe.masks.backend == MaskBackend.bisenet else None
+        self.restorer = Restorer(recipe.restore.backend.value, root, recipe.restore.strength, amp) \
+            if recipe.restore.backend != RestoreBackend.none else None
         if recipe.uses_mesh:
             fm.mesh_model_path()  # a missing model file stops the run here, naming it; loaded when first needed
+
+    def keep_target(self, face: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """With parsing masks: B×1×S×S weight of what stays the target's (hair, glasses, hands… of
+        either the reenacted ``face`` or the ``target``); zeros without."""
+        if self.parser is None:
+            return torch.zeros_like(face[:, :1])
+        blur = self.r.masks.blur
+        labels = self.parser(torch.cat([face, target]))
+        keep = learned.class_mask(labels, learned.KEEP_TARGET, blur)
+        n = face.shape[0]
+        return torch.maximum(keep[:n], keep[n:])
 
     @staticmethod
     def measure_mesh(img: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -85,6 +123,8 @@ class Synthesizer:
         backend = r.flame.rasterizer.value
         rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
+        if self.restorer is not None:
+            face = torch.where(covered, self.restorer(torch.where(covered, face, background)), face)
         labels_b = meshswap.region_map(mesh_attr, h, backend)[2]
         m_src = meshswap.skin_mask(labels, covered & ~rend["hidden"])
         m_ref = meshswap.skin_mask(labels_b)
@@ -104,6 +144,8 @@ class Synthesizer:
         face = torch.where(covered, face, background)
         mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather) * covered
         mask = mask * (1 - torch.maximum(occ, occ_b))
+        if self.parser is not None:
+            mask = mask * (1 - self.keep_target(torch.where(covered, face, background), background))
         if r.blend.method == BlendMethod.multiband:
             fake = blend.multiband_blend(face, background, mask, r.blend.levels)
         else:
@@ -162,7 +204,11 @@ class Synthesizer:
             if self.r.reenact.mirror:
                 img_id, lm_id, _ = mirror_toward(img_id, lm_id, lm_attr)
             reen, lm_reen = self.reenactor(img_id, lm_id, img_attr, lm_attr)
+        if self.restorer is not None:
+            reen = self.restorer(reen)
         mask = self.blend_mask(lm_reen, h, w)
+        if self.parser is not None:
+            mask = mask * (1 - self.keep_target(reen, img_attr))
         m_attr = self.blend_mask(lm_attr, h, w)
         method = self.r.appearance.method.value
         # "skin" needs the mesh's regions: without a mesh it is LCT over the 68-point face masks

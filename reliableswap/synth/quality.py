@@ -18,16 +18,21 @@ from reliableswap.faces.mesh import load_face_mesh, mouth_open_ratio
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.grid import jacobian_determinant
 from reliableswap.images import to_uint8
+from reliableswap.synth.learned import FACE, FaceParser, class_mask
 
 
 class QualityChecker:
     """Per fake: ``id_margin``, ``pose_err`` (deg, max over yaw/pitch/roll) and ``seam``; with the
     reshape ``flow``, ``fold`` (smallest Jacobian determinant: ≤ 0 means the warp folds); with the
-    fake's expected mesh, ``mouth_err`` (|measured − expected| inner-lip gap / mouth width)."""
+    fake's expected mesh, ``mouth_err`` (|measured − expected| inner-lip gap / mouth width); with a
+    face ``parser`` (``[masks] backend = "bisenet"``), ``face_parse``: the share of the blend mask
+    that the parser reads as face (skin, brows, eyes, nose, mouth, lips) on the fake — low when the
+    pasted face looks like no face."""
 
-    def __init__(self) -> None:
+    def __init__(self, parser: FaceParser | None = None) -> None:
         self.embedder = DlibEmbedder()
         self.landmarks = DlibLandmarks()
+        self.parser = parser
 
     def _embed_each(self, ims: np.ndarray, lms: np.ndarray) -> np.ndarray:
         """B×H×W×3 uint8 with B×68×2 landmarks (one face an image) → B×128."""
@@ -54,6 +59,9 @@ class QualityChecker:
         out = {"id_margin": d_attr - d_id, "pose_err": pose_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
         if flow is not None:
             out["fold"] = jacobian_determinant(flow).flatten(1).amin(1).cpu().numpy()
+        if self.parser is not None:
+            face = class_mask(self.parser(fake), FACE)
+            out["face_parse"] = ((face * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-6)).cpu().numpy()
         if mesh_expected is not None:
             lm_m = torch.from_numpy(measured).to(fake.device, fake.dtype)
             got = load_face_mesh(str(fake.device)).from_landmarks68(fake, lm_m)[0]

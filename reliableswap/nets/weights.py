@@ -1,0 +1,241 @@
+"""The learned models' weight files: which file each backend needs, where it lives, how it is
+loaded (never unpickling arbitrary objects) and checked (keys and shapes against the architecture).
+
+Files live in ``<weights dir>/<backend>/<file name as published>``; the weights dir is the
+recipe's ``[weights] dir``, else ``$RELIABLESWAP_WEIGHTS``, else ``~/.cache/reliableswap/weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reliableswap.faces.models import MissingWeightsError
+from reliableswap.nets import liveportrait
+from reliableswap.nets.bisenet import BiSeNet
+from reliableswap.nets.gfpgan import GFPGANv1Clean
+from reliableswap.nets.gpen import FullGenerator
+from reliableswap.nets.lia import Generator
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be used; ``str(err)`` is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published file. ``entry``: the top-level key holding the state dict (None: the file is
+    the state dict); ``manual``: the release is a page to download from by hand (Google Drive)."""
+
+    name: str
+    url: str
+    build: Callable[[], nn.Module]
+    entry: str | tuple[str, ...] | None = None
+    manual: bool = False
+    alt: str | None = None  # accepted alternative file name (the flattened .safetensors variant)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    step: str  # reenact | masks | restore
+    what: str
+    files: tuple[WeightFile, ...]
+    optional: tuple[str, ...] = ()  # file names a run works without
+
+
+def _lp(part: str) -> Callable[[], nn.Module]:
+    return {"F": liveportrait.AppearanceFeatureExtractor, "M": liveportrait.MotionExtractor, "W": liveportrait.WarpingNetwork,
+            "G": liveportrait.SPADEDecoder, "S": liveportrait.StitchingNetwork}[part]
+
+
+_HF_LP = "https://huggingface.co/KwaiVGI/LivePortrait/resolve/main/liveportrait"
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("lia", "reenact", "LIA vox generator (the official ReliableSwap reenactor), 256 px", (
+        WeightFile("vox.pt", "https://drive.google.com/drive/folders/1N4QcnqUQwKUZivFV-YeBuPyH4pGJHooc", lambda: Generator(256), entry="gen", manual=True),)),
+    Backend("liveportrait", "reenact", "LivePortrait human model: F, M, W, G and the stitching MLP, 256 → 512 px", (
+        WeightFile("appearance_feature_extractor.pth", f"{_HF_LP}/base_models/appearance_feature_extractor.pth", _lp("F"),
+                   alt="appearance_feature_extractor.safetensors"),
+        WeightFile("motion_extractor.pth", f"{_HF_LP}/base_models/motion_extractor.pth", _lp("M"), alt="motion_extractor.safetensors"),
+        WeightFile("warping_module.pth", f"{_HF_LP}/base_models/warping_module.pth", _lp("W"), alt="warping_module.safetensors"),
+        WeightFile("spade_generator.pth", f"{_HF_LP}/base_models/spade_generator.pth", _lp("G"), alt="spade_generator.safetensors"),
+        WeightFile("stitching_retargeting_module.pth", f"{_HF_LP}/retargeting_models/stitching_retargeting_module.pth", _lp("S"),
+                   entry=("retarget_shoulder", "retarget_shoulder_module"), alt="stitching_retargeting_module.safetensors"),
+    ), optional=("stitching_retargeting_module.pth",)),
+    Backend("bisenet", "masks", "face-parsing.PyTorch BiSeNet, 19 CelebAMask-HQ classes, 512 px", (
+        WeightFile("79999_iter.pth", "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812", lambda: BiSeNet(19), manual=True),)),
+    Backend("gfpgan", "restore", "GFPGAN v1.4 (clean architecture), 512 px", (
+        WeightFile("GFPGANv1.4.pth", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth", GFPGANv1Clean,
+                   entry=("params_ema", "params"), alt="GFPGANv1.3.pth"),)),
+    Backend("gpen", "restore", "GPEN BFR-512", (
+        WeightFile("GPEN-BFR-512.pth", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth", lambda: FullGenerator(512)),)),
+)}
+
+
+def weights_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user cache."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("RELIABLESWAP_WEIGHTS")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "reliableswap" / "weights"
+
+
+def file_path(backend: str, wf: WeightFile, root: Path) -> Path:
+    """Where ``wf`` is: the published name, else its accepted alternative when only that exists."""
+    p = root / backend / wf.name
+    if not p.exists() and wf.alt and (root / backend / wf.alt).exists():
+        return root / backend / wf.alt
+    return p
+
+
+def require(backend: str, root: Path, step: str | None = None) -> dict[str, Path]:
+    """Paths of ``backend``'s files, or :class:`MissingWeightsError` naming the missing file and the
+    command that gets it (called at start-up, before any work)."""
+    b = BACKENDS[backend]
+    out = {}
+    for wf in b.files:
+        p = file_path(backend, wf, root)
+        if p.is_file():
+            out[wf.name] = p
+        elif wf.name not in b.optional:
+            where = f"[{step}] backend {backend!r}" if step else f"backend {backend!r}"
+            raise MissingWeightsError(f"{where} needs {p} (missing): get it with `reliableswap weights fetch {backend} --to {root}`"
+                                      + (f" (a manual download from {wf.url})" if wf.manual else ""))
+    return out
+
+
+#: objects a published checkpoint may hold besides tensors and containers (LIA's training args)
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text.split(". ")[0][:160] if text else type(e).__name__).rstrip(".")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The file's top-level mapping, read without running pickled code: ``.safetensors`` through
+    safetensors, anything else through ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS`."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = " ".join(str(e).split())
+        found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text) or \
+            re.search(r"source\. (.+?)(?: Check the documentation|$)", text)
+        what = found.group(1).strip().rstrip(".")[:160] if found else _first_sentence(e)
+        raise WeightsError(f"{path}: refused: it holds pickled objects that are not plain tensors ({what})") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise WeightsError(f"{path}: not a readable checkpoint ({_first_sentence(e)})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
+    return obj
+
+
+def state_dict_of(obj: dict, entry: str | tuple[str, ...] | None, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: the ``entry`` (nested or flattened as ``entry.key``),
+    DataParallel's ``module.`` prefixes removed."""
+    if entry is not None:
+        entries = (entry,) if isinstance(entry, str) else entry
+        for e in entries:
+            if isinstance(obj.get(e), dict):
+                obj = obj[e]
+                break
+            flat = {k[len(e) + 1:]: v for k, v in obj.items() if k.startswith(e + ".")}
+            if flat:
+                obj = flat
+                break
+        else:
+            raise WeightsError(f"{path}: no {' / '.join(repr(e) for e in entries)} entry (top-level keys: {', '.join(list(map(str, obj))[:6])})")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"{path}: key {str(k)[:80]!r} holds a {type(v).__name__}, not a tensor")
+        sd[k.removeprefix("module.")] = v
+    return sd
+
+
+def check_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """:class:`WeightsError` on the first missing, unexpected or wrongly shaped key."""
+    want = model.state_dict()
+    for k, t in want.items():
+        if k not in sd:
+            raise WeightsError(f"{path}: key {k!r} missing ({len(set(want) - set(sd))} of {len(want)} expected keys missing): not this architecture")
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise WeightsError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the architecture needs {tuple(t.shape)}")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise WeightsError(f"{path}: unexpected key {extra[0]!r} ({len(extra)} keys the architecture does not have)")
+
+
+def load_module(backend: str, wf: WeightFile, path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The architecture of ``wf`` with the file's weights, in eval mode on ``device``."""
+    model = wf.build()
+    sd = state_dict_of(read_checkpoint(path), wf.entry, path)
+    check_state(sd, model, path)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
+    return model.eval().requires_grad_(False).to(device)
+
+
+def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
+    """``(file, status, detail)`` per file of ``backend``: ok / missing / bad."""
+    b = BACKENDS[backend]
+    rows = []
+    for wf in b.files:
+        p = file_path(backend, wf, root)
+        if not p.is_file():
+            rows.append((str(p), "missing" if wf.name not in b.optional else "missing (optional)", wf.url))
+            continue
+        try:
+            with torch.device("meta"):
+                model = wf.build()
+            sd = state_dict_of(read_checkpoint(p), wf.entry, p)
+            check_state(sd, model, p)
+            n = sum(t.numel() for t in sd.values())
+            rows.append((str(p), "ok", f"{p.stat().st_size / 2**20:.1f} MiB, {len(sd)} tensors, {n / 1e6:.1f} M values"))
+        except WeightsError as e:
+            rows.append((str(p), "bad", str(e).removeprefix(f"{p}: ")))
+    return rows
+
+
+def fetch(backend: str, root: Path, progress: Callable[[str], None] = print) -> list[Path]:
+    """Download ``backend``'s files from their public release addresses into ``root/backend``
+    (temp name, then rename). Files published on Google Drive pages cannot be fetched without a
+    browser: for those, raise naming the page and the path to put the file at."""
+    dest = root / backend
+    dest.mkdir(parents=True, exist_ok=True)
+    got = []
+    for wf in BACKENDS[backend].files:
+        p = file_path(backend, wf, root)
+        if p.is_file():
+            progress(f"{p}: already there")
+            got.append(p)
+            continue
+        if wf.manual:
+            raise MissingWeightsError(f"{wf.name} is published on a Google Drive page: download it from {wf.url} and save it as {dest / wf.name}")
+        progress(f"{wf.url} → {dest / wf.name}")
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{wf.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(wf.url, timeout=60) as r:
+                shutil.copyfileobj(r, out, 1 << 20)
+            os.replace(tmp, dest / wf.name)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise MissingWeightsError(f"cannot download {wf.url} ({getattr(e, 'reason', None) or e}): download it by hand and save it as {dest / wf.name}") from None
+        got.append(dest / wf.name)
+    return got
