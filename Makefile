@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench ablation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,12 +32,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4
 	$(BIN)/python scripts/bench_mesh.py
+	$(BIN)/python scripts/bench_nets.py
 	$(BIN)/python scripts/bench_triplets.py
 	$(BIN)/python scripts/bench_flame_fit.py
 	$(BIN)/python scripts/bench_flows.py
 	$(BIN)/python scripts/bench_hostile.py
 	test -d demo_out/triplets || $(MAKE) demo
 	$(BIN)/reliableswap finetune --recipe recipes/tiny.toml --triplets demo_out/triplets --faces demo_out/prep --out bench_out/tiny --steps 100
+
+# Does training on triplets help? Same swapper and seeds with and without triplets, evaluated on
+# held-out people (minutes on a CPU; not part of `make test`). On a GPU: ARGS=--gpu.
+ablation: $(STAMP)
+	$(BIN)/python scripts/ablation.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -241,6 +241,65 @@ def inspect(
     say(f"wrote {run_inspect(folder, sheet, n)}")
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Measure a swapper (identity, pose, expression, reconstruction) or a triplet folder (QC report).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("swapper")
+def eval_swapper(
+    faces: Annotated[Path, typer.Option(help="Prep folder holding the pairs' faces (faces.jsonl + crops).")],
+    pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl: a = source, b = target (held-out pairs).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (pairs.csv, sheet.png, summary.json).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (its recipe and latest checkpoint).")] = None,
+    swapper: Annotated[Optional[str], typer.Option("--swapper", help="Or a swapper class package.module:Class (built with its defaults).")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
+    value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
+    input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
+    arcface: Annotated[Optional[Path], typer.Option("--arcface", help="insightface arcface_torch backbone.pth for the identity metrics (default: dlib's 128-D descriptor, offline).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
+) -> None:
+    """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target). FID is not computed (no Inception network here)."""
+    from reliableswap.commands.eval import load_class_swapper, load_run_swapper, run_eval_swapper
+    from reliableswap.device import resolve_device
+
+    if (checkpoint is None) == (swapper is None):
+        raise ValueError("give one of --checkpoint RUN or --swapper module:Class")
+    dev = resolve_device(device)
+    if checkpoint is not None:
+        model, name = load_run_swapper(checkpoint, dev)
+    else:
+        try:
+            vr = tuple(float(v) for v in value_range.split(","))
+        except ValueError:
+            raise ValueError(f"--value-range: expected 0,1 or -1,1, got {value_range!r}") from None
+        model, name = load_class_swapper(swapper, weights, vr, input_size or None, dev)
+    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True)
+    d = s["details"]
+    say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "
+        f"top-5 {d['id_retrieval_top5']} (of {d['gallery']} sources); pose err {d['pose_err_mean_deg']} deg, "
+        f"expr err {d['expr_err_mean']}; reconstruction PSNR {d['reconstruction']['psnr_db']} dB SSIM {d['reconstruction']['ssim']}")
+    say(f"wrote {out / 'pairs.csv'}, {out / 'sheet.png'}, {out / 'summary.json'}")
+
+
+@eval_app.command("triplets")
+def eval_triplets(
+    folder: Annotated[Path, typer.Argument(help="A triplets output folder (manifest.jsonl, folder layout).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report in summary.json, triplets.csv, histograms.png).")],
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second triplets folder to report beside the first.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N triplets of each folder.", min=1)] = None,
+) -> None:
+    """QC report of a triplet folder: identity margins, pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off) and the fakes' face-detection rate, with histograms."""
+    from reliableswap.commands.eval import run_eval_triplets
+
+    s = run_eval_triplets(folder, out, compare, limit, progress=True)
+    for run, agg in s["details"]["runs"].items():
+        im = agg.get("id_margin_st", {}).get("mean")
+        say(f"{run}: {agg['triplets']} triplets, id margin st mean {im}, positive rate {agg.get('positive_id_margin_rate')}, "
+            f"detection rate {agg['detection_rate']}")
+    say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
+
+
 weights_app = typer.Typer(no_args_is_help=True, help="The learned backends' weight files: which each needs, check them, fetch them.")
 app.add_typer(weights_app, name="weights")
 _TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights."

@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
                            "reliableswap.images", "reliableswap.recipes", "reliableswap.choices"},
     "reliableswap.pairs": {"reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
     "reliableswap.viz": {"reliableswap.images", "triplets"},
+    "reliableswap.evaluation": {"reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
     "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
                            "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__

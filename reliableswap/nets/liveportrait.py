@@ -11,7 +11,6 @@ decodes the result at 512×512.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -36,3 +36,17 @@ class TinyIdentityGenerator(nn.Module):
         h = torch.relu(self.enc(target))
         g, b = self.mod(z_id).chunk(2, -1)
         return torch.sigmoid(self.dec(h * (1 + g[..., None, None]) + b[..., None, None]) + torch.logit(target.clamp(1e-3, 1 - 1e-3)))
+
+
+class ReturnTarget(nn.Module):
+    """Gives back the target: the worst swapper for identity (retrieval must fail), perfect pose."""
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return target
+
+
+class ReturnSource(nn.Module):
+    """Gives back the source: perfect identity (similarity 1), the source's pose and expression."""
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return source

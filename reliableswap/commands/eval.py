@@ -1,0 +1,264 @@
+"""``reliableswap eval swapper`` and ``reliableswap eval triplets``: does a swapper (or a triplet
+recipe) do what it should? Metrics in :mod:`reliableswap.evaluation`.
+
+``eval swapper`` swaps every pair (a = source, b = target) and writes ``pairs.csv`` (one row a
+pair), ``summary.json`` (means, retrieval rates, reconstruction), ``sheet.png`` (source | target |
+swap). ``eval triplets`` reads a triplet folder's QC (measuring it where the run had ``--qc``
+off), adds the fakes' face-detection rate, and writes ``report.json``, ``triplets.csv`` and
+``histograms.png``; ``--compare DIR2`` puts a second folder beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from reliableswap.device import resolve_device
+from reliableswap.evaluation import SwapMeter, psnr, retrieval_hits, ssim
+from reliableswap.faces.detect import DlibDetector
+from reliableswap.images import load_rgb, save_image, to_uint8
+from reliableswap.jobs import Job, NothingUsable, bad_records
+from reliableswap.recipes import TrainRecipe
+from reliableswap.synth.quality import QualityChecker
+from reliableswap.train.arcface import DlibEncoder, load_arcface
+from reliableswap.train.build import build_swapper, load_weights
+from reliableswap.train.swapper import SwapperAdapter, load_class
+from reliableswap.viz import _label, grid
+from triplets.jsonl import atomic_write_bytes
+from triplets.records import ContractError, FaceSet, ManifestRecord, PairRecord, resolve_inside
+
+PER_PAIR = ("id_cos", "top1", "top5", "pose_err", "expr_err")
+
+
+def load_run_swapper(run: Path, device: torch.device) -> tuple[SwapperAdapter, str]:
+    """The swapper of a ``finetune`` run folder: its recipe (``summary.json``) and the weights
+    ``checkpoints/latest.json`` points to (inside the run folder)."""
+    where = str(run / "summary.json")
+    try:
+        recipe = TrainRecipe.model_validate(json.loads((run / "summary.json").read_text())["details"]["recipe"])
+        latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+        weights = str(latest["weights"])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{run}: not a finetune run folder ({Path(e.filename).name} missing)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ContractError(where, "details.recipe", f"not a finetune summary ({type(e).__name__})") from None
+    model, _ = build_swapper(recipe, device)
+    model.model.load_state_dict(load_weights(resolve_inside(run / "checkpoints", weights, str(run / "checkpoints" / "latest.json"), "weights")))
+    return model.eval(), f"{recipe.name} ({recipe.model.swapper}) at step {latest.get('step')}"
+
+
+def load_class_swapper(spec: str, weights: Path | None, value_range: tuple[float, float], input_size: int | None,
+                       device: torch.device) -> tuple[SwapperAdapter, str]:
+    """``module:Class`` built with its defaults, optional weights file, wrapped to [0, 1]."""
+    model = load_class(spec)()
+    if weights is not None:
+        model.load_state_dict(load_weights(weights))
+    return SwapperAdapter(model, value_range, input_size).to(device).eval(), spec
+
+
+def identity_encoder(arcface: Path | None, device: torch.device):
+    """(encoder, name): ArcFace when its weights are given, else dlib's 128-D descriptor."""
+    if arcface is not None:
+        return load_arcface(arcface, device=device), f"arcface ({arcface.name})"
+    return DlibEncoder(), "dlib-128"
+
+
+def _rgb(faces: FaceSet, fid: str, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if fid not in cache:
+        rec = faces[fid]
+        img = load_rgb(faces.image_path(rec))
+        cache[fid] = (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255, torch.tensor(rec.landmarks68, dtype=torch.float32))
+    return cache[fid]
+
+
+def _identity(faces: FaceSet, fid: str) -> str:
+    return faces[fid].identity or fid
+
+
+def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.PathLike, pairs_path: str | os.PathLike,
+                     out: str | os.PathLike, device: str = "auto", batch: int = 8, arcface: Path | None = None,
+                     sheet_rows: int = 12, progress: bool = False) -> dict:
+    """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure."""
+    faces_dir, out = Path(faces_dir), Path(out)
+    dev = resolve_device(device)
+    faces = FaceSet.load(faces_dir, strict=False)
+    pairs, bad = PairRecord.read_valid(pairs_path)
+    pairs = [p for p in pairs if p.a in faces and p.b in faces]
+    if not pairs:
+        raise NothingUsable(f"{pairs_path}: no pair whose faces are both in {faces_dir}")
+    encoder, enc_name = identity_encoder(arcface, dev)
+    meter = SwapMeter(encoder)
+    settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch}
+    cache: dict = {}
+    rows, descs, src_desc = [], [], {}
+    tiles = []
+    with Job("eval-swapper", out, settings, "pairs", device=str(dev), progress=progress, resumable=False) as job, torch.no_grad():
+        for s in range(0, len(pairs), batch):
+            part = pairs[s:s + batch]
+            src = torch.stack([_rgb(faces, p.a, cache)[0] for p in part]).to(dev)
+            tgt = torch.stack([_rgb(faces, p.b, cache)[0] for p in part]).to(dev)
+            lm_t = torch.stack([_rgb(faces, p.b, cache)[1] for p in part])
+            with job.stage("swap"):
+                swap = swapper(src, tgt).clamp(0, 1)
+            with job.stage("measure"):
+                for p, d in zip(part, encoder(src).float().cpu()):
+                    src_desc.setdefault(p.a, d)
+                m = meter(swap, torch.stack([src_desc[p.a] for p in part]), tgt, lm_t)
+            descs.append(m["desc"])
+            for j, p in enumerate(part):
+                rows.append({"index": s + j, "source": p.a, "target": p.b, "id_cos": float(m["id_cos"][j]),
+                             "pose_err": float(m["pose_err"][j]), "expr_err": float(m["expr_err"][j])})
+            if len(tiles) < 3 * sheet_rows:
+                for a, t, w in zip(to_uint8(src), to_uint8(tgt), to_uint8(swap)):
+                    if len(tiles) < 3 * sheet_rows:
+                        tiles += [cv2.resize(x, (160, 160), interpolation=cv2.INTER_AREA) for x in (a, t, w)]
+            job.progress(min(s + batch, len(pairs)), len(pairs))
+        # retrieval among every source of the evaluation (by identity label when known)
+        gallery_ids = list(src_desc)
+        hits = retrieval_hits(torch.cat(descs), torch.stack([src_desc[g] for g in gallery_ids]),
+                              [_identity(faces, g) for g in gallery_ids], [_identity(faces, p.a) for p in pairs])
+        for r in rows:
+            r["top1"], r["top5"] = bool(hits[1][r["index"]]), bool(hits[5][r["index"]])
+        # reconstruction: swap(t, t) against t, each target once
+        with job.stage("reconstruct"):
+            targets = sorted({p.b for p in pairs})
+            ps, ss = [], []
+            for s in range(0, len(targets), batch):
+                t = torch.stack([_rgb(faces, f, cache)[0] for f in targets[s:s + batch]]).to(dev)
+                rec = swapper(t, t).clamp(0, 1)
+                ps.append(psnr(rec, t).cpu())
+                ss.append(ssim(rec, t).cpu())
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["index", "source", "target", *PER_PAIR])
+        w.writeheader()
+        w.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        atomic_write_bytes(out / "pairs.csv", buf.getvalue().encode())
+        save_image(out / "sheet.png", grid([_label(t, [lab]) for t, lab in zip(tiles, ["source", "target", "swap"] * sheet_rows)], 3))
+        p_all, s_all = torch.cat(ps), torch.cat(ss)
+        details = {
+            "swapper": name, "identity": enc_name, "pairs": len(rows), "gallery": len(gallery_ids),
+            "id_cos_mean": round(float(np.mean([r["id_cos"] for r in rows])), 4),
+            "id_retrieval_top1": round(float(hits[1].float().mean()), 4), "id_retrieval_top5": round(float(hits[5].float().mean()), 4),
+            "pose_err_mean_deg": round(float(np.mean([r["pose_err"] for r in rows])), 3),
+            "expr_err_mean": round(float(np.mean([r["expr_err"] for r in rows])), 4),
+            "reconstruction": {"targets": len(targets), "psnr_db": round(float(p_all[torch.isfinite(p_all)].mean()), 3) if torch.isfinite(p_all).any() else None,
+                               "identical": int((~torch.isfinite(p_all)).sum()), "ssim": round(float(s_all.mean()), 4)},
+            "fid": None, "fid_note": "not computed: FID needs an Inception-v3 network, which this project does not ship yet",
+            "files": {"per_pair": "pairs.csv", "sheet": "sheet.png"},
+        }
+        return job.finish(n_in=len(pairs) + len(bad), written=len(rows), written_this_run=len(rows), rejects=bad_records(bad), details=details)
+
+
+# -- triplets --------------------------------------------------------------------------------------
+
+QC_KEYS = ("id_margin", "pose_err", "seam", "fold", "mouth_err", "face_parse")
+
+
+def measure_triplets(folder: Path, limit: int | None = None) -> list[dict]:
+    """Per triplet folder: its QC (from the manifest, else measured here with dlib) and whether
+    dlib's detector finds a face in each fake (``detected_st``/``detected_ts``)."""
+    recs = ManifestRecord.read(folder / ManifestRecord.FILE)[:limit]
+    if not recs:
+        raise NothingUsable(f"{folder}: no triplet in {ManifestRecord.FILE}")
+    if any(r.folder is None for r in recs):
+        raise ValueError(f"{folder}: eval triplets reads folder-layout runs (this one wrote shards)")
+    det = DlibDetector()
+    checker = None
+    out = []
+    for r in recs:
+        base = resolve_inside(folder, r.folder, r.where, "folder")
+        imgs = {k: load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in ("source", "target", "output_st", "output_ts")}
+        row = {"folder": r.folder, **{k: v for k, v in r.qc.items()}}
+        if "id_margin_st" not in r.qc:
+            checker = checker or QualityChecker()
+            t = {k: torch.from_numpy(v.copy()).permute(2, 0, 1)[None].float() / 255 for k, v in imgs.items()}
+            # aligned crops: the face box is where the alignment puts it (as DlibEncoder assumes)
+            lm = {k: checker.landmarks(imgs[k], np.array([[0.18 * v.shape[1], 0.2 * v.shape[0], 0.82 * v.shape[1], 0.92 * v.shape[0]]]))[0]
+                  for k, v in imgs.items()}
+            emb = {k: checker.embed(t[k], torch.from_numpy(lm[k])[None]) for k in ("source", "target")}
+            ones = torch.ones_like(t["target"][:, :1])
+            for d, idn, attr in (("st", "source", "target"), ("ts", "target", "source")):
+                q = checker(t[f"output_{d}"], torch.from_numpy(lm[attr])[None], emb[idn], emb[attr],
+                            torch.from_numpy(lm[attr])[None], t[attr], ones)
+                row |= {f"{k}_{d}": round(float(v[0]), 4) for k, v in q.items() if k != "seam"}  # no blend mask stored: no seam
+        for d in ("st", "ts"):
+            row[f"detected_{d}"] = bool(len(det(imgs[f"output_{d}"])[0]))
+        out.append(row)
+    return out
+
+
+def _histograms(columns: dict[str, list[np.ndarray]], names: list[str], path: Path, bins: int = 20) -> Path:
+    """One panel per metric, one bar colour per folder (numpy + OpenCV drawing)."""
+    colours = [(46, 117, 182), (230, 126, 34)]
+    panels = []
+    for key, series in columns.items():
+        vals = np.concatenate([s for s in series if len(s)]) if any(len(s) for s in series) else np.zeros(1)
+        lo, hi = float(vals.min()), float(vals.max())
+        hi = hi if hi > lo else lo + 1
+        edges = np.linspace(lo, hi, bins + 1)
+        counts = [np.histogram(s, edges)[0] if len(s) else np.zeros(bins, int) for s in series]
+        top = max(1, max(int(c.max()) for c in counts))
+        img = np.full((220, 320, 3), 255, np.uint8)
+        bw = 300 / bins / len(series)
+        for i, c in enumerate(counts):
+            for b, n in enumerate(c):
+                x0 = int(10 + b * 300 / bins + i * bw)
+                cv2.rectangle(img, (x0, 190), (int(x0 + bw) - 1, 190 - int(160 * n / top)), colours[i % 2], -1)
+        cv2.putText(img, key, (10, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{lo:.2f}", (5, 210), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{hi:.2f}", (265, 210), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for i, n in enumerate(names):
+            cv2.putText(img, n[-28:], (120, 18 + 14 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colours[i % 2], 1, cv2.LINE_AA)
+        panels.append(img)
+    return save_image(path, grid(panels, 3))
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    agg: dict = {"triplets": len(rows)}
+    for key in rows[0]:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if vals and key != "folder":
+            v = np.asarray(vals, np.float64)
+            agg[key] = {"mean": round(float(v.mean()), 4), "median": round(float(np.median(v)), 4),
+                        "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
+    m = [min(r["id_margin_st"], r["id_margin_ts"]) for r in rows if "id_margin_st" in r]
+    if m:
+        agg["positive_id_margin_rate"] = round(float(np.mean(np.asarray(m) > 0)), 4)
+    agg["detection_rate"] = round(float(np.mean([r["detected_st"] for r in rows] + [r["detected_ts"] for r in rows])), 4)
+    return agg
+
+
+def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare: str | os.PathLike | None = None,
+                      limit: int | None = None, progress: bool = False) -> dict:
+    """QC report of a triplet folder (and, ``compare``, of a second one beside it)."""
+    folders = [Path(folder)] + ([Path(compare)] if compare else [])
+    settings = {"folders": [str(f) for f in folders], "limit": limit}
+    with Job("eval-triplets", out, settings, "triplets", progress=progress, resumable=False) as job:
+        with job.stage("measure"):
+            measured = [measure_triplets(f, limit) for f in folders]
+        out = job.out
+        buf = io.StringIO()
+        keys = sorted({k for rows in measured for r in rows for k in r})
+        w = csv.DictWriter(buf, fieldnames=["run", *keys])
+        w.writeheader()
+        for f, rows in zip(folders, measured):
+            w.writerows({"run": str(f), **r} for r in rows)
+        atomic_write_bytes(out / "triplets.csv", buf.getvalue().encode())
+        columns = {}
+        for base in QC_KEYS:
+            for d in ("st", "ts"):
+                k = f"{base}_{d}"
+                if any(k in r for rows in measured for r in rows):
+                    columns[k] = [np.asarray([r[k] for r in rows if k in r], np.float64) for rows in measured]
+        _histograms(columns, [str(f) for f in folders], out / "histograms.png")
+        report = {"runs": {str(f): _aggregate(rows) for f, rows in zip(folders, measured)},
+                  "files": {"per_triplet": "triplets.csv", "histograms": "histograms.png"}}
+        n = sum(len(rows) for rows in measured)
+        return job.finish(n_in=n, written=n, written_this_run=n, rejects=[], details=report)

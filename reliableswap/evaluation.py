@@ -1,0 +1,96 @@
+"""Metrics of face swapping, batched (B×3×H×W in [0, 1], landmarks B×68×2):
+
+* identity: cosine similarity of the swap's descriptor to its source's, and retrieval — is the
+  source (its identity) the nearest of all sources in the evaluation (top-1 / top-5);
+* attributes: pose error (degrees, L2 of yaw/pitch/roll from the 68 landmarks) and expression
+  error (68-point expression landmarks after a similarity on the rigid points, in interocular
+  units) between the swap and its target;
+* reconstruction: PSNR and SSIM of swap(target, target) against the target.
+
+Descriptors are dlib's 128-D (offline) or ArcFace's (``--arcface`` weights). Landmarks of swaps
+are measured with dlib's predictor in a box from the target's landmarks (a swap keeps the
+target's pose). FID needs an Inception network, which this project does not ship: not computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.metrics import ssim as kornia_ssim
+
+from reliableswap.faces.ibug68 import RIGID
+from reliableswap.faces.landmarks import DlibLandmarks
+from reliableswap.faces.pose import head_pose
+from reliableswap.geometry.affine import apply_affine, similarity_lstsq
+from reliableswap.images import to_uint8
+
+EXPRESSION = list(range(17, 68))  # brows, nose, eyes, mouth
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W in [0, 1] → B (dB; inf for identical images)."""
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM (11×11 Gaussian window) per image: B."""
+    return kornia_ssim(a.float(), b.float(), 11).flatten(1).mean(1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of B×D descriptors → B."""
+    return F.cosine_similarity(a.float(), b.float(), dim=1)
+
+
+def retrieval_hits(queries: torch.Tensor, gallery: torch.Tensor, gallery_ids: list[str], true_ids: list[str],
+                   ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+    """For each query (Q×D), whether its true identity is among the identities of the k most
+    similar gallery descriptors (G×D, cosine): ``{k: Q bool}``."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T  # Q×G
+    order = sim.argsort(dim=1, descending=True).cpu().numpy()
+    out = {}
+    for k in ks:
+        hits = [true_ids[q] in {gallery_ids[j] for j in order[q, :k]} for q in range(len(true_ids))]
+        out[k] = torch.tensor(hits)
+    return out
+
+
+def pose_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
+    """Degrees: L2 norm of the (yaw, pitch, roll) difference, B."""
+    return (head_pose(lm.double()) - head_pose(lm_ref.double())).norm(dim=-1).float()
+
+
+def expression_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
+    """Mean distance of the expression landmarks after a similarity on the rigid points, in
+    interocular units, B (0 for the same expression at any pose, scale and position in the image plane)."""
+    m = similarity_lstsq(lm[:, RIGID].double(), lm_ref[:, RIGID].double())
+    moved = apply_affine(lm.double(), m)
+    iod = (lm_ref[:, 36:42].mean(1) - lm_ref[:, 42:48].mean(1)).norm(dim=-1).double()
+    return ((moved[:, EXPRESSION] - lm_ref[:, EXPRESSION].double()).norm(dim=-1).mean(1) / iod).float()
+
+
+class SwapMeter:
+    """Measures swaps: landmarks (dlib, box from the target's) and identity descriptors
+    (``encoder``: B×3×H×W → B×D; default dlib's 128-D)."""
+
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor]):
+        self.encoder = encoder
+        self.landmarks = DlibLandmarks()
+
+    def measure_landmarks(self, images: torch.Tensor, lm_hint: torch.Tensor) -> torch.Tensor:
+        """B×68×2 landmarks of ``images`` searched in the box of ``lm_hint``."""
+        hint = lm_hint.detach().cpu().numpy()
+        boxes = np.concatenate([hint.min(1), hint.max(1)], 1)
+        got = [self.landmarks(im, bx[None])[0] for im, bx in zip(to_uint8(images), boxes)]
+        return torch.from_numpy(np.stack(got)).to(lm_hint)
+
+    def __call__(self, swap: torch.Tensor, source_desc: torch.Tensor, target: torch.Tensor, lm_target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per swap (B): ``id_cos``, ``pose_err``, ``expr_err``; plus ``desc`` (B×D) for retrieval."""
+        lm = self.measure_landmarks(swap, lm_target)
+        desc = self.encoder(swap).float().cpu()
+        return {"id_cos": cosine(desc, source_desc), "pose_err": pose_error(lm.cpu(), lm_target.cpu()),
+                "expr_err": expression_error(lm.cpu(), lm_target.cpu()), "desc": desc}
