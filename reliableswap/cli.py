@@ -352,7 +352,7 @@ def weights_fetch(
     if name not in BACKENDS:
         raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
     root = weights_dir(to)
-    fetch(name, root, progress=say)
+    fetch(name, root, progress=say, bar=True)
     for path, status, detail in check_backend(name, root):
         say(f"{name}  {status}  {path}  {detail}")
 

@@ -346,3 +346,22 @@ def test_liveportrait_reenactor_on_real_faces(pair_batch, tmp_path):
     out, lm = LearnedReenactor("liveportrait", tmp_path)(img_a[:1], lm_a[:1], img_b[:1], lm_b[:1])
     assert out.shape == img_a[:1].shape and float(out.min()) >= 0 and float(out.max()) <= 1
     assert lm.shape == (1, 68, 2) and torch.isfinite(lm).all()
+
+
+def test_fetch_downloads_to_a_temp_name_then_checks(weights, tmp_path, monkeypatch):
+    """fetch with the release address pointed at a local file (no internet here): the file lands
+    under its published name, no temp file is left, and the check passes; a dead address names
+    the manual way and leaves nothing behind."""
+    import dataclasses
+
+    wf = W.BACKENDS["gpen"].files[0]
+    local = dataclasses.replace(wf, url=(weights / "gpen" / wf.name).as_uri())
+    monkeypatch.setitem(W.BACKENDS, "gpen", dataclasses.replace(W.BACKENDS["gpen"], files=(local,)))
+    got = W.fetch("gpen", tmp_path / "w", progress=lambda _: None)
+    assert got == [tmp_path / "w" / "gpen" / wf.name] and sorted(p.name for p in (tmp_path / "w" / "gpen").iterdir()) == [wf.name]
+    assert [row[1] for row in W.check_backend("gpen", tmp_path / "w")] == ["ok"]
+    dead = dataclasses.replace(wf, url=(tmp_path / "nowhere.pth").as_uri())
+    monkeypatch.setitem(W.BACKENDS, "gpen", dataclasses.replace(W.BACKENDS["gpen"], files=(dead,)))
+    with pytest.raises(MissingWeightsError) as e:
+        W.fetch("gpen", tmp_path / "w2", progress=lambda _: None)
+    assert "download it by hand" in _one_line(e.value) and list((tmp_path / "w2" / "gpen").iterdir()) == []

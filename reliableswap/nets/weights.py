@@ -11,7 +11,6 @@ import argparse
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import urllib.request
 from collections.abc import Callable
@@ -213,7 +212,20 @@ def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def fetch(backend: str, root: Path, progress: Callable[[str], None] = print) -> list[Path]:
+def _copy_with_bar(r, out, name: str, show: bool) -> None:
+    """Copy the response ``r`` into ``out`` in 1 MiB blocks, with a rich progress bar when ``show``."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    total = int(r.headers.get("Content-Length") or 0) or None
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  disable=not show) as bar:
+        task = bar.add_task(name, total=total)
+        while block := r.read(1 << 20):
+            out.write(block)
+            bar.advance(task, len(block))
+
+
+def fetch(backend: str, root: Path, progress: Callable[[str], None] = print, bar: bool = False) -> list[Path]:
     """Download ``backend``'s files from their public release addresses into ``root/backend``
     (temp name, then rename). Files published on Google Drive pages cannot be fetched without a
     browser: for those, raise naming the page and the path to put the file at."""
@@ -232,7 +244,8 @@ def fetch(backend: str, root: Path, progress: Callable[[str], None] = print) -> 
         fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{wf.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(wf.url, timeout=60) as r:
-                shutil.copyfileobj(r, out, 1 << 20)
+                _copy_with_bar(r, out, wf.name, bar)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the weights
             os.replace(tmp, dest / wf.name)
         except OSError as e:
             Path(tmp).unlink(missing_ok=True)
