@@ -260,20 +260,10 @@ def eval_swapper(
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
 ) -> None:
     """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target). FID is not computed (no Inception network here)."""
-    from reliableswap.commands.eval import load_class_swapper, load_run_swapper, run_eval_swapper
+    from reliableswap.commands.eval import open_swapper, run_eval_swapper
     from reliableswap.device import resolve_device
 
-    if (checkpoint is None) == (swapper is None):
-        raise ValueError("give one of --checkpoint RUN or --swapper module:Class")
-    dev = resolve_device(device)
-    if checkpoint is not None:
-        model, name = load_run_swapper(checkpoint, dev)
-    else:
-        try:
-            vr = tuple(float(v) for v in value_range.split(","))
-        except ValueError:
-            raise ValueError(f"--value-range: expected 0,1 or -1,1, got {value_range!r}") from None
-        model, name = load_class_swapper(swapper, weights, vr, input_size or None, dev)
+    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device))
     s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True)
     d = s["details"]
     say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "

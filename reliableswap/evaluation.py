@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
@@ -83,10 +82,7 @@ class SwapMeter:
 
     def measure_landmarks(self, images: torch.Tensor, lm_hint: torch.Tensor) -> torch.Tensor:
         """B×68×2 landmarks of ``images`` searched in the box of ``lm_hint``."""
-        hint = lm_hint.detach().cpu().numpy()
-        boxes = np.concatenate([hint.min(1), hint.max(1)], 1)
-        got = [self.landmarks(im, bx[None])[0] for im, bx in zip(to_uint8(images), boxes)]
-        return torch.from_numpy(np.stack(got)).to(lm_hint)
+        return torch.from_numpy(self.landmarks.remeasure(to_uint8(images), lm_hint.detach().cpu().numpy())).to(lm_hint)
 
     def __call__(self, swap: torch.Tensor, source_desc: torch.Tensor, target: torch.Tensor, lm_target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per swap (B): ``id_cos``, ``pose_err``, ``expr_err``; plus ``desc`` (B×D) for retrieval."""

@@ -155,24 +155,14 @@ def test_published_layouts_load(weights, tmp_path):
         assert [row[1] for row in W.check_backend(b, weights)] == ["ok"]
     # LivePortrait: the nested stitching file with DataParallel prefixes, and the flattened
     # .safetensors variants (checked on the two small modules)
-    lp = W.BACKENDS["liveportrait"]
-    small = [f for f in lp.files if f.name.startswith(("appearance", "stitching"))]
+    small = ("appearance", "stitching")
     for flat in (False, True):
         root = tmp_path / ("st" if flat else "pth")
-        (root / "liveportrait").mkdir(parents=True)
-        for wf in small:
-            sd = randomize(wf.build())
-            if flat:
-                from safetensors.torch import save_file
-                if isinstance(wf.entry, tuple):
-                    sd = {f"{wf.entry[1]}.{k}": v for k, v in sd.items()}
-                save_file(sd, str(root / "liveportrait" / wf.alt))
-            else:
-                torch.save({"retarget_shoulder": {f"module.{k}": v for k, v in sd.items()}} if wf.entry else sd,
-                           root / "liveportrait" / wf.name)
+        write_random_weights("liveportrait", root, safetensors=flat, only=small)
+        for wf in (f for f in W.BACKENDS["liveportrait"].files if f.name.startswith(small)):
             p = W.file_path("liveportrait", wf, root)
             assert p.suffix == (".safetensors" if flat else ".pth")
-            m = W.load_module("liveportrait", wf, p)
+            m = W.load_module(wf, p)
             assert all(torch.equal(m.state_dict()[k], v) for k, v in W.state_dict_of(W.read_checkpoint(p), wf.entry, p).items())
     # GFPGAN keeps its weights under params_ema (params in older files)
     gf = W.BACKENDS["gfpgan"].files[0]
@@ -197,13 +187,13 @@ def test_wrong_keys_shapes_and_pickled_code_are_refused_in_one_line(weights, tmp
     renamed["cp.resnet.conv1.weight_renamed"] = renamed.pop("cp.resnet.conv1.weight")
     torch.save(renamed, bad / wf.name)
     with pytest.raises(W.WeightsError) as e:
-        W.load_module("bisenet", wf, bad / wf.name)
+        W.load_module(wf, bad / wf.name)
     assert "'cp.resnet.conv1.weight' missing" in _one_line(e.value) and str(bad / wf.name) in str(e.value)
     reshaped = dict(sd)
     reshaped["conv_out.conv_out.weight"] = torch.zeros(18, 256, 1, 1)
     torch.save(reshaped, bad / wf.name)
     with pytest.raises(W.WeightsError) as e:
-        W.load_module("bisenet", wf, bad / wf.name)
+        W.load_module(wf, bad / wf.name)
     assert "(18, 256, 1, 1)" in _one_line(e.value) and "(19, 256, 1, 1)" in str(e.value)
     rows = W.check_backend("bisenet", tmp_path)
     assert rows[0][1] == "bad" and "shape" in rows[0][2]

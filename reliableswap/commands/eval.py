@@ -26,8 +26,8 @@ from reliableswap.faces.detect import DlibDetector
 from reliableswap.images import load_rgb, save_image, to_uint8
 from reliableswap.jobs import Job, NothingUsable, bad_records
 from reliableswap.recipes import TrainRecipe
-from reliableswap.synth.quality import QualityChecker
-from reliableswap.train.arcface import DlibEncoder, load_arcface
+from reliableswap.synth.quality import QualityChecker, qc_aggregates
+from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
 from reliableswap.train.build import build_swapper, load_weights
 from reliableswap.train.swapper import SwapperAdapter, load_class
 from reliableswap.viz import _label, grid
@@ -63,6 +63,21 @@ def load_class_swapper(spec: str, weights: Path | None, value_range: tuple[float
     return SwapperAdapter(model, value_range, input_size).to(device).eval(), spec
 
 
+def open_swapper(checkpoint: Path | None, spec: str | None, weights: Path | None, value_range: str, input_size: int,
+                 device: torch.device) -> tuple[SwapperAdapter, str]:
+    """The swapper ``eval swapper`` measures: a run folder (``checkpoint``) or a class (``spec``,
+    with its weights, range ``"0,1"``/``"-1,1"`` and input side, 0 = the crops')."""
+    if (checkpoint is None) == (spec is None):
+        raise ValueError("give one of --checkpoint RUN or --swapper module:Class")
+    if checkpoint is not None:
+        return load_run_swapper(checkpoint, device)
+    try:
+        vr = tuple(float(v) for v in value_range.split(","))
+    except ValueError:
+        raise ValueError(f"--value-range: expected 0,1 or -1,1, got {value_range!r}") from None
+    return load_class_swapper(spec, weights, vr, input_size or None, device)
+
+
 def identity_encoder(arcface: Path | None, device: torch.device):
     """(encoder, name): ArcFace when its weights are given, else dlib's 128-D descriptor."""
     if arcface is not None:
@@ -70,8 +85,15 @@ def identity_encoder(arcface: Path | None, device: torch.device):
     return DlibEncoder(), "dlib-128"
 
 
+CACHE_FACES = 1024  # decoded crops kept between batches: memory stays bounded whatever the pairs file
+
+
 def _rgb(faces: FaceSet, fid: str, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop (3×S×S in [0, 1]) and landmarks of face ``fid``, from ``cache`` (at most
+    :data:`CACHE_FACES` entries, the oldest dropped first) or decoded."""
     if fid not in cache:
+        if len(cache) >= CACHE_FACES:
+            cache.pop(next(iter(cache)))
         rec = faces[fid]
         img = load_rgb(faces.image_path(rec))
         cache[fid] = (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255, torch.tensor(rec.landmarks68, dtype=torch.float32))
@@ -180,8 +202,7 @@ def measure_triplets(folder: Path, limit: int | None = None) -> list[dict]:
             checker = checker or QualityChecker()
             t = {k: torch.from_numpy(v.copy()).permute(2, 0, 1)[None].float() / 255 for k, v in imgs.items()}
             # aligned crops: the face box is where the alignment puts it (as DlibEncoder assumes)
-            lm = {k: checker.landmarks(imgs[k], np.array([[0.18 * v.shape[1], 0.2 * v.shape[0], 0.82 * v.shape[1], 0.92 * v.shape[0]]]))[0]
-                  for k, v in imgs.items()}
+            lm = {k: checker.landmarks(imgs[k], np.array([crop_face_box(*v.shape[:2])]))[0] for k, v in imgs.items()}
             emb = {k: checker.embed(t[k], torch.from_numpy(lm[k])[None]) for k in ("source", "target")}
             ones = torch.ones_like(t["target"][:, :1])
             for d, idn, attr in (("st", "source", "target"), ("ts", "target", "source")):
@@ -221,18 +242,10 @@ def _histograms(columns: dict[str, list[np.ndarray]], names: list[str], path: Pa
 
 
 def _aggregate(rows: list[dict]) -> dict:
-    agg: dict = {"triplets": len(rows)}
-    for key in rows[0]:
-        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
-        if vals and key != "folder":
-            v = np.asarray(vals, np.float64)
-            agg[key] = {"mean": round(float(v.mean()), 4), "median": round(float(np.median(v)), 4),
-                        "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
-    m = [min(r["id_margin_st"], r["id_margin_ts"]) for r in rows if "id_margin_st" in r]
-    if m:
-        agg["positive_id_margin_rate"] = round(float(np.mean(np.asarray(m) > 0)), 4)
-    agg["detection_rate"] = round(float(np.mean([r["detected_st"] for r in rows] + [r["detected_ts"] for r in rows])), 4)
-    return agg
+    """The run's QC figures aggregated as ``triplets`` does, plus the fakes' detection rate."""
+    qcs = [{k: v for k, v in r.items() if k not in ("folder", "detected_st", "detected_ts")} for r in rows]
+    return {"triplets": len(rows), **qc_aggregates(qcs),
+            "detection_rate": round(float(np.mean([r["detected_st"] for r in rows] + [r["detected_ts"] for r in rows])), 4)}
 
 
 def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare: str | os.PathLike | None = None,

@@ -31,7 +31,7 @@ from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, 
 from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer, check_models
-from reliableswap.synth.quality import QualityChecker
+from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from triplets.jsonl import atomic_dir, atomic_write_bytes
 from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
@@ -369,18 +369,6 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
                         run.fitted_on_the_fly, job.wall - t0, run.jpeg, bad_records(faces.problems + bad_pairs))
 
 
-def _qc_aggregates(records: list[dict]) -> dict:
-    agg: dict = {}
-    if not records or not records[0]["qc"]:
-        return agg
-    for key in records[0]["qc"]:
-        v = np.asarray([r["qc"][key] for r in records], np.float64)
-        agg[key] = {"mean": round(float(v.mean()), 4), "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
-    m = np.asarray([min(r["qc"]["id_margin_st"], r["qc"]["id_margin_ts"]) for r in records])
-    agg["positive_id_margin_rate"] = round(float((m > 0).mean()), 4)
-    return agg
-
-
 def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, written_now: int, skipped: int,
              shard: tuple[int, int], fitted: int, wall: float, jpeg: str, bad: list[dict]) -> dict:
     """manifest.jsonl, triplet.pickle, rejects.jsonl and summary.json from every chunk record present
@@ -406,4 +394,4 @@ def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, writt
                                "appearance": recipe.appearance.method.value, "blend": recipe.blend.method.value,
                                "reshape": recipe.reshape.method.value if recipe.reshape.enabled else False},
                  "jpeg_encoder": jpeg.value, "stages_note": "stages overlap (a pipeline of threads): wall_s is what counts",
-                 "qc": _qc_aggregates(records)})
+                 "qc": qc_aggregates([r["qc"] for r in records])})

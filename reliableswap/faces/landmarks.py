@@ -38,6 +38,12 @@ class DlibLandmarks:
             out[i] = [(p.x, p.y) for p in shape.parts()]
         return out
 
+    def remeasure(self, images: np.ndarray, hint: np.ndarray) -> np.ndarray:
+        """Landmarks of each image (B×H×W×3 uint8, one face each) searched in the bounding box of
+        its ``hint`` landmarks (B×68×2: where the face is expected) → B×68×2."""
+        boxes = np.concatenate([hint.min(1), hint.max(1)], 1)
+        return np.stack([self(im, bx[None])[0] for im, bx in zip(images, boxes)])
+
 
 #: face-alignment 1.5 conventions (utils.py / detection/core.py).
 FAN_WEIGHTS = "2DFAN4-11f355bf06.pth.tar"

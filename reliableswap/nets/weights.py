@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import nn
 
 from reliableswap.faces.models import MissingWeightsError
@@ -182,12 +183,18 @@ def check_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> No
         raise WeightsError(f"{path}: unexpected key {extra[0]!r} ({len(extra)} keys the architecture does not have)")
 
 
-def load_module(backend: str, wf: WeightFile, path: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The architecture of ``wf`` with the file's weights, in eval mode on ``device``."""
-    model = wf.build()
+def checked_state(wf: WeightFile, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, read safely and checked against ``model`` (:class:`WeightsError`)."""
     sd = state_dict_of(read_checkpoint(path), wf.entry, path)
     check_state(sd, model, path)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in sd.items()})
+    return sd
+
+
+def load_module(wf: WeightFile, path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The architecture of ``wf`` with the file's weights, in eval mode on ``device``."""
+    model = wf.build()
+    want = model.state_dict()
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in checked_state(wf, path, model).items()})
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -201,10 +208,9 @@ def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
             rows.append((str(p), "missing" if wf.name not in b.optional else "missing (optional)", wf.url))
             continue
         try:
-            with torch.device("meta"):
+            with torch.device("meta"):  # shapes only: nothing allocated
                 model = wf.build()
-            sd = state_dict_of(read_checkpoint(p), wf.entry, p)
-            check_state(sd, model, p)
+            sd = checked_state(wf, p, model)
             n = sum(t.numel() for t in sd.values())
             rows.append((str(p), "ok", f"{p.stat().st_size / 2**20:.1f} MiB, {len(sd)} tensors, {n / 1e6:.1f} M values"))
         except WeightsError as e:
@@ -214,8 +220,6 @@ def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
 
 def _copy_with_bar(r, out, name: str, show: bool) -> None:
     """Copy the response ``r`` into ``out`` in 1 MiB blocks, with a rich progress bar when ``show``."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
     total = int(r.headers.get("Content-Length") or 0) or None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   disable=not show) as bar:

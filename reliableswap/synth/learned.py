@@ -13,7 +13,6 @@ import copy
 import functools
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
@@ -44,7 +43,7 @@ def _load(backend: str, root: str, device: str) -> dict[str, torch.nn.Module]:
     if device != "cpu":  # read and checked once, on the CPU; a copy per device
         return {k: copy.deepcopy(m).to(device) for k, m in _load(backend, root, "cpu").items()}
     paths = require(backend, Path(root))
-    return {wf.name: load_module(backend, wf, paths[wf.name]) for wf in BACKENDS[backend].files if wf.name in paths}
+    return {wf.name: load_module(wf, paths[wf.name]) for wf in BACKENDS[backend].files if wf.name in paths}
 
 
 def load_nets(backend: str, root: Path, device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
@@ -95,9 +94,7 @@ class LearnedReenactor:
 
     def __call__(self, img_id, lm_id, img_drv, lm_drv):
         out = self.render(img_id, img_drv)
-        lmn = lm_drv.detach().cpu().numpy()
-        boxes = np.concatenate([lmn.min(1), lmn.max(1)], 1)
-        measured = np.stack([self.landmarks(im, bx[None])[0] for im, bx in zip(to_uint8(out), boxes)])
+        measured = self.landmarks.remeasure(to_uint8(out), lm_drv.detach().cpu().numpy())
         return out, torch.from_numpy(measured).to(lm_drv)
 
 

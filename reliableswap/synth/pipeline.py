@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reliableswap.choices import Appearance, BlendMethod, MaskBackend, ReshapeMethod, RestoreBackend
+from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.ibug68 import INNER, MIRROR68
 from reliableswap.faces.masks import face_mask
@@ -43,17 +43,19 @@ def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor,
     return torch.where(f4, img.flip(-1), img), torch.where(flip.view(-1, 1, 1), lm_f, lm), mesh
 
 
-def check_models(recipe: TripletRecipe) -> None:
-    """Before any output is written: every model file the recipe needs is there and usable (the
-    learned backends' files are read, checked and kept loaded; the face-mesh file located).
-    Raises ``MissingWeightsError`` / ``WeightsError`` with one line naming the file."""
+def check_models(recipe: TripletRecipe, load: bool = True) -> None:
+    """Every model file the recipe needs is there (the face-mesh file, the learned backends'
+    weight files), else ``MissingWeightsError`` naming the file and the command that gets it.
+    ``load``: also read, check and keep the learned networks loaded (``WeightsError`` on an
+    unusable file), as ``triplets`` does before it writes anything."""
     root = weights_dir(recipe.weights.dir)
     for step, backend in recipe.learned:
         require(backend, root, step)
-    for _, backend in recipe.learned:
-        learned.load_nets(backend, root)
     if recipe.uses_mesh:
         fm.mesh_model_path()
+    if load:
+        for _, backend in recipe.learned:
+            learned.load_nets(backend, root)
 
 
 class Synthesizer:
@@ -68,31 +70,23 @@ class Synthesizer:
         self.flame = flame
         if recipe.uses_flame and flame is None:
             raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
-        # learned steps: a missing weight file stops the run here, naming it and the command that gets it
-        root = weights_dir(recipe.weights.dir)
-        for step, backend in recipe.learned:
-            require(backend, root, step)
-        amp = recipe.weights.amp
+        check_models(recipe, load=False)  # a missing model file stops the run here; networks load when first needed
+        root, amp = weights_dir(recipe.weights.dir), recipe.weights.amp
+        steps = dict(recipe.learned)  # the steps that run a network from the user's weight files
         if recipe.reenact.backend in ("flame", "mesh"):
             self.reenactor = None
-        elif recipe.reenact.backend in ("lia", "liveportrait"):
-            self.reenactor = LearnedReenactor(recipe.reenact.backend, root, recipe.reenact.stitching, amp)
+        elif "reenact" in steps:
+            self.reenactor = LearnedReenactor(steps["reenact"], root, recipe.reenact.stitching, amp)
         else:
             self.reenactor = load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
-        self.parser = FaceParser(root, amp) if recipe.masks.backend == MaskBackend.bisenet else None
-        self.restorer = Restorer(recipe.restore.backend.value, root, recipe.restore.strength, amp) \
-            if recipe.restore.backend != RestoreBackend.none else None
-        if recipe.uses_mesh:
-            fm.mesh_model_path()  # a missing model file stops the run here, naming it; loaded when first needed
+        self.parser = FaceParser(root, amp) if "masks" in steps else None
+        self.restorer = Restorer(steps["restore"], root, recipe.restore.strength, amp) if "restore" in steps else None
 
     def keep_target(self, face: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """With parsing masks: B×1×S×S weight of what stays the target's (hair, glasses, hands… of
-        either the reenacted ``face`` or the ``target``); zeros without."""
-        if self.parser is None:
-            return torch.zeros_like(face[:, :1])
-        blur = self.r.masks.blur
+        """With parsing masks (``self.parser``): B×1×S×S weight of what stays the target's (hair,
+        glasses, hands… of either the reenacted ``face`` or the ``target``)."""
         labels = self.parser(torch.cat([face, target]))
-        keep = learned.class_mask(labels, learned.KEEP_TARGET, blur)
+        keep = learned.class_mask(labels, learned.KEEP_TARGET, self.r.masks.blur)
         n = face.shape[0]
         return torch.maximum(keep[:n], keep[n:])
 
@@ -145,7 +139,7 @@ class Synthesizer:
         mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather) * covered
         mask = mask * (1 - torch.maximum(occ, occ_b))
         if self.parser is not None:
-            mask = mask * (1 - self.keep_target(torch.where(covered, face, background), background))
+            mask = mask * (1 - self.keep_target(face, background))  # face is composited on the background above
         if r.blend.method == BlendMethod.multiband:
             fake = blend.multiband_blend(face, background, mask, r.blend.levels)
         else:

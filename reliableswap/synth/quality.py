@@ -46,10 +46,8 @@ class QualityChecker:
                  lm_attr: torch.Tensor, img_attr: torch.Tensor, mask: torch.Tensor, flow: torch.Tensor | None = None,
                  mesh_expected: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         ims = to_uint8(fake)
-        lmn = lm_fake.detach().cpu().numpy()
         # re-measure the fake's landmarks with dlib (box from the expected ones) for the pose error
-        boxes = np.concatenate([lmn.min(1), lmn.max(1)], 1)
-        measured = np.stack([self.landmarks(im, bx[None])[0] for im, bx in zip(ims, boxes)])
+        measured = self.landmarks.remeasure(ims, lm_fake.detach().cpu().numpy())
         emb = self._embed_each(ims, measured)
         d_id = np.linalg.norm(emb - emb_id, axis=1)
         d_attr = np.linalg.norm(emb - emb_attr, axis=1)
@@ -67,6 +65,21 @@ class QualityChecker:
             got = load_face_mesh(str(fake.device)).from_landmarks68(fake, lm_m)[0]
             out["mouth_err"] = (mouth_open_ratio(got) - mouth_open_ratio(mesh_expected)).abs().cpu().numpy()
         return out
+
+
+def qc_aggregates(qcs: list[dict]) -> dict:
+    """Mean/min/max of every QC figure over triplets (one dict of figures each), and the share of
+    pairs whose two identity margins are both positive."""
+    agg: dict = {}
+    if not qcs or not qcs[0]:
+        return agg
+    for key in qcs[0]:
+        v = np.asarray([q[key] for q in qcs], np.float64)
+        agg[key] = {"mean": round(float(v.mean()), 4), "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
+    if "id_margin_st" in qcs[0]:
+        m = np.asarray([min(q["id_margin_st"], q["id_margin_ts"]) for q in qcs])
+        agg["positive_id_margin_rate"] = round(float((m > 0).mean()), 4)
+    return agg
 
 
 def seam_score(fake: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

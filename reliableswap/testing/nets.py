@@ -64,13 +64,17 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.02) -> dict[str,
     return sd
 
 
-def write_random_weights(backend: str, root: Path, seed: int = 0, safetensors: bool = False) -> list[Path]:
+def write_random_weights(backend: str, root: Path, seed: int = 0, safetensors: bool = False,
+                         only: tuple[str, ...] | None = None) -> list[Path]:
     """``root/backend/…`` files with random weights in the published layouts: LIA ``{'gen', 'args'}``,
     GFPGAN ``{'params_ema'}``, LivePortrait's stitching ``{'retarget_shoulder': {'module.…'}}``
-    (or, ``safetensors``, the flattened variants), the others plain state dicts."""
+    (or, ``safetensors``, the flattened variants), the others plain state dicts. ``only``: the
+    files whose published names start with one of these (default: all)."""
     out = []
     (root / backend).mkdir(parents=True, exist_ok=True)
     for i, wf in enumerate(BACKENDS[backend].files):
+        if only is not None and not wf.name.startswith(only):
+            continue
         sd = randomize(wf.build(), seed + i)
         if safetensors and wf.alt and wf.alt.endswith(".safetensors"):
             from safetensors.torch import save_file

@@ -117,6 +117,16 @@ def load_arcface(path: str | os.PathLike, crop: float = 0.75, device: str | torc
     return ArcFaceEncoder(net, crop).to(device).requires_grad_(False).eval()
 
 
+#: where the alignment puts the face in an aligned crop: (x0, y0, x1, y1) as fractions of its side
+CROP_FACE_BOX = (0.18, 0.2, 0.82, 0.92)
+
+
+def crop_face_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """:data:`CROP_FACE_BOX` in the pixels of an aligned crop."""
+    x0, y0, x1, y1 = CROP_FACE_BOX
+    return int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)
+
+
 class DlibEncoder:
     """dlib's 128-D descriptor of aligned crops ([0, 1] B×3×H×W → B×128), no gradient.
 
@@ -124,7 +134,7 @@ class DlibEncoder:
     alignment puts the face), so fakes without stored landmarks can be described too.
     """
 
-    def __init__(self, box: tuple[float, float, float, float] = (0.18, 0.2, 0.82, 0.92)):
+    def __init__(self, box: tuple[float, float, float, float] = CROP_FACE_BOX):
         self._sp = dlib.shape_predictor(str(dlib_model("landmarks68")))
         self._emb = DlibEmbedder()
         self.box = box
