@@ -241,3 +241,17 @@ def test_cli_bad_contract_and_recipe_are_one_line_with_exit_2(tmp_path):
     assert r.returncode == 2 and "zip" in r.stderr and "Traceback" not in r.stderr
     r = _cli("--debug", "pairs", str(folder), "--out", str(tmp_path / "p.jsonl"))
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows where it came from
+
+
+def test_every_record_says_where_it_was_read(tmp_path):
+    """``record.where`` is ``file:line`` for every contract (a validator named ``_where`` once
+    shadowed it on ManifestRecord, so messages about manifest lines named a bound method)."""
+    import triplets.records as tr
+
+    kinds = [c for c in vars(tr).values() if isinstance(c, type) and issubclass(c, tr.Record) and c is not tr.Record]
+    assert len(kinds) >= 6
+    for cls in kinds:
+        assert "_where" not in cls.__dict__ and "where" not in cls.__dict__, cls.__name__
+    m = tr.ManifestRecord(pair={"index": 0, "a": "a", "b": "b"}, folder="00000000")
+    tr.ManifestRecord.write(tmp_path / "manifest.jsonl", [m])
+    assert tr.ManifestRecord.read(tmp_path / "manifest.jsonl")[0].where == f"{tmp_path / 'manifest.jsonl'}:1"

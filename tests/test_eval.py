@@ -115,6 +115,21 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path):
     for agg in rep.values():
         assert agg["triplets"] == 6 and 0 <= agg["detection_rate"] <= 1 and "id_margin_st" in agg and "pose_err_ts" in agg
     assert (tmp_path / "rep" / "histograms.png").is_file()
+    # a doctored manifest line and a missing image: each skipped with a reason, the rest reported
+    import shutil
+
+    bad = tmp_path / "tri_bad"
+    shutil.copytree(tmp_path / "tri", bad)
+    lines = (bad / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps(first | {"folder": "../../etc"})
+    (bad / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (bad / json.loads(lines[1])["folder"] / "output_st.jpg").unlink()
+    assert main(["eval", "triplets", str(bad), "--out", str(tmp_path / "rep_bad"), "--limit", "4"]) == 0
+    s = json.loads((tmp_path / "rep_bad" / "summary.json").read_text())
+    # --limit counts usable manifest lines: 4 of them, one unreadable
+    assert s["counts"]["written"] == 3 and s["counts"]["rejected_by_reason"] == {"bad record": 1, "unreadable triplet": 1}
+    assert not (tmp_path / "rep_bad" / "etc").exists()
 
 
 def test_eval_refuses_bad_invocations_in_one_line(tmp_path, capsys):

@@ -331,7 +331,7 @@ class ManifestRecord(Record):
     key: SafeName | None = None
 
     @model_validator(mode="after")
-    def _where(self) -> "ManifestRecord":
+    def _folder_or_shard(self) -> "ManifestRecord":
         if self.folder is None and (self.shard is None or self.key is None):
             raise ValueError("a record names a folder, or a shard and a key")
         if set(self.files) != set(FILES):

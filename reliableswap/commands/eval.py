@@ -23,8 +23,8 @@ import torch
 from reliableswap.device import resolve_device
 from reliableswap.evaluation import SwapMeter, psnr, retrieval_hits, ssim
 from reliableswap.faces.detect import DlibDetector
-from reliableswap.images import load_rgb, save_image, to_uint8
-from reliableswap.jobs import Job, NothingUsable, bad_records
+from reliableswap.images import InputError, load_rgb, save_image, to_uint8
+from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.recipes import TrainRecipe
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
@@ -183,20 +183,27 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
 QC_KEYS = ("id_margin", "pose_err", "seam", "fold", "mouth_err", "face_parse")
 
 
-def measure_triplets(folder: Path, limit: int | None = None) -> list[dict]:
+def measure_triplets(folder: Path, limit: int | None = None) -> tuple[list[dict], list[dict]]:
     """Per triplet folder: its QC (from the manifest, else measured here with dlib) and whether
-    dlib's detector finds a face in each fake (``detected_st``/``detected_ts``)."""
-    recs = ManifestRecord.read(folder / ManifestRecord.FILE)[:limit]
+    dlib's detector finds a face in each fake (``detected_st``/``detected_ts``); and the rejects:
+    manifest lines refused on reading, triplets whose images cannot be read (both skipped)."""
+    recs, bad = ManifestRecord.read_valid(folder / ManifestRecord.FILE)
+    recs = recs[:limit]
     if not recs:
-        raise NothingUsable(f"{folder}: no triplet in {ManifestRecord.FILE}")
+        first = f" ({len(bad)} lines refused, the first: {bad[0]})" if bad else ""
+        raise NothingUsable(f"{folder}: no usable triplet in {ManifestRecord.FILE}{first}")
     if any(r.folder is None for r in recs):
         raise ValueError(f"{folder}: eval triplets reads folder-layout runs (this one wrote shards)")
     det = DlibDetector()
     checker = None
-    out = []
+    out, rejects = [], bad_records(bad)
     for r in recs:
-        base = resolve_inside(folder, r.folder, r.where, "folder")
-        imgs = {k: load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in ("source", "target", "output_st", "output_ts")}
+        try:
+            base = resolve_inside(folder, r.folder, r.where, "folder")
+            imgs = {k: load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in ("source", "target", "output_st", "output_ts")}
+        except (ContractError, InputError, OSError) as e:
+            rejects.append(reject(r.where, f"unreadable triplet: {' '.join(str(e).split())}"))
+            continue
         row = {"folder": r.folder, **{k: v for k, v in r.qc.items()}}
         if "id_margin_st" not in r.qc:
             checker = checker or QualityChecker()
@@ -212,7 +219,9 @@ def measure_triplets(folder: Path, limit: int | None = None) -> list[dict]:
         for d in ("st", "ts"):
             row[f"detected_{d}"] = bool(len(det(imgs[f"output_{d}"])[0]))
         out.append(row)
-    return out
+    if not out:
+        raise NothingUsable(f"{folder}: no triplet could be read (the first reason: {rejects[0]['reason']})")
+    return out, rejects
 
 
 def _histograms(columns: dict[str, list[np.ndarray]], names: list[str], path: Path, bins: int = 20) -> Path:
@@ -255,7 +264,9 @@ def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare
     settings = {"folders": [str(f) for f in folders], "limit": limit}
     with Job("eval-triplets", out, settings, "triplets", progress=progress, resumable=False) as job:
         with job.stage("measure"):
-            measured = [measure_triplets(f, limit) for f in folders]
+            results = [measure_triplets(f, limit) for f in folders]
+        measured = [rows for rows, _ in results]
+        rejects = [j for _, rej in results for j in rej]
         out = job.out
         buf = io.StringIO()
         keys = sorted({k for rows in measured for r in rows for k in r})
@@ -274,4 +285,4 @@ def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare
         report = {"runs": {str(f): _aggregate(rows) for f, rows in zip(folders, measured)},
                   "files": {"per_triplet": "triplets.csv", "histograms": "histograms.png"}}
         n = sum(len(rows) for rows in measured)
-        return job.finish(n_in=n, written=n, written_this_run=n, rejects=[], details=report)
+        return job.finish(n_in=n + len(rejects), written=n, written_this_run=n, rejects=rejects, details=report)
