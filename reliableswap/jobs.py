@@ -70,7 +70,9 @@ def reason_key(reason: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` (on this host) still runs."""
+    """Whether process ``pid`` (on this host) still runs. A zombie does not: a killed worker whose
+    parent died stays one until something reaps it (for ever under a container init that does
+    not), and it writes nothing more."""
     if pid == os.getpid():
         return True
     try:
@@ -79,7 +81,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all there is
+        return True
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
 
 
 def remove_stale_temps(folder: Path) -> int:

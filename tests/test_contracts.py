@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -211,6 +212,22 @@ def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     live.write_text("in flight")
     assert remove_stale_temps(tmp_path) == 2
     assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="zombie state is read from /proc")
+def test_temps_of_a_zombie_writer_are_removed(tmp_path):
+    """A killed prep worker whose parent died stays a zombie until reaped (for ever under a
+    container init that does not reap): it writes nothing more, so its temps are stale. A
+    resumed run once kept such a temp (tests/test_prep.py kill-and-resume, flaky before)."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{zombie.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+        time.sleep(0.05)
+    try:
+        (tmp_path / f".c.png.{zombie.pid}.xyz.tmp").write_text("half")
+        assert remove_stale_temps(tmp_path) == 1 and not list(tmp_path.iterdir())
+    finally:
+        zombie.wait()
 
 
 # -- the CLI's one error boundary -----------------------------------------------------------------
