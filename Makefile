@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned exactly: any looser spec pulls a CUDA build with GBs of packages.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,fan]'
+	$(BIN)/python -m pip install -q -e '.[test,fan,ray]'
 	# face-alignment requires opencv-python, which would clash with opencv-python-headless.
 	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0
 	# flame-pytorch (test reference for FLAME) pins old numpy/chumpy/pyrender: its code needs only smplx.
@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_flame_fit.py
 	$(BIN)/python scripts/bench_flows.py
 	$(BIN)/python scripts/bench_hostile.py
+	$(BIN)/python scripts/bench_ray.py
 	test -d demo_out/triplets || $(MAKE) demo
 	$(BIN)/reliableswap finetune --recipe recipes/tiny.toml --triplets demo_out/triplets --faces demo_out/prep --out bench_out/tiny --steps 100
 

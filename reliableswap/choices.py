@@ -34,6 +34,11 @@ class CropExt(Choice):
     jpg = ".jpg"
 
 
+class Engine(Choice):
+    local = "local"  # this process (prep: --workers processes)
+    ray = "ray"  # a Ray Data pipeline on a Ray cluster (the `ray` extra)
+
+
 class Strategy(Choice):
     pose = "pose"
     random = "random"

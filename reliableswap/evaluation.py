@@ -5,17 +5,22 @@
 * attributes: pose error (degrees, L2 of yaw/pitch/roll from the 68 landmarks) and expression
   error (68-point expression landmarks after a similarity on the rigid points, in interocular
   units) between the swap and its target;
-* reconstruction: PSNR and SSIM of swap(target, target) against the target.
+* reconstruction: PSNR and SSIM of swap(target, target) against the target;
+* realism: FID, the Fréchet distance between Gaussians fitted to the Inception ``pool3`` features
+  of the swaps and of the real targets (:func:`frechet_distance`; the network is
+  :class:`reliableswap.nets.inception.FIDInceptionV3` with the user's weight file).
 
 Descriptors are dlib's 128-D (offline) or ArcFace's (``--arcface`` weights). Landmarks of swaps
 are measured with dlib's predictor in a box from the target's landmarks (a swap keeps the
-target's pose). FID needs an Inception network, which this project does not ship: not computed.
+target's pose).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
@@ -38,6 +43,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean SSIM (11×11 Gaussian window) per image: B."""
     return kornia_ssim(a.float(), b.float(), 11).flatten(1).mean(1)
+
+
+def frechet_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, eps: float = 1e-6) -> float:
+    """FID between two sets of features, ``N×D`` and ``M×D``: ‖μx − μy‖² + tr(Σx + Σy − 2(ΣxΣy)^½),
+    in float64 with unbiased covariances (as pytorch-fid). A singular product (fewer samples than
+    dimensions) gets ``eps`` on both diagonals; the square root's imaginary round-off is dropped.
+    Values are comparable only at equal sample counts: FID is biased upwards for small sets."""
+    x, y = (np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, np.float64) for t in (x, y))
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"frechet_distance needs two N×D sets of at least 2 samples, got {x.shape} and {y.shape}")
+    mu = x.mean(0) - y.mean(0)
+    cx, cy = (np.atleast_2d(np.cov(t, rowvar=False)) for t in (x, y))
+    with np.errstate(all="ignore"):
+        root = scipy.linalg.sqrtm(cx @ cy)
+    if not np.isfinite(root).all():
+        off = np.eye(len(cx)) * eps
+        root = scipy.linalg.sqrtm((cx + off) @ (cy + off))
+    root = root.real if np.iscomplexobj(root) else root
+    return float(mu @ mu + np.trace(cx) + np.trace(cy) - 2 * np.trace(root))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -145,11 +145,15 @@ class Job:
         lock: the name of this writer's advisory lock in ``out`` (default: the command); two runs
             holding the same name at once are refused (:class:`FolderBusy`, naming the holder).
             Shards of one run take one name each; ``False``: no lock (a helper process).
+
+    A worker of another engine (a Ray actor) joins the driver's run with :meth:`attach`: it writes
+    outputs and unit records, and takes no lock, pins nothing and cleans nothing (on another node,
+    pids tell nothing about whose temps are live).
     """
 
     def __init__(self, command: str, out: str | os.PathLike, settings: dict[str, Any], unit: str, *,
                  shared: str | None = None, resumable: bool = True, temp_dirs: tuple[str, ...] = (),
-                 device: str | None = None, progress: bool = False, lock: str | bool = True):
+                 device: str | None = None, progress: bool = False, lock: str | bool = True, _attached: bool = False):
         self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
         self.shared, self.resumable, self.device = shared, resumable, device
         self.out.mkdir(parents=True, exist_ok=True)
@@ -160,17 +164,33 @@ class Job:
         self._bar: Progress | None = None
         self._task = None
         self._show = progress
+        self.temp_dirs = temp_dirs
         self._lock = self._take_lock(command if lock is True else lock) if lock else None
+        if _attached:
+            return
         try:
-            for pattern in ("", *temp_dirs):
-                for d in ([self.out] if not pattern else self.out.glob(pattern)):
-                    remove_stale_temps(d)
+            self.clean_temps()
             if resumable:
-                remove_stale_temps(self.state / "units")
                 self._pin(settings)
         except BaseException:  # a refused pin (or a failed cleanup) must not leave the folder locked
             self.release()
             raise
+
+    @classmethod
+    def attach(cls, command: str, out: str | os.PathLike, unit: str, device: str | None = None) -> "Job":
+        """A worker's view of a run that a driver owns (see the class doc)."""
+        return cls(command, out, {}, unit, resumable=False, device=device, lock=False, _attached=True)
+
+    def clean_temps(self) -> int:
+        """Remove temps of dead writers in ``out``, the ``temp_dirs`` and the unit records' folder
+        (at start, and after an engine's killed attempts)."""
+        n = 0
+        for pattern in ("", *self.temp_dirs):
+            for d in ([self.out] if not pattern else self.out.glob(pattern)):
+                n += remove_stale_temps(d)
+        if self.resumable:
+            n += remove_stale_temps(self.state / "units")
+        return n
 
     # -- the folder lock --------------------------------------------------------------------
     def _take_lock(self, name: str) -> FileLock:

@@ -50,6 +50,71 @@ def test_metrics_on_known_cases():
     assert not ev.retrieval_hits(gal, gal, ids, ids[1:] + ids[:1])[1].any()
 
 
+def test_frechet_distance_on_known_cases():
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(400, 6)), g.normal(1.0, 2.0, size=(300, 6))
+    assert ev.frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
+    # one dimension: (μx − μy)² + (σx − σy)², unbiased variances
+    a, b = x[:, :1], y[:, :1]
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert ev.frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    # a rotation of both sets changes nothing; a shift of one adds only to the mean term
+    q, _ = np.linalg.qr(g.normal(size=(6, 6)))
+    d = ev.frechet_distance(x, y)
+    assert ev.frechet_distance(x @ q, y @ q) == pytest.approx(d, rel=1e-7)
+    c = np.full(6, 0.5)
+    mean_gain = np.sum((x.mean(0) + c - y.mean(0)) ** 2) - np.sum((x.mean(0) - y.mean(0)) ** 2)
+    assert ev.frechet_distance(x + c, y) == pytest.approx(d + mean_gain, rel=1e-7)
+    # fewer samples than dimensions (a singular product): finite, near 0 for a set against itself
+    few = g.normal(size=(5, 64))
+    assert math.isfinite(ev.frechet_distance(few, g.normal(size=(7, 64)))) and abs(ev.frechet_distance(few, few)) < 1e-3
+    with pytest.raises(ValueError, match="N×D"):
+        ev.frechet_distance(x[:1], y)
+
+
+def _he_inception_file(folder: Path) -> Path:
+    """FID's Inception with He-initialised convolutions and identity BatchNorm statistics, in the
+    published file name (random weights that keep the activations at a real network's scale;
+    small random weights die out over its ~40 layers)."""
+    from reliableswap.nets.inception import FID_WEIGHTS, FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    (folder / "inception").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "inception" / FID_WEIGHTS)
+    return folder / "inception" / FID_WEIGHTS
+
+
+def test_fid_inception_reads_the_published_layout(tmp_path):
+    """Random weights in pytorch-fid's file layout (a plain state dict; also without BatchNorm's
+    counters, as a TF conversion may be): loaded by `weights check` and the eval loader; 2048-D
+    features for any input size, identical for identical images."""
+    from reliableswap.commands.eval import fid_network
+    from reliableswap.nets import weights as W
+
+    path = _he_inception_file(tmp_path)
+    assert path.name == "pt_inception-2015-12-05-6726825d.pth"
+    sd = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, path)
+    assert W.check_backend("inception", tmp_path)[0][1] == "ok"
+    net, where = fid_network(None, torch.device("cpu"), tmp_path)
+    assert where == str(path)
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = net(torch.cat([x, x[:1]]))
+    assert f.shape == (3, 2048) and torch.isfinite(f).all() and torch.allclose(f[0], f[2])
+    assert float(f.std(0).mean()) > 1e-3 and not torch.allclose(f[0], f[1])  # features that tell images apart
+    none, why = fid_network(None, torch.device("cpu"), tmp_path / "empty")
+    assert none is None and "pt_inception-2015-12-05-6726825d.pth" in why and "weights fetch inception" in why
+    with pytest.raises(FileNotFoundError, match="--inception"):
+        fid_network(tmp_path / "nope.pth", torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def eval_pairs(prepped, tmp_path_factory):
     """12 pairs of different people among the shared faces."""
@@ -62,17 +127,18 @@ def eval_pairs(prepped, tmp_path_factory):
     return out, d / "pairs.jsonl"
 
 
-def _eval(spec: str, faces, pairs, out):
+def _eval(spec: str, faces, pairs, out, *extra: str):
     from reliableswap.cli import main
 
     assert main(["eval", "swapper", "--faces", str(faces), "--pairs", str(pairs), "--out", str(out),
-                 "--swapper", spec, "--device", "cpu", "--batch", "6"]) == 0
+                 "--swapper", spec, "--device", "cpu", "--batch", "6", *extra]) == 0
     return json.loads((out / "summary.json").read_text())["details"]
 
 
 @pytest.mark.slow
-def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path):
+def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path, monkeypatch):
     faces, pairs = eval_pairs
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))  # no Inception file: FID not computed
     tgt = _eval("reliableswap.testing.swappers:ReturnTarget", faces, pairs, tmp_path / "t")
     # the swap is the target: its nearest source is the right one only by chance (measured 2 of 12)
     assert tgt["id_retrieval_top1"] <= 0.34
@@ -86,7 +152,15 @@ def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path):
     assert src["expr_err_mean"] > tgt["expr_err_mean"]
     rows = list(csv.DictReader(open(tmp_path / "s" / "pairs.csv")))
     assert len(rows) == tgt["pairs"] == 12 and (tmp_path / "s" / "sheet.png").is_file()
-    assert tgt["fid"] is None and "Inception" in tgt["fid_note"]
+    assert tgt["fid"] is None and "pt_inception-2015-12-05-6726825d.pth" in tgt["fid_note"]
+    # with FID's Inception (random weights: the real file is not on this machine), FID of the swaps
+    # against the real targets: the target back scores (near) 0 — the same images, each target
+    # once among the reals but as often as it is used among the swaps — the source back does not
+    inc = _he_inception_file(tmp_path / "w")
+    t2 = _eval("reliableswap.testing.swappers:ReturnTarget", faces, pairs, tmp_path / "t2", "--inception", str(inc))
+    s2 = _eval("reliableswap.testing.swappers:ReturnSource", faces, pairs, tmp_path / "s2", "--inception", str(inc))
+    assert t2["fid_samples"] == {"swaps": 12, "real_targets": t2["reconstruction"]["targets"]}
+    assert 0 <= t2["fid"] < 0.5 * s2["fid"] and math.isfinite(s2["fid"])
 
 
 @pytest.mark.slow

@@ -405,8 +405,8 @@ def test_kill_and_resume_fit(tmp_path):
 @pytest.mark.parametrize("fitted_first", [True, False])
 def test_kill_and_resume_flows(tmp_path, fitted_first):
     """`flows` killed mid-run resumes to the uninterrupted run's files: byte for byte when `fit`
-    ran first; within float32 rounding when faces are fitted on the fly (the resumed run fits the
-    remaining faces in other batches)."""
+    ran first; within float32 rounding of the fits when faces are fitted on the fly (the resumed
+    run fits the remaining faces in other batches)."""
     prep = write_synthetic_prep(tmp_path / "prep", 24)
     PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{(i + 1) % 24:05d}") for i in range(24)])
     model = write_model(tmp_path / "generic_model.pkl")
@@ -430,7 +430,12 @@ def test_kill_and_resume_flows(tmp_path, fitted_first):
                 elif x[k].dtype == bool:  # coverage masks: a pixel on the silhouette's edge may flip
                     assert (x[k] != y[k]).mean() < 0.01, (p.name, k)
                 else:
-                    assert np.abs(x[k].astype(np.float32) - y[k].astype(np.float32)).max() < 0.5, (p.name, k)
+                    # a fit that differs in float32 rounding moves the flow by far less than 0.5 px,
+                    # except on a few pixels where it flips which of two triangles at nearly the
+                    # same depth covers the pixel (a fold) or the silhouette's edge (measured: 5 of
+                    # 65536 pixels, up to 7.9 px, in one of 24 pairs)
+                    d = np.abs(x[k].astype(np.float32) - y[k].astype(np.float32))
+                    assert (d.max(-1) > 0.5).mean() < 1e-3 and d.mean() < 0.01, (p.name, k)
     if fitted_first:
         assert (tmp_path / "cut" / "manifest.jsonl").read_bytes() == (tmp_path / "ref" / "manifest.jsonl").read_bytes()
     assert not list((tmp_path / "cut").rglob(".*.tmp"))

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
                            "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
+    "reliableswap.engine": {"reliableswap.jobs"},
     "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "reliableswap.nets", "triplets"},
     "reliableswap.commands": {"*"},  # above everything but the CLI
     "reliableswap.cli": {"*"},

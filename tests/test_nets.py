@@ -5,7 +5,8 @@ faces (random weights: the real ones are not on this machine; invariants that ho
 weights are asserted).
 
 Parity tests need the authors' checkouts: ``RELIABLESWAP_REFERENCES=DIR`` with ``DIR/LIA``,
-``DIR/face-parsing.PyTorch``, ``DIR/GFPGAN``, ``DIR/GPEN``, ``DIR/LivePortrait``.
+``DIR/face-parsing.PyTorch``, ``DIR/GFPGAN``, ``DIR/GPEN``, ``DIR/LivePortrait``, and for FID's
+Inception ``DIR/torch-fidelity``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,26 @@ def test_same_outputs_as_reference_with_identical_random_weights(backend, part):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_fid_inception_matches_torch_fidelity_with_identical_random_weights():
+    """FID's Inception-v3 against torch-fidelity's own implementation of the TF graph (pytorch-fid's
+    builds on torchvision, which has no CPU wheel here): the same keys and shapes, the same pool3
+    features. At 299 px both resizes are the identity, and torch-fidelity's ``(u - 128) / 128`` of
+    uint8 ``u`` is our ``2x - 1`` of ``x = u / 256`` exactly."""
+    checkout = reference_dir("torch-fidelity")
+    if checkout is None:
+        pytest.skip("reference checkout torch-fidelity not found (set RELIABLESWAP_REFERENCES)")
+    torch.manual_seed(0)
+    ref = reference_model("inception", checkout)
+    sd = randomize(ref, seed=3)
+    ours = W.BACKENDS["inception"].files[0].build().eval()
+    W.check_state({k: v for k, v in sd.items()}, ours, "torch-fidelity")
+    ours.load_state_dict(sd)
+    u = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        close(ref(u)[0], ours(u.float() / 256), 1e-5)
+
+
 def test_liveportrait_absolute_motion_matches_reference_composition():
     """Our batched LivePortrait (F, M, W, G, S) against the authors' modules and camera code run
     one image at a time, the driving face's pose/translation/expression rows on the source's

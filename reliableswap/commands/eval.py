@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from reliableswap.device import resolve_device
-from reliableswap.evaluation import SwapMeter, psnr, retrieval_hits, ssim
+from reliableswap.evaluation import SwapMeter, frechet_distance, psnr, retrieval_hits, ssim
 from reliableswap.faces.detect import DlibDetector
 from reliableswap.images import InputError, load_rgb, save_image, to_uint8
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
+from reliableswap.nets import weights as W
 from reliableswap.recipes import TrainRecipe
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
@@ -85,6 +86,19 @@ def identity_encoder(arcface: Path | None, device: torch.device):
     return DlibEncoder(), "dlib-128"
 
 
+def fid_network(inception: Path | None, device: torch.device, weights: Path | None = None) -> tuple[torch.nn.Module | None, str]:
+    """(FID's Inception-v3 or None, where its weights came from or why FID is not computed): the
+    file ``inception``, else ``<weights dir>/inception/pt_inception-2015-12-05-6726825d.pth``."""
+    wf = W.BACKENDS["inception"].files[0]
+    path = inception if inception is not None else W.file_path("inception", wf, W.weights_dir(weights))
+    if not path.is_file():
+        if inception is not None:
+            raise FileNotFoundError(f"--inception {path}: no such file")
+        return None, (f"not computed: FID needs {path} (get it with `reliableswap weights fetch inception`, "
+                      "or pass --inception FILE)")
+    return W.load_module(wf, path, device), str(path)
+
+
 CACHE_FACES = 1024  # decoded crops kept between batches: memory stays bounded whatever the pairs file
 
 
@@ -106,8 +120,10 @@ def _identity(faces: FaceSet, fid: str) -> str:
 
 def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.PathLike, pairs_path: str | os.PathLike,
                      out: str | os.PathLike, device: str = "auto", batch: int = 8, arcface: Path | None = None,
-                     sheet_rows: int = 12, progress: bool = False) -> dict:
-    """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure."""
+                     sheet_rows: int = 12, progress: bool = False, inception: Path | None = None,
+                     weights: Path | None = None) -> dict:
+    """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure.
+    FID (swaps against the real targets) when FID's Inception weights are found (:func:`fid_network`)."""
     faces_dir, out = Path(faces_dir), Path(out)
     dev = resolve_device(device)
     faces = FaceSet.load(faces_dir, strict=False)
@@ -116,11 +132,12 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
     if not pairs:
         raise NothingUsable(f"{pairs_path}: no pair whose faces are both in {faces_dir}")
     encoder, enc_name = identity_encoder(arcface, dev)
+    fidnet, fid_from = fid_network(inception, dev, weights)  # a bad file stops here, before any swap
     meter = SwapMeter(encoder)
     settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch}
     cache: dict = {}
     rows, descs, src_desc = [], [], {}
-    tiles = []
+    tiles, fake_feats, real_feats = [], [], []
     with Job("eval-swapper", out, settings, "pairs", device=str(dev), progress=progress, resumable=False) as job, torch.no_grad():
         for s in range(0, len(pairs), batch):
             part = pairs[s:s + batch]
@@ -133,6 +150,8 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
                 for p, d in zip(part, encoder(src).float().cpu()):
                     src_desc.setdefault(p.a, d)
                 m = meter(swap, torch.stack([src_desc[p.a] for p in part]), tgt, lm_t)
+                if fidnet is not None:
+                    fake_feats.append(fidnet(swap).double().cpu())
             descs.append(m["desc"])
             for j, p in enumerate(part):
                 rows.append({"index": s + j, "source": p.a, "target": p.b, "id_cos": float(m["id_cos"][j]),
@@ -157,6 +176,8 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
                 rec = swapper(t, t).clamp(0, 1)
                 ps.append(psnr(rec, t).cpu())
                 ss.append(ssim(rec, t).cpu())
+                if fidnet is not None:
+                    real_feats.append(fidnet(t).double().cpu())
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["index", "source", "target", *PER_PAIR])
         w.writeheader()
@@ -172,10 +193,23 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
             "expr_err_mean": round(float(np.mean([r["expr_err"] for r in rows])), 4),
             "reconstruction": {"targets": len(targets), "psnr_db": round(float(p_all[torch.isfinite(p_all)].mean()), 3) if torch.isfinite(p_all).any() else None,
                                "identical": int((~torch.isfinite(p_all)).sum()), "ssim": round(float(s_all.mean()), 4)},
-            "fid": None, "fid_note": "not computed: FID needs an Inception-v3 network, which this project does not ship yet",
+            **_fid(fake_feats, real_feats, fid_from),
             "files": {"per_pair": "pairs.csv", "sheet": "sheet.png"},
         }
         return job.finish(n_in=len(pairs) + len(bad), written=len(rows), written_this_run=len(rows), rejects=bad_records(bad), details=details)
+
+
+def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str) -> dict:
+    """The summary's FID entries: the distance of the swaps to the real targets and the sample
+    counts, or None with the reason."""
+    if not fake:
+        return {"fid": None, "fid_note": source}
+    f, r = torch.cat(fake), torch.cat(real)
+    if min(len(f), len(r)) < 2:
+        return {"fid": None, "fid_note": f"not computed: {len(f)} swaps and {len(r)} real targets (FID needs 2 of each)"}
+    return {"fid": float(f"{frechet_distance(f, r):.6g}"), "fid_samples": {"swaps": len(f), "real_targets": len(r)},
+            "fid_note": f"swaps against the real targets, Inception from {source}; comparable only at equal sample counts "
+                        f"(biased upwards below thousands of samples)"}
 
 
 # -- triplets --------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ contracts keep to safe names.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -19,10 +21,12 @@ import cv2
 import numpy as np
 import torch
 
+from reliableswap import engine
 from reliableswap.choices import Rasterizer
 from reliableswap.faces.ibug68 import JAW
 from reliableswap.commands.fit import flame_settings
 from reliableswap.device import resolve_device
+from reliableswap.engine import RayOptions
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.flow import shape_flow
 from reliableswap.flame.layer import load_flame
@@ -52,10 +56,12 @@ def preview(img_b: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, mask: torch
 def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str | os.PathLike,
               model: str | os.PathLike | None, embedding: str | os.PathLike | None = None, batch: int = 8,
               device: str = "cpu", previews: bool = True, cfg: FitConfig = FitConfig(),
-              backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False) -> dict:
-    """Shape flows for every pair of ``pairs_file``; returns the summary (also ``OUT/summary.json``)."""
+              backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False,
+              ray: RayOptions | None = None) -> dict:
+    """Shape flows for every pair of ``pairs_file``; returns the summary (also ``OUT/summary.json``).
+    ``ray``: run the batches on a Ray cluster (:mod:`reliableswap.engine`); the folder is the same."""
     folder, out = Path(folder), Path(out)
-    device = str(resolve_device(device))
+    device = str(resolve_device(device)) if ray is None else str(device)
     faces = FaceSet.load(folder, strict=False)
     pairs, bad_pairs = PairRecord.read_valid(pairs_file)
     backend = Rasterizer(backend)
@@ -63,9 +69,12 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
                 "faces_sha256": file_sha256(folder / "faces.jsonl"),
                 "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
-    with Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device, progress=progress) as job:
+    with contextlib.ExitStack() as stack:
+        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        job = stack.enter_context(Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device,
+                                      progress=progress))
         with job.stage("load"):
-            flame = load_flame(model, embedding, device)
+            flame = load_flame(model, embedding, device if ray is None else "cpu")
         rejects, todo = bad_records(faces.problems + bad_pairs), {}  # key → pair (a repeated pair once)
         for p in pairs:
             key = f"{p.a}__{p.b}"
@@ -77,20 +86,23 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 todo[key] = p
         pending = [(k, p) for k, p in todo.items() if not job.is_done(k)]
         job.progress(len(todo) - len(pending), len(todo))
+        chunks = [pending[i:i + batch] for i in range(0, len(pending), batch)]
         fitted = done_now = 0
-        for i in range(0, len(pending), batch):
-            chunk = pending[i:i + batch]
-            with job.stage("fit"):
-                ids = [p.a for _, p in chunk] + [p.b for _, p in chunk]
-                params, n_fit = params_for_faces(flame, faces, ids, cfg, max(batch * 2, 16))
-                fitted += n_fit
-            n = len(chunk)
-            with job.stage("flow"), torch.no_grad():
-                fl = shape_flow(flame, params[:n], params[n:], faces[chunk[0][1].b].size, backend.value)
-            with job.stage("write"):
-                for j, (key, p) in enumerate(chunk):
-                    done_now += _write_one(job, faces, key, p, fl, j, previews, max_rmse)
-            job.progress(len(todo) - len(pending) + min(i + batch, len(pending)), len(todo))
+        args = {"cfg": cfg, "batch": batch, "backend": backend.value, "previews": previews, "max_rmse": max_rmse}
+        if ray is not None:
+            gpus = engine.gpu_stage_gpus(device, info) if device != "cpu" else 0.0
+            stage = engine.Stage(FlowWorker, {"folder": str(folder), "out": str(out), "model": model, "embedding": embedding,
+                                              "device": "cuda" if gpus else "cpu", **args}, num_cpus=1.0, num_gpus=gpus)
+            items = [{"pairs": json.dumps([[k, p.to_json()] for k, p in c])} for c in chunks]
+            rows = engine.run_stages(job, items, [stage], ray, info, len(todo) - len(pending), len(todo))
+            engine.add_stages(job, rows)
+            fitted, done_now = sum(r["fitted"] for r in rows), sum(r["written"] for r in rows)
+            job.device = f"ray ({info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs)"
+        finished = len(todo) - len(pending)
+        for chunk in chunks if ray is None else []:
+            f, w = flow_chunk(job, faces, flame, chunk, **args)
+            fitted, done_now, finished = fitted + f, done_now + w, finished + len(chunk)
+            job.progress(finished, len(todo))
         manifest = []
         for key in todo:
             rec = job.load_unit(key) if job.is_done(key) else None
@@ -105,7 +117,41 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
         return job.finish(n_in=len(pairs) + len(bad_pairs), written=len(manifest), written_this_run=done_now,
                           skipped=len(todo) - len(pending), rejects=rejects,
                           details={"model": str(resolve_flame_path(model)), "rasterizer": used,
-                                   "faces_fitted_on_the_fly": fitted})
+                                   "faces_fitted_on_the_fly": fitted,
+                                   "engine": ray.describe(info) if ray is not None else engine.LOCAL_ENGINE})
+
+
+def flow_chunk(job: Job, faces: FaceSet, flame, chunk: list[tuple[str, PairRecord]], cfg: FitConfig, batch: int,
+               backend: str, previews: bool, max_rmse: float) -> tuple[int, int]:
+    """Fit (where needed), flow and write one batch of pairs ``(key, pair)``, each with its unit
+    record; returns (faces fitted on the fly, flows written)."""
+    with job.stage("fit"):
+        ids = [p.a for _, p in chunk] + [p.b for _, p in chunk]
+        params, n_fit = params_for_faces(flame, faces, ids, cfg, max(batch * 2, 16))
+    n = len(chunk)
+    with job.stage("flow"), torch.no_grad():
+        fl = shape_flow(flame, params[:n], params[n:], faces[chunk[0][1].b].size, backend)
+    written = 0
+    with job.stage("write"):
+        for j, (key, p) in enumerate(chunk):
+            written += _write_one(job, faces, key, p, fl, j, previews, max_rmse)
+    return n_fit, written
+
+
+class FlowWorker:
+    """Ray stage: one batch of pairs fitted, flowed and written (:func:`flow_chunk`); the faces and
+    the FLAME model are loaded once per actor."""
+
+    def __init__(self, folder: str, out: str, model: str | None, embedding: str | None, device: str, **args):
+        self.job = Job.attach("flows", out, "pairs", device)
+        self.faces = FaceSet.load(folder, strict=False)
+        self.flame = load_flame(model, embedding, device)
+        self.args = args
+
+    def __call__(self, row: dict) -> dict:
+        chunk = [(k, PairRecord.model_validate(p)) for k, p in json.loads(row["pairs"])]
+        fitted, written = flow_chunk(self.job, self.faces, self.flame, chunk, **self.args)
+        return {"fitted": fitted, "written": written, "stages_s": engine.stage_seconds(self.job)}
 
 
 def _write_one(job: Job, faces: FaceSet, key: str, p: PairRecord, fl: dict, j: int, previews: bool, max_rmse: float) -> int:

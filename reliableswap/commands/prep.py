@@ -13,6 +13,7 @@ With ``identity_from_folder`` the identity label is the image's parent folder, c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable
@@ -29,8 +30,10 @@ import cv2
 import numpy as np
 import torch
 
+from reliableswap import engine
 from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
 from reliableswap.device import resolve_device
+from reliableswap.engine import RayOptions
 from reliableswap.faces.landmarks import FanLandmarks
 from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
@@ -223,28 +226,44 @@ def _timed(frames, timings: Counter):
 
 
 def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepConfig = PrepConfig(), workers: int = 1,
-             progress: bool = False) -> dict:
+             progress: bool = False, ray: RayOptions | None = None) -> dict:
     """Run ``prep``; returns the summary (also ``OUT/summary.json``).
 
     Args:
         inputs: files and folders.
         out: output folder (created); a folder holding a run made with other settings is refused.
         cfg: settings.
-        workers: processes (1 = in this process).
+        workers: processes (1 = in this process); the local engine's.
         progress: show a progress bar.
+        ray: run the units on a Ray cluster (:mod:`reliableswap.engine`; ``ray.workers`` actors)
+            instead; the folder it writes is the same.
     """
     out = Path(out)
-    resolve_device(cfg.device)
-    cfg.check_models()
-    with Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
+    if ray is None:
+        resolve_device(cfg.device)
+        cfg.check_models()
+    else:  # the workers' GPUs are checked against the cluster; the model files here
+        replace(cfg, device="cpu").check_models()
+    with contextlib.ExitStack() as stack:
+        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        job = stack.enter_context(Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"),
+                                      device=cfg.device, progress=progress))
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
         done = len(units) - len(todo)
         job.progress(done, len(units))
         cores = os.cpu_count() or 1
-        warning = f"--workers {workers} capped at {cores} (the CPU count)" if workers > cores else None
-        workers = max(1, min(workers, cores, len(todo)))
-        if todo:
+        warning = f"--workers {workers} capped at {cores} (the CPU count)" if ray is None and workers > cores else None
+        if ray is not None:
+            gpus = engine.gpu_stage_gpus(cfg.device, info) if cfg.device != "cpu" else 0.0
+            stage = engine.Stage(PrepWorker, {"cfg": cfg, "out": str(out)}, num_cpus=1.0)
+            n = engine.pool_size(stage, ray, info, len(todo))
+            # dlib detection is CPU work: the CPU actors share the cluster's GPUs
+            stage = replace(stage, num_gpus=min(1.0, info["gpus"] / n) if gpus else 0.0, workers=n)
+            engine.run_stages(job, [{"path": str(u.path), "display": u.display, "key": u.key, "kind": u.kind} for u in todo],
+                              [stage], ray, info, done, len(units))
+        elif todo:
+            workers = max(1, min(workers, cores, len(todo)))
             if workers <= 1:
                 if _WORKER.get("cfg") != cfg:
                     _init_worker(cfg, single_thread=False)  # in-process: leave the caller's thread settings
@@ -260,11 +279,26 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
                     for _ in ex.map(process_unit, todo, [out] * len(todo)):
                         done += 1
                         job.progress(done, len(units))
-        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning)
+        eng = ray.describe(info) if ray is not None else engine.LOCAL_ENGINE
+        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning, eng)
+
+
+class PrepWorker:
+    """Ray stage: one input file read, its faces detected, landmarked, aligned and written, then
+    its unit record (:func:`process_unit`); the models are loaded once per actor."""
+
+    def __init__(self, cfg: PrepConfig, out: str):
+        device = "cuda" if cfg.device.startswith("cuda") else cfg.device  # Ray shows the actor its GPU as cuda
+        _init_worker(replace(cfg, device=device), single_thread=True)  # Ray owns the actor's life: no parent watch
+        self.out = Path(out)
+
+    def __call__(self, row: dict) -> dict:
+        res = process_unit(Unit(Path(row["path"]), row["display"], row["key"], row["kind"]), self.out)
+        return {"key": res.key, "faces": len(res.faces)}
 
 
 def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg: PrepConfig, ran: set[str],
-             warning: str | None = None) -> dict:
+             warning: str | None = None, eng: dict = engine.LOCAL_ENGINE) -> dict:
     """Rebuild faces.jsonl, rejects.jsonl and summary.json from the per-unit records (``ran``: the
     units processed by this run)."""
     faces: list[dict] = []
@@ -288,4 +322,4 @@ def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg
         rejects=rejects,
         details={"frames": frames, "images_with_faces": len({(f["origin"]["path"], f["origin"]["frame"]) for f in faces}),
                  "ignored_files": ignored, "faces_per_s_per_worker": round(len(faces) / busy, 2) if busy > 0 else None,
-                 "warning": warning})
+                 "warning": warning, "engine": eng})

@@ -11,9 +11,12 @@ trainer's list of triplet folders).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
+import pickle
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +26,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from reliableswap import engine
 from reliableswap.choices import JpegEncoder, OutputFormat
 from reliableswap.device import check_batch_memory, resolve_device
+from reliableswap.engine import RayOptions
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, load_rgb, to_uint8, to_uint8_tensor
@@ -86,11 +91,86 @@ class CropCache:
     def __call__(self, face_id: str) -> np.ndarray:
         return self._entry(face_id)[0]
 
+    def put(self, face_id: str, crop: np.ndarray) -> None:
+        """A crop decoded elsewhere (a read stage), so its JPEG bytes need no second decoding."""
+        with self._lock:
+            if face_id not in self._d:
+                self._d[face_id] = [crop, None]
+                while len(self._d) > self.limit:
+                    self._d.popitem(last=False)
+
     def jpeg(self, face_id: str) -> bytes:
         entry = self._entry(face_id)
         if entry[1] is None:
             entry[1] = encode_image(entry[0], ".jpg", self.quality)
         return entry[1]
+
+
+def chunk_size(recipe: TripletRecipe, batch: int) -> int:
+    """Pairs per unit: a shard's worth for WebDataset output, else one batch."""
+    return recipe.output.shard_size if recipe.output.format == OutputFormat.webdataset else batch
+
+
+class ChunkReader:
+    """Decodes the pairs of a chunk (thread pool, shared crop cache) and stacks them into the
+    device batches: the *read* stage, in the local pipeline's prefetch thread or in Ray read actors."""
+
+    def __init__(self, faces: FaceSet, pairs: list[PairRecord], recipe: TripletRecipe, batch: int, job: Job,
+                 threads: int | None = None):
+        self.faces, self.pairs, self.r, self.batch, self.job = faces, pairs, recipe, batch, job
+        self.chunk = chunk_size(recipe, batch)
+        self.crop = CropCache(faces, recipe.output.quality)
+        self.pool = ThreadPoolExecutor(threads or io_threads())
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def chunk_pairs(self, k: int) -> list[int]:
+        return list(range(k * self.chunk, min(len(self.pairs), (k + 1) * self.chunk)))
+
+    def read(self, idx: list[int]) -> list[tuple[int, str | None, tuple | None]]:
+        """``(pair index, reason to skip or None, (crop a, crop b, record a, record b))`` per pair."""
+        with self.job.stage("decode"):
+            return [(i, err, v) for i, (err, v) in zip(idx, self.pool.map(self._load, idx))]
+
+    def batches(self, loaded: list, pin: bool) -> list[tuple]:
+        """The readable pairs of ``loaded`` as device batches: uint8 crops (pinned when ``pin``),
+        landmarks, and the stored meshes when every face of the batch has one (else ``None``: the
+        synthesizer measures them on the crops)."""
+        ok = [(i, v) for i, err, v in loaded if not err]
+        batches = []
+        for s in range(0, len(ok), self.batch):
+            part = ok[s:s + self.batch]
+            ua = torch.from_numpy(np.stack([v[0] for _, v in part]))
+            ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
+            la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
+            lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
+            ma = mb = None
+            if self.r.uses_mesh and all(v[2].mesh468 is not None and v[3].mesh468 is not None for _, v in part):
+                ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
+                mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
+            batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb))))
+        return batches
+
+    def load(self, idx: list[int], pin: bool) -> tuple[list, list]:
+        """Chunk pairs ``idx`` decoded and batched (off the main thread in the local pipeline)."""
+        loaded = self.read(idx)
+        with self.job.stage("decode"):
+            return loaded, self.batches(loaded, pin)
+
+    def _load(self, i: int) -> tuple[str | None, tuple | None]:
+        """Both crops and records of pair ``i``, or a one-line reason to skip it."""
+        pair = self.pairs[i]
+        try:
+            for fid in (pair.a, pair.b):
+                if fid not in self.faces:
+                    raise LookupError(f"face id {fid} not in faces.jsonl")
+            ia, ib = self.crop(pair.a), self.crop(pair.b)
+            if ia.shape != ib.shape:
+                raise ValueError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
+            return None, (ia, ib, self.faces[pair.a], self.faces[pair.b])
+        except Exception as e:  # missing file, bad crop: skip the pair with a reason
+            return f"{type(e).__name__}: {e}".splitlines()[0], None
 
 
 class TripletRun:
@@ -106,38 +186,50 @@ class TripletRun:
         self.fitted_on_the_fly = 0
         self.synth = Synthesizer(recipe, self.flame)
         n = threads or io_threads()
-        self.read_pool, self.write_pool = ThreadPoolExecutor(n), ThreadPoolExecutor(n)
+        self.reader = ChunkReader(faces, pairs, recipe, batch, job, n)
+        self.crop, self.chunk = self.reader.crop, self.reader.chunk
+        self.write_pool = ThreadPoolExecutor(n)
         self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        self.crop = CropCache(faces, recipe.output.quality)
         self.checker = QualityChecker(self.synth.parser) if recipe.qc_on else None
         self.webdataset = recipe.output.format == OutputFormat.webdataset
-        self.chunk = recipe.output.shard_size if self.webdataset else batch
         self.jpeg = choose_encoder(recipe.output.encoder, device)
         self.steps = recipe.steps()  # stored with every triplet
 
     def close(self) -> None:
-        for pool in (self.prefetch, self.read_pool, self.encoder, self.sharder, self.write_pool):
+        for pool in (self.prefetch, self.encoder, self.sharder, self.write_pool):
             pool.shutdown()
+        self.reader.close()
 
     # -- the pipeline ---------------------------------------------------------------------------
-    def chunk_pairs(self, k: int) -> list[int]:
-        return list(range(k * self.chunk, min(len(self.pairs), (k + 1) * self.chunk)))
-
     def run(self, chunks: list[int], done: Callable[[int, dict], None]) -> None:
         """Synthesize ``chunks``; ``done(k, record)`` after chunk k's outputs are all written."""
         if not chunks:
             return
-        loading = self.prefetch.submit(self.load, self.chunk_pairs(chunks[0]))
+        pin = self.device.type == "cuda"
+        loading = self.prefetch.submit(self.reader.load, self.reader.chunk_pairs(chunks[0]), pin)
         in_flight: tuple[int, dict, list] | None = None
         for n, k in enumerate(chunks):
             loaded = loading.result()
             if n + 1 < len(chunks):
-                loading = self.prefetch.submit(self.load, self.chunk_pairs(chunks[n + 1]))
+                loading = self.prefetch.submit(self.reader.load, self.reader.chunk_pairs(chunks[n + 1]), pin)
             record, writes = self.render_chunk(k, loaded)
             if in_flight is not None:
                 self._finish(*in_flight, done)
             in_flight = (k, record, writes)
         self._finish(*in_flight, done)
+
+    def run_read(self, k: int, loaded: list) -> dict:
+        """Render and write chunk ``k`` from pairs a read stage decoded (:meth:`ChunkReader.read`),
+        then record it; returns the unit record (the Ray engine's render stage)."""
+        for i, err, v in loaded:
+            if not err:
+                self.crop.put(self.pairs[i].a, v[0])
+                self.crop.put(self.pairs[i].b, v[1])
+        with self.job.stage("decode"):
+            batches = self.reader.batches(loaded, self.device.type == "cuda")
+        record, writes = self.render_chunk(k, (loaded, batches))
+        self._finish(k, record, writes, lambda k, rec: self.job.save_unit(f"chunk-{k:06d}", rec))
+        return record
 
     def _finish(self, k: int, record: dict, writes: list, done: Callable[[int, dict], None]) -> None:
         with self.job.stage("wait_writes"):
@@ -146,43 +238,6 @@ class TripletRun:
                 if isinstance(got, list):
                     writes.extend(got)
         done(k, record)
-
-    def load(self, idx: list[int]) -> tuple[list, list]:
-        """Chunk pairs ``idx`` decoded (threads), and the ready batches for the device: uint8 crops
-        (pinned when the device is a GPU) and landmarks, built here, off the main thread."""
-        with self.job.stage("decode"):
-            loaded = [(i, err, v) for i, (err, v) in zip(idx, self.read_pool.map(self._load, idx))]
-            ok = [(i, v) for i, err, v in loaded if not err]
-            pin = self.device.type == "cuda"
-            batches = []
-            for s in range(0, len(ok), self.batch):
-                part = ok[s:s + self.batch]
-                ua = torch.from_numpy(np.stack([v[0] for _, v in part]))
-                ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
-                la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
-                lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
-                # stored meshes (prep --landmarks mesh) when every face of the batch has one; else
-                # the synthesizer measures them on the crops
-                ma = mb = None
-                if self.r.uses_mesh and all(v[2].mesh468 is not None and v[3].mesh468 is not None for _, v in part):
-                    ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
-                    mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
-                batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb))))
-            return loaded, batches
-
-    def _load(self, i: int) -> tuple[str | None, tuple | None]:
-        """Both crops and records of pair ``i``, or a one-line reason to skip it."""
-        pair = self.pairs[i]
-        try:
-            for fid in (pair.a, pair.b):
-                if fid not in self.faces:
-                    raise LookupError(f"face id {fid} not in faces.jsonl")
-            ia, ib = self.crop(pair.a), self.crop(pair.b)
-            if ia.shape != ib.shape:
-                raise ValueError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
-            return None, (ia, ib, self.faces[pair.a], self.faces[pair.b])
-        except Exception as e:  # missing file, bad crop: skip the pair with a reason
-            return f"{type(e).__name__}: {e}".splitlines()[0], None
 
     def render_chunk(self, k: int, loaded: tuple[list, list]) -> tuple[dict, list]:
         """Synthesize chunk ``k``; returns its unit record and the futures writing its outputs."""
@@ -326,51 +381,120 @@ def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:
 
 def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path, recipe: TripletRecipe = TripletRecipe(),
                  device: str = "auto", batch: int = 16, shard_index: int | None = None, num_shards: int | None = None,
-                 progress: bool = False) -> dict:
-    """Run the triplet synthesis; returns the summary (also ``OUT/summary.json``)."""
+                 progress: bool = False, ray: RayOptions | None = None) -> dict:
+    """Run the triplet synthesis; returns the summary (also ``OUT/summary.json``).
+
+    ``ray``: run the chunks on a Ray cluster (:mod:`reliableswap.engine`) instead of in this
+    process; the folder it writes is the same."""
     faces_dir, out = Path(faces_dir), Path(out)
-    dev = resolve_device(device)  # flags first, before any data is read
-    si, ns = shard_from_env(shard_index, num_shards)
+    if ray is not None and (num_shards or 1) > 1:
+        raise ValueError("--engine ray spreads the work itself: drop --shard-index/--num-shards")
+    # flags first, before any data is read (on Ray, the workers' GPUs are checked against the cluster)
+    dev = resolve_device(device) if ray is None else torch.device("cpu")
+    si, ns = shard_from_env(shard_index, num_shards) if ray is None else (0, 1)
     faces = FaceSet.load(faces_dir, strict=False)
     pairs, bad_pairs = PairRecord.read_valid(pairs_path)
     if not pairs:
         first = f" ({len(bad_pairs)} lines refused, the first: {bad_pairs[0]})" if bad_pairs else ""
         raise NothingUsable(f"{pairs_path} holds no usable pair{first}")
     size = faces.faces[0].size if len(faces) else 256
-    check_batch_memory(min(batch, len(pairs)), SYNTH_BYTES_PER_PAIR * (size / 256) ** 2, dev)
+    if ray is None or device == "cpu":
+        check_batch_memory(min(batch, len(pairs)), SYNTH_BYTES_PER_PAIR * (size / 256) ** 2, dev)
     settings = {"recipe": recipe.model_dump(mode="json"), "batch": batch, "pairs_sha256": file_sha256(pairs_path),
                 "faces_sha256": file_sha256(faces_dir / "faces.jsonl")}
     if recipe.uses_flame and (faces_dir / "flame.jsonl").is_file():
         settings["flame_sha256"] = file_sha256(faces_dir / "flame.jsonl")
     check_models(recipe)  # a missing or unusable model file stops the run before its folder is made
     lock = "triplets" if ns == 1 else f"triplets.shard-{si}-of-{ns}"
-    with Job("triplets", out, settings, "triplets", device=str(dev), progress=progress, lock=lock) as job:
+    n_chunks = (len(pairs) + chunk_size(recipe, batch) - 1) // chunk_size(recipe, batch)
+    bad = bad_records(faces.problems + bad_pairs)
+    with contextlib.ExitStack() as stack:
+        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        job = stack.enter_context(Job("triplets", out, settings, "triplets", device=str(device if ray else dev),
+                                      progress=progress, lock=lock))
         atomic_write_bytes(out / "recipe.resolved.toml", recipe.to_toml().encode())
-        run = TripletRun(faces, pairs, job, recipe, dev, batch)
-        n_chunks = (len(pairs) + run.chunk - 1) // run.chunk
         mine = [k for k in range(n_chunks) if k % ns == si]
         todo = [k for k in mine if not job.is_done(f"chunk-{k:06d}")]
-        done = [len(mine) - len(todo), 0]  # chunks done, triplets written this run
-        job.progress(done[0], len(mine))
         t0 = job.wall
-
-        def finished(k: int, record: dict) -> None:
-            job.save_unit(f"chunk-{k:06d}", record)
-            done[0] += 1
-            done[1] += len(record["records"])
+        if ray is not None:
+            written_now, fitted, jpeg = _run_on_ray(job, faces_dir, Path(pairs_path), recipe, device, batch, todo,
+                                                    len(mine), ray, info)
+            job.device = f"ray ({info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs)"
+        else:
+            run = TripletRun(faces, pairs, job, recipe, dev, batch)
+            done = [len(mine) - len(todo), 0]  # chunks done, triplets written this run
             job.progress(done[0], len(mine))
 
-        try:
-            run.run(todo, finished)
-        finally:
-            run.close()
-        written_now = done[1]
+            def finished(k: int, record: dict) -> None:
+                job.save_unit(f"chunk-{k:06d}", record)
+                done[0] += 1
+                done[1] += len(record["records"])
+                job.progress(done[0], len(mine))
+
+            try:
+                run.run(todo, finished)
+            finally:
+                run.close()
+            written_now, fitted, jpeg = done[1], run.fitted_on_the_fly, run.jpeg.value
         return assemble(job, recipe, n_chunks, len(pairs) + len(bad_pairs), written_now, len(mine) - len(todo), (si, ns),
-                        run.fitted_on_the_fly, job.wall - t0, run.jpeg, bad_records(faces.problems + bad_pairs))
+                        fitted, job.wall - t0, jpeg, bad, ray.describe(info) if ray is not None else engine.LOCAL_ENGINE)
+
+
+def _run_on_ray(job: Job, faces_dir: Path, pairs_path: Path, recipe: TripletRecipe, device: str, batch: int,
+                todo: list[int], n_mine: int, opts: RayOptions, info: dict) -> tuple[int, int, str]:
+    """The chunks ``todo`` through read actors (CPU) and render actors (a GPU each where the cluster
+    has them); returns (triplets written, faces fitted on the fly, JPEG encoder used)."""
+    gpus = engine.gpu_stage_gpus(device, info)
+    common = {"faces_dir": str(faces_dir), "pairs_path": str(pairs_path), "recipe": recipe, "batch": batch}
+    render = engine.Stage(TripletRenderWorker, {**common, "out": str(job.out), "device": "cuda" if gpus else "cpu"},
+                          num_cpus=1.0, num_gpus=gpus)
+    n_render = engine.pool_size(render, opts, info, len(todo))
+    # Readers decode PNG/JPEG crops, far lighter than rendering. Beside GPU renderers, one reader
+    # (a CPU) each; beside CPU renderers, one per four, reserving no CPU (else on 2 CPUs a reader
+    # would cost a renderer).
+    read = engine.Stage(TripletReadWorker, common, num_cpus=1.0 if gpus else 0.0,
+                        workers=n_render if gpus else max(1, n_render // 4))
+    render = dataclasses.replace(render, workers=n_render)
+    rows = engine.run_stages(job, [{"chunk": k} for k in todo], [read, render], opts, info, n_mine - len(todo), n_mine)
+    engine.add_stages(job, rows)
+    jpeg = rows[0]["jpeg"] if rows else choose_encoder(recipe.output.encoder, torch.device("cpu")).value
+    return sum(r["written"] for r in rows), sum(r["fitted"] for r in rows), jpeg
+
+
+class TripletReadWorker:
+    """Ray read stage: decodes a chunk's crops and records (one actor holds the faces and pairs)."""
+
+    def __init__(self, faces_dir: str, pairs_path: str, recipe: TripletRecipe, batch: int):
+        self.job = Job.attach("triplets", faces_dir, "triplets")  # stage timers only: it writes nothing
+        faces = FaceSet.load(faces_dir, strict=False)
+        self.reader = ChunkReader(faces, PairRecord.read_valid(pairs_path)[0], recipe, batch, self.job, threads=2)
+
+    def __call__(self, row: dict) -> dict:
+        k = int(row["chunk"])
+        loaded = self.reader.read(self.reader.chunk_pairs(k))
+        return {"chunk": k, "loaded": pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL),
+                "read_s": engine.stage_seconds(self.job)}
+
+
+class TripletRenderWorker:
+    """Ray render stage: synthesizes, checks, encodes and writes a chunk, then its unit record."""
+
+    def __init__(self, faces_dir: str, pairs_path: str, out: str, recipe: TripletRecipe, batch: int, device: str):
+        dev = resolve_device(device)
+        self.job = Job.attach("triplets", out, "triplets", str(dev))
+        faces = FaceSet.load(faces_dir, strict=False)
+        self.run = TripletRun(faces, PairRecord.read_valid(pairs_path)[0], self.job, recipe, dev, batch, threads=2)
+
+    def __call__(self, row: dict) -> dict:
+        k, fitted = int(row["chunk"]), self.run.fitted_on_the_fly
+        record = self.run.run_read(k, pickle.loads(row["loaded"]))
+        stages = json.loads(row["read_s"]) | json.loads(engine.stage_seconds(self.job))
+        return {"chunk": k, "written": len(record["records"]), "fitted": self.run.fitted_on_the_fly - fitted,
+                "jpeg": self.run.jpeg.value, "stages_s": json.dumps(stages)}
 
 
 def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, written_now: int, skipped: int,
-             shard: tuple[int, int], fitted: int, wall: float, jpeg: str, bad: list[dict]) -> dict:
+             shard: tuple[int, int], fitted: int, wall: float, jpeg: str, bad: list[dict], eng: dict) -> dict:
     """manifest.jsonl, triplet.pickle, rejects.jsonl and summary.json from every chunk record present
     (``bad``: lines of faces.jsonl / pairs.jsonl refused on reading; ``n_pairs`` counts them)."""
     records, rejects = [], list(bad)
@@ -393,5 +517,5 @@ def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, writt
                  "synthesis": {"reenact": recipe.reenact.backend, "geometry": geometry,
                                "appearance": recipe.appearance.method.value, "blend": recipe.blend.method.value,
                                "reshape": recipe.reshape.method.value if recipe.reshape.enabled else False},
-                 "jpeg_encoder": jpeg.value, "stages_note": "stages overlap (a pipeline of threads): wall_s is what counts",
+                 "jpeg_encoder": jpeg, "engine": eng, "stages_note": "stages overlap (a pipeline of threads): wall_s is what counts",
                  "qc": qc_aggregates([r["qc"] for r in records])})

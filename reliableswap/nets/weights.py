@@ -26,6 +26,7 @@ from reliableswap.nets import liveportrait
 from reliableswap.nets.bisenet import BiSeNet
 from reliableswap.nets.gfpgan import GFPGANv1Clean
 from reliableswap.nets.gpen import FullGenerator
+from reliableswap.nets.inception import FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3
 from reliableswap.nets.lia import Generator
 
 
@@ -49,7 +50,7 @@ class WeightFile:
 @dataclass(frozen=True)
 class Backend:
     name: str
-    step: str  # reenact | masks | restore
+    step: str  # reenact | masks | restore (synthesis) | eval
     what: str
     files: tuple[WeightFile, ...]
     optional: tuple[str, ...] = ()  # file names a run works without
@@ -81,6 +82,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                    entry=("params_ema", "params"), alt="GFPGANv1.3.pth"),)),
     Backend("gpen", "restore", "GPEN BFR-512", (
         WeightFile("GPEN-BFR-512.pth", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth", lambda: FullGenerator(512)),)),
+    Backend("inception", "eval", "FID's Inception-v3 (the 2015 TensorFlow graph, pytorch-fid's conversion): pool3, 2048-D", (
+        WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3),)),
 )}
 
 
@@ -174,6 +177,8 @@ def check_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> No
     """:class:`WeightsError` on the first missing, unexpected or wrongly shaped key."""
     want = model.state_dict()
     for k, t in want.items():
+        if k not in sd and k.endswith("num_batches_tracked"):
+            continue  # a training counter (files converted from TensorFlow lack it; torch fills it on load)
         if k not in sd:
             raise WeightsError(f"{path}: key {k!r} missing ({len(set(want) - set(sd))} of {len(want)} expected keys missing): not this architecture")
         if tuple(sd[k].shape) != tuple(t.shape):

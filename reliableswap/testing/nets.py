@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Iterator
@@ -168,6 +169,16 @@ def reference_model(backend: str, checkout: Path, part: str | None = None) -> nn
             }
             m, cls = mods[part]
             model = getattr(importlib.import_module(m), cls)(**LP_CONFIG[part])
+    elif backend == "inception":  # torch-fidelity's own FID Inception (no torchvision, unlike pytorch-fid's)
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = [str(checkout / "torch_fidelity")]  # its submodules, without its __init__'s imports
+        with stub_modules({"torch_fidelity": pkg}), tempfile.TemporaryDirectory() as tmp:
+            mod = _load_file("torch_fidelity.feature_extractor_inceptionv3", checkout / "torch_fidelity" / "feature_extractor_inceptionv3.py")
+            path = Path(tmp) / "w.pth"  # its constructor reads a weight file: its own random init
+            torch.save(randomize(BACKENDS["inception"].files[0].build()), path)
+            model = mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+            for name in [n for n in sys.modules if n.startswith("torch_fidelity.")]:
+                del sys.modules[name]
     else:
         raise ValueError(backend)
     return model.eval()

@@ -1,0 +1,347 @@
+"""Running a command's units on a Ray cluster: ``--engine ray`` (the optional ``ray`` extra).
+
+Both engines do the same per-unit work through the same functions, so the output folder is the same
+file for file. A unit's outputs are written atomically, then its unit record
+(:class:`reliableswap.jobs.Job`). The *driver* (the process that runs the command) lists the units
+that have no record yet and streams them through a Ray Data pipeline of actor stages
+(:class:`Stage`: models are loaded once per actor). It shows progress as units come back, then
+rebuilds the contracts and ``summary.json`` from the records exactly as the local engine does.
+What follows from that:
+
+* **resume**: units already recorded are not sent again. A Ray run resumes a local one, and the
+  reverse (the engine is not a setting: it does not change the outputs).
+* **retries**: a worker that dies (killed, out of memory, node lost) is restarted by Ray and its
+  unit is run again, up to ``retries`` times (the actors' ``max_restarts`` / ``max_task_retries``).
+  The lost attempt wrote only temps, which are removed at the end. A unit that still fails stops
+  the run with one line. The units already written stay, and a re-run resumes.
+* **GPUs**: a stage that renders asks Ray for one GPU per actor when the device allows it
+  (``auto``/``cuda``) and the cluster has GPUs. Ray shows each actor only its own GPU, as ``cuda``.
+* **shared storage**: workers read inputs and write outputs by path, so every node must see the
+  input and output folders at the same paths (NFS, Lustre, a mounted bucket…).
+
+Which cluster: ``--ray-address`` if given; else ``$RAY_ADDRESS`` (set inside ``ray job submit``);
+else a new local cluster on this machine's CPUs (and GPUs), which ends with the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import socket
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from reliableswap.jobs import Job
+
+#: Ray Data blocks at most: one unit a block up to this, then several (a retried block redoes its
+#: units, which rewrite their outputs atomically), so millions of inputs do not make millions of
+#: blocks for the driver and Ray's control store to track.
+MAX_BLOCKS = 8192
+
+
+class WorkerLost(RuntimeError):
+    """A Ray worker died more often than ``--ray-retries`` allows (or its node went away): the
+    units written so far are kept, and a re-run resumes."""
+
+
+#: Installed by ``pip install 'reliableswap[ray]'`` (``make install`` does).
+RAY_HINT = "--engine ray needs Ray Data: pip install 'reliableswap[ray]' (ray[data])"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to run on Ray (the CLI's ``--ray-*`` flags).
+
+    Args:
+        address: cluster to join (``ray://host:10001``, ``host:6379``, ``auto``); ``None``:
+            ``$RAY_ADDRESS``, else a new local cluster.
+        workers: actors per stage; ``None``: as many as the cluster's CPUs (GPUs for a GPU stage) allow.
+        retries: restarts of a dead worker, and re-runs of its unit, before the run stops.
+        num_cpus: CPUs of a new local cluster (``None``: all of this machine's).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    retries: int = 3
+    num_cpus: int | None = None
+
+    def describe(self, cluster: dict[str, Any]) -> dict[str, Any]:
+        """The ``engine`` entry of a summary's details."""
+        return {"name": "ray", "address": cluster["address"], "started_here": cluster["started_here"],
+                "nodes": cluster["nodes"], "cpus": cluster["cpus"], "gpus": cluster["gpus"], "retries": self.retries}
+
+
+LOCAL_ENGINE = {"name": "local"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One actor stage of a pipeline: ``cls(**kwargs)`` once per actor, then ``actor(row) -> row``
+    for each unit (rows are small dicts; a stage may pass bytes to the next one).
+
+    Args:
+        cls: a class importable on the workers (module level in ``reliableswap``).
+        kwargs: its constructor's arguments (picklable).
+        num_cpus / num_gpus: what each actor reserves.
+        workers: actors in the pool (``None``: from the cluster's resources).
+    """
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    workers: int | None = None
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ValueError(RAY_HINT) from None
+    return ray
+
+
+def ray_available() -> bool:
+    try:
+        _ray()
+    except ValueError:
+        return False
+    return True
+
+
+#: Ray's switch for clusters of several machines (off on macOS/Windows). Off, every Ray process
+#: binds and advertises 127.0.0.1 instead of the machine's routable address.
+_MULTI_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a cluster address (``host:port``, ``ray://host:port``, ``local``) is this machine only."""
+    if address == "local":
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@contextlib.contextmanager
+def _loopback_only(on: bool) -> Iterator[None]:
+    """A cluster that lives on this machine talks over loopback only: no Ray port listens on the
+    network, and an address such as ``127.0.0.1:6379`` is not rewritten to the routable one (Ray
+    rewrites it when multi-node mode is on). The variable reaches the processes Ray starts, and the
+    constant covers a Ray imported earlier."""
+    if not on:
+        yield
+        return
+    import ray._private.ray_constants as rc
+
+    old_env, old_const = os.environ.get(_MULTI_NODE_VAR), rc.ENABLE_RAY_CLUSTER
+    os.environ[_MULTI_NODE_VAR], rc.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        rc.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(_MULTI_NODE_VAR, None)
+        else:
+            os.environ[_MULTI_NODE_VAR] = old_env
+
+
+@contextlib.contextmanager
+def cluster(opts: RayOptions) -> Iterator[dict[str, Any]]:
+    """Join (or start) the cluster for one command; yields its size. A cluster started here ends
+    with the block; one that was already joined in this process (a library caller's) is kept.
+    A new local cluster, or one at a loopback address, is reached over loopback only."""
+    ray = _ray()
+    address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
+    with _loopback_only(not ray.is_initialized() and is_loopback(address)):
+        with _joined(ray, opts, address) as info:
+            yield info
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens: Ray itself retries a refused GCS
+    connection with no end. ``auto`` (Ray's own lookup) is left to Ray."""
+    if address == "auto":
+        return
+    hostport = address.split("://")[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address {address}: not host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
+def _token_auth_if_token() -> None:
+    """Joining a cluster: token authentication when ``$RAY_AUTH_MODE`` is unset and a token is at
+    hand (``$RAY_AUTH_TOKEN``, ``~/.ray/auth_token``), the rule ``ray start`` follows (a ``ray start``
+    head with a token on this machine refuses a driver that sends none)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextlib.contextmanager
+def _joined(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
+    started = False  # this block joined (or started) the cluster, so it also leaves it
+    # Ray's Python loggers: the local token notice; Ray Data's execution plan, progress lines (the
+    # command's own bar counts units) and its log line for an error that the command then reports
+    # itself (one line). Ray's own warnings still show; its logs stay in /tmp/ray/session_*/logs.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    if not ray.is_initialized():  # else a library caller joined one: use it, leave it
+        if address != "local":
+            _probe(address)
+            _token_auth_if_token()
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+                                  "configure_logging": True}
+        if address == "local":
+            kwargs["num_cpus"] = opts.num_cpus or os.cpu_count() or 1
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({' '.join(str(e).split())[:200]})") from None
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the command's own bar counts units
+    ctx.print_on_execution_start = False
+    res = ray.cluster_resources()
+    info = {"address": address, "started_here": started and address == "local",
+            "nodes": sum(1 for n in ray.nodes() if n.get("Alive")), "cpus": float(res.get("CPU", 0)),
+            "gpus": float(res.get("GPU", 0))}
+    try:
+        yield info
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def gpu_stage_gpus(device: str, info: dict[str, Any]) -> float:
+    """GPUs each rendering actor reserves: 1 when ``device`` (``auto``/``cuda``/``cpu``) allows and
+    the cluster has GPUs. ``cuda:N`` is refused: Ray picks each actor's GPU."""
+    device = str(device)
+    if device.startswith("cuda:"):
+        raise ValueError(f"--device {device}: with --engine ray each worker gets a GPU of its own (use --device cuda or auto)")
+    if device == "cuda" and not info["gpus"]:
+        raise ValueError("--device cuda: the Ray cluster has no GPU")
+    return 1.0 if device in ("auto", "cuda") and info["gpus"] else 0.0
+
+
+_ERROR = "_reliableswap_error"
+
+
+def _pack(e: BaseException) -> bytes:
+    try:
+        return pickle.dumps(e)
+    except Exception:  # noqa: BLE001 — an exception that does not pickle: its type and line
+        return pickle.dumps(RuntimeError(f"{type(e).__name__}: {' '.join(str(e).split())}"))
+
+
+class _Guarded:
+    """Runs a stage's class in an actor, and hands an exception it raises (in its constructor or
+    on a unit) to the driver as a row holding the pickled exception: Ray Data would wrap it (and
+    its retry layer rebuilds an ``OSError`` with Ray's text as the file name). Later stages pass
+    such a row on. A crash of the process is not an exception: Ray restarts the actor."""
+
+    stage_cls: type = object
+
+    def __init__(self, **kwargs: Any):
+        self.error: bytes | None = None
+        try:
+            self.inner = self.stage_cls(**kwargs)
+        except Exception as e:  # noqa: BLE001 — reported with the first unit
+            self.error = _pack(e)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if _ERROR in row:
+            return {_ERROR: row[_ERROR]}
+        if self.error is not None:
+            return {_ERROR: self.error}
+        try:
+            return self.inner(row)
+        except Exception as e:  # noqa: BLE001 — re-raised in the driver
+            return {_ERROR: _pack(e)}
+
+
+def _guarded(cls: type) -> type:
+    """A :class:`_Guarded` subclass named after ``cls`` (Ray names the actors' processes after it)."""
+    return type(cls.__name__, (_Guarded,), {"stage_cls": cls})
+
+
+def pool_size(stage: Stage, opts: RayOptions, info: dict[str, Any], n_items: int) -> int:
+    if stage.workers is not None:
+        n = stage.workers
+    elif opts.workers is not None:
+        n = opts.workers
+    elif stage.num_gpus:
+        n = int(info["gpus"] // stage.num_gpus)
+    else:
+        n = int(info["cpus"] // max(stage.num_cpus, 1e-3))
+    return max(1, min(n, n_items))
+
+
+def _lost(e: BaseException) -> WorkerLost:
+    """What Ray raised once its retries were spent (a worker that died again, a lost node…), as one
+    line: its type and first line (Ray's own text is a traceback)."""
+    inner = getattr(e, "cause", None)
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    kind = type(inner if isinstance(inner, BaseException) else e).__name__
+    return WorkerLost(f"a Ray worker was lost beyond --ray-retries ({kind}: {first[:200]}); "
+                      "the units written so far are kept: re-run to resume")
+
+
+def run_stages(job: Job, items: list[dict[str, Any]], stages: list[Stage], opts: RayOptions, info: dict[str, Any],
+               done_before: int = 0, total: int | None = None) -> list[dict[str, Any]]:
+    """Stream ``items`` (one per unit) through ``stages`` on the cluster; returns the last stage's
+    rows (one per unit, in completion order). Progress counts units as they come back; a failure
+    that Ray's retries did not absorb is re-raised as the worker's own exception."""
+    if not items:
+        return []
+    ray = _ray()
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    for s in stages:
+        with warnings.catch_warnings():
+            # bounded restarts (Ray Data's default is unlimited: a unit that kills its worker every
+            # time would never end) are still passed as remote args, deprecated for Ray 2.64 (the
+            # extra's upper bound)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map(_guarded(s.cls), fn_constructor_kwargs=s.kwargs, num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
+                        compute=ray.data.ActorPoolStrategy(size=pool_size(s, opts, info, len(items))),
+                        max_restarts=opts.retries, max_task_retries=opts.retries)
+    rows: list[dict[str, Any]] = []
+    total = done_before + len(items) if total is None else total
+    job.progress(done_before, total)
+    try:
+        for row in ds.iter_rows():
+            if _ERROR in row:  # a worker's own exception: the run stops with it, as a local run would
+                raise pickle.loads(row[_ERROR])
+            rows.append(row)
+            job.progress(done_before + len(rows), total)
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in ("ray", "pyarrow"):
+            raise
+        raise _lost(e) from e
+    job.clean_temps()  # what killed attempts left behind
+    return rows
+
+
+def stage_seconds(worker_job: Job) -> str:
+    """A worker's stage seconds since the last call, as a row field (JSON: Ray Data rows are Arrow
+    tables, and a nested dict whose keys vary from row to row does not fit one schema)."""
+    out = json.dumps({k: round(v, 6) for k, v in worker_job.stages.items()})
+    worker_job.stages.clear()
+    return out
+
+
+def add_stages(job: Job, rows: list[dict[str, Any]], column: str = "stages_s") -> None:
+    """Add the workers' per-unit stage seconds (``row[column]``, from :func:`stage_seconds`) to the job's."""
+    for row in rows:
+        for k, v in json.loads(row.get(column) or "{}").items():
+            job.stages[k] += float(v)

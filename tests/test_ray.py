@@ -1,0 +1,301 @@
+"""``--engine ray``: prep, triplets and flows on a Ray cluster write what the local engine writes,
+resume each other's runs, and survive a worker killed mid-run.
+
+One Ray cluster for the module, started as a user would start one (``ray start --head``) on
+loopback with 2 CPUs; the runs join it with ``--ray-address``. Nothing here listens on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'reliableswap[ray]')")
+psutil = pytest.importorskip("psutil")
+
+from reliableswap.commands.flows import run_flows  # noqa: E402
+from reliableswap.commands.prep import PrepConfig, run_prep  # noqa: E402
+from reliableswap.commands.triplets import run_triplets  # noqa: E402
+from reliableswap.engine import RayOptions, WorkerLost, cluster  # noqa: E402
+from reliableswap.pairs import make_pairs  # noqa: E402
+from reliableswap.recipes import PairsSection, TripletRecipe  # noqa: E402
+from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
+from reliableswap.testing.flame import write_embeddings, write_model  # noqa: E402
+from triplets.records import FaceRecord, PairRecord  # noqa: E402
+
+pytestmark = pytest.mark.slow
+RAY = Path(sys.executable).with_name("ray")
+CLI = [sys.executable, "-m", "reliableswap.cli"]
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A 2-CPU head on loopback, with a token (Ray's default for local clusters); gone at the end."""
+    env = {**os.environ, **LOOPBACK}
+    if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in env:
+        subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    port = _free_port()
+    head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+                            env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with cluster(RayOptions(address=address)) as info:
+                    assert info["cpus"] == 2
+                break
+            except ValueError:
+                if time.time() > deadline or head.poll() is not None:
+                    raise RuntimeError(f"ray start did not come up: {head.stderr.read().decode()[-2000:] if head.poll() is not None else 'timeout'}")
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start ends the processes it started…
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:  # …taking its time (30 s): the rest of its group goes at once
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _files(folder: Path, pattern: str) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob(pattern)) if not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch's CPU arithmetic on one thread, as in a Ray actor that reserved one CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs_12(prepped, tmp_path_factory):
+    out, _ = prepped
+    path = tmp_path_factory.mktemp("raypairs") / "pairs.jsonl"
+    PairRecord.write(path, make_pairs(FaceRecord.read(out / "faces.jsonl"), PairsSection(n=12, max_yaw_diff=20, seed=11)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_triplets(prepped, pairs_12, tmp_path_factory):
+    """The local engine's folder for the same faces, pairs, recipe (the default: mesh) and batch,
+    its CPU arithmetic on one thread as in a 1-CPU Ray actor: float sums split over another number
+    of threads round differently (measured: ≤ 2 grey levels on 0.05 % of one fake's pixels, as
+    between two machines with other core counts)."""
+    dst = tmp_path_factory.mktemp("raylocal") / "t"
+    with one_thread():
+        summary = run_triplets(prepped[0], pairs_12, dst, TripletRecipe().with_overrides({"qc.enabled": True}), "cpu", batch=2)
+    assert summary["counts"]["written"] >= 10
+    return dst, summary
+
+
+def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_triplets, ray_address, tmp_path):
+    """Same seed, same inputs: every JPEG, the manifest (QC figures included) and the rejects are
+    byte-identical; the summary counts the same and says where it ran."""
+    local, ls = local_triplets
+    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+                     batch=2, ray=RayOptions(address=ray_address))
+    assert _files(tmp_path / "t", "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
+    for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
+        assert (tmp_path / "t" / name).read_bytes() == (local / name).read_bytes(), name
+    assert s["counts"] == ls["counts"]
+    eng = s["details"]["engine"]
+    assert eng["name"] == "ray" and eng["address"] == ray_address and not eng["started_here"] and eng["cpus"] == 2
+    assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
+    assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
+    assert _temps(tmp_path / "t") == []
+    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+                         batch=2, ray=RayOptions(address=ray_address))
+    assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
+
+
+def _render_workers() -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if "TripletRenderWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
+    """Start ``run()`` in a thread; once its first chunk is recorded, kill -9 every render worker.
+    Returns (the killed processes, chunks recorded at the kill, {"summary" or "error"})."""
+    res: dict = {}
+
+    def go():
+        try:
+            res["summary"] = run()
+        except BaseException as e:  # noqa: BLE001 — checked in the test's thread
+            res["error"] = e
+
+    th = threading.Thread(target=go)
+    th.start()
+    units = out / ".triplets" / "units"
+    while th.is_alive() and not (units.is_dir() and any(units.glob("*.json"))):
+        time.sleep(0.05)
+    victims = _render_workers()
+    n_at_kill = len(list(units.glob("*.json")))
+    for v in victims:
+        v.kill()
+    th.join(300)
+    assert not th.is_alive()
+    return victims, n_at_kill, res
+
+
+def test_ray_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets, ray_address, tmp_path):
+    """kill -9 of the only render worker once a chunk is written: Ray restarts it and re-runs its
+    chunk; the folder ends complete, identical to the local engine's, with no temps left."""
+    local, ls = local_triplets
+    out = tmp_path / "t"
+    victims, n_at_kill, res = _kill_render_worker_mid_run(
+        lambda: run_triplets(prepped[0], pairs_12, out, TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+                             batch=2, ray=RayOptions(address=ray_address, workers=1, retries=2)), out)
+    if "error" in res:
+        raise res["error"]
+    assert len(victims) == 1 and n_at_kill < ls["details"]["chunks"], "the kill came after the run or hit no worker"
+    assert not victims[0].is_running()
+    s = res["summary"]
+    assert s["counts"]["written"] == ls["counts"]["written"] and s["counts"]["written_this_run"] == ls["counts"]["written"]
+    assert _files(out, "*.jpg") == _files(local, "*.jpg")
+    assert (out / "manifest.jsonl").read_bytes() == (local / "manifest.jsonl").read_bytes()
+    assert _temps(out) == []
+
+
+def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(prepped, pairs_12, local_triplets,
+                                                                               ray_address, tmp_path):
+    local, ls = local_triplets
+    out = tmp_path / "t"
+    recipe = TripletRecipe().with_overrides({"qc.enabled": True})
+    victims, _, res = _kill_render_worker_mid_run(
+        lambda: run_triplets(prepped[0], pairs_12, out, recipe, "cpu", batch=2,
+                             ray=RayOptions(address=ray_address, workers=1, retries=0)), out)
+    err = res.get("error")
+    assert len(victims) == 1
+    assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
+    kept = len(list((out / ".triplets" / "units").glob("*.json")))
+    assert 1 <= kept < ls["details"]["chunks"]
+    s = run_triplets(prepped[0], pairs_12, out, recipe, "cpu", batch=2, ray=RayOptions(address=ray_address))
+    assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
+    assert _files(out, "*.jpg") == _files(local, "*.jpg") and _temps(out) == []
+
+
+def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_address, tmp_path):
+    """An output that cannot be written (a file where pair 5's folder goes) stops the run with the
+    worker's own exception, as the local engine would, not Ray's wrapper and traceback."""
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "00000005").write_text("in the way")
+    with pytest.raises(OSError) as e:
+        run_triplets(prepped[0], pairs_12, out, TripletRecipe(), "cpu", batch=2, ray=RayOptions(address=ray_address))
+    assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
+    assert "00000005" in str(e.value)
+
+
+def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray_address, tmp_path):
+    inputs = [faces_dir / "london_set", faces_dir / "ffhq"]
+    local = run_prep(inputs, tmp_path / "local", PrepConfig(), workers=2)
+    s = run_prep(inputs, tmp_path / "ray", PrepConfig(), ray=RayOptions(address=ray_address))
+    assert s["counts"] == local["counts"] and s["counts"]["written"] >= 18
+    assert (tmp_path / "ray" / "faces.jsonl").read_bytes() == (tmp_path / "local" / "faces.jsonl").read_bytes()
+    assert _files(tmp_path / "ray", "*.png") == _files(tmp_path / "local", "*.png")
+    assert s["details"]["engine"]["name"] == "ray" and local["details"]["engine"] == {"name": "local"}
+    # two units lost (their records and crops): the local engine redoes those two only, and the
+    # Ray engine then has nothing left to do
+    lost = sorted((tmp_path / "ray" / ".prep" / "units").glob("*.json"))[:2]
+    n_lost = 0
+    for rec in lost:
+        for f in json.loads(rec.read_text())["faces"]:
+            (tmp_path / "ray" / f["image"]).unlink()
+            n_lost += 1
+        rec.unlink()
+    again = run_prep(inputs, tmp_path / "ray", PrepConfig(), workers=1)
+    assert again["counts"]["written_this_run"] == n_lost and again["counts"]["skipped"] == again["counts"]["in"] - 2
+    assert (tmp_path / "ray" / "faces.jsonl").read_bytes() == (tmp_path / "local" / "faces.jsonl").read_bytes()
+    third = run_prep(inputs, tmp_path / "ray", PrepConfig(), ray=RayOptions(address=ray_address))
+    assert third["counts"]["written_this_run"] == 0 and _files(tmp_path / "ray", "*.png") == _files(tmp_path / "local", "*.png")
+
+
+def test_ray_flows_match_local(ray_address, tmp_path):
+    """FLAME shape flows (synthetic model in the FLAME file format; faces fitted on the fly in the
+    workers): the same .npz fields, previews and manifest."""
+    prep = write_synthetic_prep(tmp_path / "prep", 8)
+    (tmp_path / "flame").mkdir()
+    model = write_model(tmp_path / "flame" / "generic_model.pkl")
+    write_embeddings(tmp_path / "flame")
+    PairRecord.write(tmp_path / "pairs.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{i + 4:05d}") for i in range(4)])
+    kw = {"batch": 2, "max_rmse": 50.0}
+    with one_thread():  # the fit's float sums, as in the 1-CPU workers
+        local = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "local", str(model), **kw)
+    s = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "ray", str(model), ray=RayOptions(address=ray_address), **kw)
+    assert s["counts"] == local["counts"] and s["counts"]["written"] == 4
+    assert s["details"]["faces_fitted_on_the_fly"] == local["details"]["faces_fitted_on_the_fly"] == 8
+    assert _files(tmp_path / "ray", "*.npz") == _files(tmp_path / "local", "*.npz")
+    assert _files(tmp_path / "ray", "*.png") == _files(tmp_path / "local", "*.png")
+    assert (tmp_path / "ray" / "manifest.jsonl").read_bytes() == (tmp_path / "local" / "manifest.jsonl").read_bytes()
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **LOOPBACK})
+
+
+def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pairs_12, ray_address, tmp_path):
+    folder = str(prepped[0])
+    r = _cli("triplets", folder, "--pairs", str(pairs_12), "--out", str(tmp_path / "t"), "--recipe", "recipes/tps.toml",
+             "--device", "cpu", "--engine", "ray", "--ray-address", ray_address)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert s["details"]["engine"]["address"] == ray_address and s["counts"]["written"] >= 10
+    bad = [
+        (["--ray-workers", "2"], "--ray-address/--ray-workers go with --engine ray"),
+        (["--engine", "ray", "--ray-address", ray_address, "--num-shards", "2"], "drop --shard-index/--num-shards"),
+        (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda:1"], "each worker gets a GPU of its own"),
+        (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda"], "the Ray cluster has no GPU"),
+    ]
+    for extra, words in bad:
+        r = _cli("triplets", folder, "--pairs", str(pairs_12), "--out", str(tmp_path / "x"), "--recipe", "recipes/tps.toml",
+                 *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (extra, r.stderr[-1500:])
+
+
+def test_ray_cli_default_starts_a_local_cluster_and_an_unanswered_address_is_one_line(faces_dir, tmp_path):
+    r = _cli("prep", str(faces_dir / "public_domain"), "--out", str(tmp_path / "p"), "--engine", "ray")
+    assert r.returncode == 0, r.stderr[-2000:]
+    eng = json.loads((tmp_path / "p" / "summary.json").read_text())["details"]["engine"]
+    assert eng["started_here"] and eng["address"] == "local" and eng["nodes"] == 1
+    dead = f"127.0.0.1:{_free_port()}"
+    r = _cli("prep", str(faces_dir / "public_domain"), "--out", str(tmp_path / "q"), "--engine", "ray", "--ray-address", dead)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]  # Ray logs its retries too
+    assert r.returncode == 2 and len(lines) == 1 and f"--ray-address {dead}: no Ray cluster answers there" in lines[0]
+    assert not (tmp_path / "q").exists()  # nothing made before the cluster answered
+    shutil.rmtree(tmp_path / "p")
