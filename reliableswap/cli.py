@@ -312,15 +312,17 @@ def eval_triplets(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report in summary.json, triplets.csv, histograms.png).")],
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second triplets folder to report beside the first.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N triplets of each folder.", min=1)] = None,
+    inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (default: <weights dir>/inception/pt_inception-2015-12-05-6726825d.pth): FID of each run's fakes against its real faces.")] = None,
+    device: Annotated[str, typer.Option(help="Device for the Inception network: auto, cpu, cuda ...")] = "auto",
 ) -> None:
-    """QC report of a triplet folder: identity margins, pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off) and the fakes' face-detection rate, with histograms."""
+    """QC report of a triplet folder: identity margins, pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off), the fakes' face-detection rate and, with FID's Inception weights, FID of the fakes against the real faces; with histograms."""
     from reliableswap.commands.eval import run_eval_triplets
 
-    s = run_eval_triplets(folder, out, compare, limit, progress=True)
+    s = run_eval_triplets(folder, out, compare, limit, progress=True, inception=inception, device=device)
     for run, agg in s["details"]["runs"].items():
         im = agg.get("id_margin_st", {}).get("mean")
         say(f"{run}: {agg['triplets']} triplets, id margin st mean {im}, positive rate {agg.get('positive_id_margin_rate')}, "
-            f"detection rate {agg['detection_rate']}")
+            f"detection rate {agg['detection_rate']}, FID {agg['fid'] if agg['fid'] is not None else 'not computed'}")
     say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
 
 

@@ -189,9 +189,24 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path):
     for agg in rep.values():
         assert agg["triplets"] == 6 and 0 <= agg["detection_rate"] <= 1 and "id_margin_st" in agg and "pose_err_ts" in agg
     assert (tmp_path / "rep" / "histograms.png").is_file()
-    # a doctored manifest line and a missing image: each skipped with a reason, the rest reported
+    # FID of the fakes against the run's real faces: a folder whose "fakes" are its own real faces
+    # (target as output_st, source as output_ts) scores far below the synthesized one
     import shutil
 
+    inc = _he_inception_file(tmp_path / "w")
+    real = tmp_path / "tri_real"
+    shutil.copytree(tmp_path / "tri", real)
+    for rec in (json.loads(line) for line in (real / "manifest.jsonl").read_text().splitlines()):
+        shutil.copy(real / rec["folder"] / "target.jpg", real / rec["folder"] / "output_st.jpg")
+        shutil.copy(real / rec["folder"] / "source.jpg", real / rec["folder"] / "output_ts.jpg")
+    assert main(["eval", "triplets", str(tmp_path / "tri"), "--out", str(tmp_path / "rep_fid"), "--compare", str(real),
+                 "--inception", str(inc), "--device", "cpu"]) == 0
+    runs = json.loads((tmp_path / "rep_fid" / "summary.json").read_text())["details"]["runs"]
+    synth, same = runs[str(tmp_path / "tri")], runs[str(real)]
+    assert synth["fid_samples"] == {"fakes": 2 * synth["triplets"], "real_faces": same["fid_samples"]["real_faces"]}
+    assert 2 <= synth["fid_samples"]["real_faces"] <= 2 * synth["triplets"]
+    assert 0 <= same["fid"] < 0.5 * synth["fid"]
+    # a doctored manifest line and a missing image: each skipped with a reason, the rest reported
     bad = tmp_path / "tri_bad"
     shutil.copytree(tmp_path / "tri", bad)
     lines = (bad / "manifest.jsonl").read_text().splitlines()

@@ -11,6 +11,7 @@ off), adds the fakes' face-detection rate, and writes ``report.json``, ``triplet
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -199,16 +200,17 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
         return job.finish(n_in=len(pairs) + len(bad), written=len(rows), written_this_run=len(rows), rejects=bad_records(bad), details=details)
 
 
-def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str) -> dict:
-    """The summary's FID entries: the distance of the swaps to the real targets and the sample
-    counts, or None with the reason."""
+def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str, fakes: str = "swaps",
+         reals: str = "real_targets", against: str = "swaps against the real targets") -> dict:
+    """The summary's FID entries: the distance of ``fake`` features to ``real`` ones and the sample
+    counts, or None with the reason (``source``: where the network came from, or why it is absent)."""
     if not fake:
         return {"fid": None, "fid_note": source}
     f, r = torch.cat(fake), torch.cat(real)
     if min(len(f), len(r)) < 2:
-        return {"fid": None, "fid_note": f"not computed: {len(f)} swaps and {len(r)} real targets (FID needs 2 of each)"}
-    return {"fid": float(f"{frechet_distance(f, r):.6g}"), "fid_samples": {"swaps": len(f), "real_targets": len(r)},
-            "fid_note": f"swaps against the real targets, Inception from {source}; comparable only at equal sample counts "
+        return {"fid": None, "fid_note": f"not computed: {len(f)} {fakes} and {len(r)} {reals} (FID needs 2 of each)"}
+    return {"fid": float(f"{frechet_distance(f, r):.6g}"), "fid_samples": {fakes: len(f), reals: len(r)},
+            "fid_note": f"{against}, Inception from {source}; comparable only at equal sample counts "
                         f"(biased upwards below thousands of samples)"}
 
 
@@ -217,10 +219,13 @@ def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str) -> dic
 QC_KEYS = ("id_margin", "pose_err", "seam", "fold", "mouth_err", "face_parse")
 
 
-def measure_triplets(folder: Path, limit: int | None = None) -> tuple[list[dict], list[dict]]:
+def measure_triplets(folder: Path, limit: int | None = None,
+                     fidnet: torch.nn.Module | None = None) -> tuple[list[dict], list[dict], dict[str, list]]:
     """Per triplet folder: its QC (from the manifest, else measured here with dlib) and whether
-    dlib's detector finds a face in each fake (``detected_st``/``detected_ts``); and the rejects:
-    manifest lines refused on reading, triplets whose images cannot be read (both skipped)."""
+    dlib's detector finds a face in each fake (``detected_st``/``detected_ts``); the rejects:
+    manifest lines refused on reading, triplets whose images cannot be read (both skipped); and,
+    with ``fidnet``, Inception features of the fakes (both of every triplet) and of the real
+    faces (``source``/``target``, each distinct image once: a face recurs across pairs)."""
     recs, bad = ManifestRecord.read_valid(folder / ManifestRecord.FILE)
     recs = recs[:limit]
     if not recs:
@@ -231,6 +236,8 @@ def measure_triplets(folder: Path, limit: int | None = None) -> tuple[list[dict]
     det = DlibDetector()
     checker = None
     out, rejects = [], bad_records(bad)
+    feats: dict[str, list] = {"fake": [], "real": []}
+    seen_real: set[bytes] = set()
     for r in recs:
         try:
             base = resolve_inside(folder, r.folder, r.where, "folder")
@@ -252,10 +259,30 @@ def measure_triplets(folder: Path, limit: int | None = None) -> tuple[list[dict]
                 row |= {f"{k}_{d}": round(float(v[0]), 4) for k, v in q.items() if k != "seam"}  # no blend mask stored: no seam
         for d in ("st", "ts"):
             row[f"detected_{d}"] = bool(len(det(imgs[f"output_{d}"])[0]))
+        if fidnet is not None:
+            _triplet_features(fidnet, imgs, feats, seen_real)
         out.append(row)
     if not out:
         raise NothingUsable(f"{folder}: no triplet could be read (the first reason: {rejects[0]['reason']})")
-    return out, rejects
+    return out, rejects, feats
+
+
+def _triplet_features(fidnet: torch.nn.Module, imgs: dict[str, np.ndarray], feats: dict[str, list], seen: set[bytes]) -> None:
+    """Add one triplet's fakes, and its real faces not seen before, to ``feats`` (one forward pass)."""
+    new_real = []
+    for k in ("source", "target"):
+        key = hashlib.sha1(imgs[k].tobytes()).digest()
+        if key not in seen:
+            seen.add(key)
+            new_real.append(k)
+    names = ["output_st", "output_ts", *new_real]
+    dev = next(fidnet.parameters()).device
+    x = torch.stack([torch.from_numpy(imgs[k].copy()).permute(2, 0, 1) for k in names]).to(dev).float() / 255
+    with torch.no_grad():
+        f = fidnet(x).double().cpu()
+    feats["fake"].append(f[:2])
+    if new_real:
+        feats["real"].append(f[2:])
 
 
 def _histograms(columns: dict[str, list[np.ndarray]], names: list[str], path: Path, bins: int = 20) -> Path:
@@ -292,15 +319,18 @@ def _aggregate(rows: list[dict]) -> dict:
 
 
 def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare: str | os.PathLike | None = None,
-                      limit: int | None = None, progress: bool = False) -> dict:
-    """QC report of a triplet folder (and, ``compare``, of a second one beside it)."""
+                      limit: int | None = None, progress: bool = False, inception: Path | None = None,
+                      device: str = "auto") -> dict:
+    """QC report of a triplet folder (and, ``compare``, of a second one beside it), with each run's
+    FID of its fakes against its real faces when FID's Inception weights are found (:func:`fid_network`)."""
     folders = [Path(folder)] + ([Path(compare)] if compare else [])
     settings = {"folders": [str(f) for f in folders], "limit": limit}
+    fidnet, fid_from = fid_network(inception, resolve_device(device))
     with Job("eval-triplets", out, settings, "triplets", progress=progress, resumable=False) as job:
         with job.stage("measure"):
-            results = [measure_triplets(f, limit) for f in folders]
-        measured = [rows for rows, _ in results]
-        rejects = [j for _, rej in results for j in rej]
+            results = [measure_triplets(f, limit, fidnet) for f in folders]
+        measured = [rows for rows, _, _ in results]
+        rejects = [j for _, rej, _ in results for j in rej]
         out = job.out
         buf = io.StringIO()
         keys = sorted({k for rows in measured for r in rows for k in r})
@@ -316,7 +346,9 @@ def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare
                 if any(k in r for rows in measured for r in rows):
                     columns[k] = [np.asarray([r[k] for r in rows if k in r], np.float64) for rows in measured]
         _histograms(columns, [str(f) for f in folders], out / "histograms.png")
-        report = {"runs": {str(f): _aggregate(rows) for f, rows in zip(folders, measured)},
+        fids = [_fid(feats["fake"], feats["real"], fid_from, "fakes", "real_faces", "fakes (output_st and output_ts) against "
+                     "the run's real faces (source and target crops, each once)") for _, _, feats in results]
+        report = {"runs": {str(f): _aggregate(rows) | fid for f, rows, fid in zip(folders, measured, fids)},
                   "files": {"per_triplet": "triplets.csv", "histograms": "histograms.png"}}
         n = sum(len(rows) for rows in measured)
         return job.finish(n_in=n + len(rejects), written=n, written_this_run=n, rejects=rejects, details=report)
