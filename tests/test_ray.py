@@ -286,6 +286,7 @@ def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pair
                  *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (extra, r.stderr[-1500:])
+        assert not (tmp_path / "x").exists(), extra  # refused before the output folder is made
 
 
 def test_ray_cli_default_starts_a_local_cluster_and_an_unanswered_address_is_one_line(faces_dir, tmp_path):

@@ -71,6 +71,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
     with contextlib.ExitStack() as stack:
         info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        gpus = engine.gpu_stage_gpus(device, info) if info is not None and device != "cpu" else 0.0
         job = stack.enter_context(Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device,
                                       progress=progress))
         with job.stage("load"):
@@ -90,7 +91,6 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
         fitted = done_now = 0
         args = {"cfg": cfg, "batch": batch, "backend": backend.value, "previews": previews, "max_rmse": max_rmse}
         if ray is not None:
-            gpus = engine.gpu_stage_gpus(device, info) if device != "cpu" else 0.0
             stage = engine.Stage(FlowWorker, {"folder": str(folder), "out": str(out), "model": model, "embedding": embedding,
                                               "device": "cuda" if gpus else "cpu", **args}, num_cpus=1.0, num_gpus=gpus)
             items = [{"pairs": json.dumps([[k, p.to_json()] for k, p in c])} for c in chunks]

@@ -246,6 +246,7 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
         replace(cfg, device="cpu").check_models()
     with contextlib.ExitStack() as stack:
         info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        gpus = engine.gpu_stage_gpus(cfg.device, info) if info is not None and cfg.device != "cpu" else 0.0
         job = stack.enter_context(Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"),
                                       device=cfg.device, progress=progress))
         units, missing, ignored = discover(inputs, exclude=out)
@@ -255,7 +256,6 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
         cores = os.cpu_count() or 1
         warning = f"--workers {workers} capped at {cores} (the CPU count)" if ray is None and workers > cores else None
         if ray is not None:
-            gpus = engine.gpu_stage_gpus(cfg.device, info) if cfg.device != "cpu" else 0.0
             stage = engine.Stage(PrepWorker, {"cfg": cfg, "out": str(out)}, num_cpus=1.0)
             n = engine.pool_size(stage, ray, info, len(todo))
             # dlib detection is CPU work: the CPU actors share the cluster's GPUs

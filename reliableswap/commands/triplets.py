@@ -410,6 +410,8 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
     bad = bad_records(faces.problems + bad_pairs)
     with contextlib.ExitStack() as stack:
         info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
+        if info is not None:
+            engine.gpu_stage_gpus(device, info)  # --device against the cluster, before the folder is made
         job = stack.enter_context(Job("triplets", out, settings, "triplets", device=str(device if ray else dev),
                                       progress=progress, lock=lock))
         atomic_write_bytes(out / "recipe.resolved.toml", recipe.to_toml().encode())
