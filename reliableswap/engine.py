@@ -69,13 +69,22 @@ class RayOptions:
     retries: int = 3
     num_cpus: int | None = None
 
-    def describe(self, cluster: dict[str, Any]) -> dict[str, Any]:
-        """The ``engine`` entry of a summary's details."""
-        return {"name": "ray", "address": cluster["address"], "started_here": cluster["started_here"],
-                "nodes": cluster["nodes"], "cpus": cluster["cpus"], "gpus": cluster["gpus"], "retries": self.retries}
 
 
 LOCAL_ENGINE = {"name": "local"}
+
+
+def describe(opts: RayOptions | None, info: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``engine`` entry of a summary's details: ``local``, or the cluster the run used."""
+    if opts is None:
+        return LOCAL_ENGINE
+    return {"name": "ray", "address": info["address"], "started_here": info["started_here"], "nodes": info["nodes"],
+            "cpus": info["cpus"], "gpus": info["gpus"], "retries": opts.retries}
+
+
+def device_label(info: dict[str, Any]) -> str:
+    """A summary's ``device`` for a run on a cluster."""
+    return f"ray ({info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs)"
 
 
 @dataclass(frozen=True)
@@ -106,24 +115,23 @@ def _ray():
     return ray
 
 
-def ray_available() -> bool:
-    try:
-        _ray()
-    except ValueError:
-        return False
-    return True
-
-
 #: Ray's switch for clusters of several machines (off on macOS/Windows). Off, every Ray process
 #: binds and advertises 127.0.0.1 instead of the machine's routable address.
 _MULTI_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    """``(host, port)`` of ``host:port`` or ``ray://host:port`` (IPv6 brackets dropped; ``""`` when absent)."""
+    tail = address.split("://")[-1]
+    host, sep, port = tail.rpartition(":")
+    return (host.strip("[]"), port) if sep else (tail, "")
 
 
 def is_loopback(address: str) -> bool:
     """Whether a cluster address (``host:port``, ``ray://host:port``, ``local``) is this machine only."""
     if address == "local":
         return True
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    host = _host_port(address)[0]
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
@@ -151,6 +159,18 @@ def _loopback_only(on: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def joined(opts: RayOptions | None, device: str) -> Iterator[tuple[dict[str, Any] | None, float]]:
+    """A command's engine: ``(None, 0)`` for the local engine; for Ray, the cluster joined (or
+    started) for the block and the GPUs each rendering actor reserves, ``device`` checked against
+    the cluster (:func:`gpu_stage_gpus`) before the command makes its output folder."""
+    if opts is None:
+        yield None, 0.0
+        return
+    with cluster(opts) as info:
+        yield info, gpu_stage_gpus(device, info)
+
+
+@contextlib.contextmanager
 def cluster(opts: RayOptions) -> Iterator[dict[str, Any]]:
     """Join (or start) the cluster for one command; yields its size. A cluster started here ends
     with the block; one that was already joined in this process (a library caller's) is kept.
@@ -158,7 +178,7 @@ def cluster(opts: RayOptions) -> Iterator[dict[str, Any]]:
     ray = _ray()
     address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
     with _loopback_only(not ray.is_initialized() and is_loopback(address)):
-        with _joined(ray, opts, address) as info:
+        with _connected(ray, opts, address) as info:
             yield info
 
 
@@ -167,12 +187,11 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     connection with no end. ``auto`` (Ray's own lookup) is left to Ray."""
     if address == "auto":
         return
-    hostport = address.split("://")[-1]
-    host, _, port = hostport.rpartition(":")
+    host, port = _host_port(address)
     if not host or not port.isdigit():
         raise ValueError(f"--ray-address {address}: not host:port (or ray://host:port, auto)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
@@ -189,7 +208,7 @@ def _token_auth_if_token() -> None:
 
 
 @contextlib.contextmanager
-def _joined(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
+def _connected(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
     started = False  # this block joined (or started) the cluster, so it also leaves it
     # Ray's Python loggers: the local token notice; Ray Data's execution plan, progress lines (the
     # command's own bar counts units) and its log line for an error that the command then reports

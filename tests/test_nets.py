@@ -104,7 +104,7 @@ def test_fid_inception_matches_torch_fidelity_with_identical_random_weights():
     ref = reference_model("inception", checkout)
     sd = randomize(ref, seed=3)
     ours = W.BACKENDS["inception"].files[0].build().eval()
-    W.check_state({k: v for k, v in sd.items()}, ours, "torch-fidelity")
+    W.check_state(sd, ours, "torch-fidelity")
     ours.load_state_dict(sd)
     u = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.no_grad():

@@ -11,7 +11,6 @@ contracts keep to safe names.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -69,11 +68,8 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                 "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
                 "faces_sha256": file_sha256(folder / "faces.jsonl"),
                 "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
-    with contextlib.ExitStack() as stack:
-        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
-        gpus = engine.gpu_stage_gpus(device, info) if info is not None and device != "cpu" else 0.0
-        job = stack.enter_context(Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device,
-                                      progress=progress))
+    with engine.joined(ray, device) as (info, gpus), \
+            Job("flows", out, settings, "pairs", temp_dirs=("flows", "previews"), device=device, progress=progress) as job:
         with job.stage("load"):
             flame = load_flame(model, embedding, device if ray is None else "cpu")
         rejects, todo = bad_records(faces.problems + bad_pairs), {}  # key → pair (a repeated pair once)
@@ -97,7 +93,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
             rows = engine.run_stages(job, items, [stage], ray, info, len(todo) - len(pending), len(todo))
             engine.add_stages(job, rows)
             fitted, done_now = sum(r["fitted"] for r in rows), sum(r["written"] for r in rows)
-            job.device = f"ray ({info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs)"
+            job.device = engine.device_label(info)
         finished = len(todo) - len(pending)
         for chunk in chunks if ray is None else []:
             f, w = flow_chunk(job, faces, flame, chunk, **args)
@@ -118,7 +114,7 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
                           skipped=len(todo) - len(pending), rejects=rejects,
                           details={"model": str(resolve_flame_path(model)), "rasterizer": used,
                                    "faces_fitted_on_the_fly": fitted,
-                                   "engine": ray.describe(info) if ray is not None else engine.LOCAL_ENGINE})
+                                   "engine": engine.describe(ray, info)})
 
 
 def flow_chunk(job: Job, faces: FaceSet, flame, chunk: list[tuple[str, PairRecord]], cfg: FitConfig, batch: int,

@@ -13,7 +13,6 @@ With ``identity_from_folder`` the identity label is the image's parent folder, c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -244,11 +243,8 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
         cfg.check_models()
     else:  # the workers' GPUs are checked against the cluster; the model files here
         replace(cfg, device="cpu").check_models()
-    with contextlib.ExitStack() as stack:
-        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
-        gpus = engine.gpu_stage_gpus(cfg.device, info) if info is not None and cfg.device != "cpu" else 0.0
-        job = stack.enter_context(Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"),
-                                      device=cfg.device, progress=progress))
+    with engine.joined(ray, cfg.device) as (info, gpus), \
+            Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
         done = len(units) - len(todo)
@@ -262,6 +258,7 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
             stage = replace(stage, num_gpus=min(1.0, info["gpus"] / n) if gpus else 0.0, workers=n)
             engine.run_stages(job, [{"path": str(u.path), "display": u.display, "key": u.key, "kind": u.kind} for u in todo],
                               [stage], ray, info, done, len(units))
+            job.device = engine.device_label(info)
         elif todo:
             workers = max(1, min(workers, cores, len(todo)))
             if workers <= 1:
@@ -279,8 +276,7 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
                     for _ in ex.map(process_unit, todo, [out] * len(todo)):
                         done += 1
                         job.progress(done, len(units))
-        eng = ray.describe(info) if ray is not None else engine.LOCAL_ENGINE
-        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning, eng)
+        return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning, engine.describe(ray, info))
 
 
 class PrepWorker:

@@ -11,7 +11,6 @@ trainer's list of triplet folders).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -187,7 +186,7 @@ class TripletRun:
         self.synth = Synthesizer(recipe, self.flame)
         n = threads or io_threads()
         self.reader = ChunkReader(faces, pairs, recipe, batch, job, n)
-        self.crop, self.chunk = self.reader.crop, self.reader.chunk
+        self.crop = self.reader.crop
         self.write_pool = ThreadPoolExecutor(n)
         self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.checker = QualityChecker(self.synth.parser) if recipe.qc_on else None
@@ -408,20 +407,16 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
     lock = "triplets" if ns == 1 else f"triplets.shard-{si}-of-{ns}"
     n_chunks = (len(pairs) + chunk_size(recipe, batch) - 1) // chunk_size(recipe, batch)
     bad = bad_records(faces.problems + bad_pairs)
-    with contextlib.ExitStack() as stack:
-        info = stack.enter_context(engine.cluster(ray)) if ray is not None else None
-        if info is not None:
-            engine.gpu_stage_gpus(device, info)  # --device against the cluster, before the folder is made
-        job = stack.enter_context(Job("triplets", out, settings, "triplets", device=str(device if ray else dev),
-                                      progress=progress, lock=lock))
+    with engine.joined(ray, device) as (info, gpus), \
+            Job("triplets", out, settings, "triplets", device=str(device if ray else dev), progress=progress, lock=lock) as job:
         atomic_write_bytes(out / "recipe.resolved.toml", recipe.to_toml().encode())
         mine = [k for k in range(n_chunks) if k % ns == si]
         todo = [k for k in mine if not job.is_done(f"chunk-{k:06d}")]
         t0 = job.wall
         if ray is not None:
-            written_now, fitted, jpeg = _run_on_ray(job, faces_dir, Path(pairs_path), recipe, device, batch, todo,
+            written_now, fitted, jpeg = _run_on_ray(job, faces_dir, Path(pairs_path), recipe, gpus, batch, todo,
                                                     len(mine), ray, info)
-            job.device = f"ray ({info['nodes']} node(s), {info['cpus']:g} CPUs, {info['gpus']:g} GPUs)"
+            job.device = engine.device_label(info)
         else:
             run = TripletRun(faces, pairs, job, recipe, dev, batch)
             done = [len(mine) - len(todo), 0]  # chunks done, triplets written this run
@@ -439,14 +434,13 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
                 run.close()
             written_now, fitted, jpeg = done[1], run.fitted_on_the_fly, run.jpeg.value
         return assemble(job, recipe, n_chunks, len(pairs) + len(bad_pairs), written_now, len(mine) - len(todo), (si, ns),
-                        fitted, job.wall - t0, jpeg, bad, ray.describe(info) if ray is not None else engine.LOCAL_ENGINE)
+                        fitted, job.wall - t0, jpeg, bad, engine.describe(ray, info))
 
 
-def _run_on_ray(job: Job, faces_dir: Path, pairs_path: Path, recipe: TripletRecipe, device: str, batch: int,
+def _run_on_ray(job: Job, faces_dir: Path, pairs_path: Path, recipe: TripletRecipe, gpus: float, batch: int,
                 todo: list[int], n_mine: int, opts: RayOptions, info: dict) -> tuple[int, int, str]:
-    """The chunks ``todo`` through read actors (CPU) and render actors (a GPU each where the cluster
-    has them); returns (triplets written, faces fitted on the fly, JPEG encoder used)."""
-    gpus = engine.gpu_stage_gpus(device, info)
+    """The chunks ``todo`` through read actors (CPU) and render actors (``gpus`` each, from
+    :func:`engine.joined`); returns (triplets written, faces fitted on the fly, JPEG encoder used)."""
     common = {"faces_dir": str(faces_dir), "pairs_path": str(pairs_path), "recipe": recipe, "batch": batch}
     render = engine.Stage(TripletRenderWorker, {**common, "out": str(job.out), "device": "cuda" if gpus else "cpu"},
                           num_cpus=1.0, num_gpus=gpus)
