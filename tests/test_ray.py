@@ -114,8 +114,8 @@ def pairs_12(prepped, tmp_path_factory):
 def local_triplets(prepped, pairs_12, tmp_path_factory):
     """The local engine's folder for the same faces, pairs, recipe (the default: mesh) and batch,
     its CPU arithmetic on one thread as in a 1-CPU Ray actor: float sums split over another number
-    of threads round differently (measured: ≤ 2 grey levels on 0.05 % of one fake's pixels, as
-    between two machines with other core counts)."""
+    of threads round differently, as between two machines with other core counts (how far:
+    scripts/bench_ray.py, BENCHMARKS.md "Ray engine")."""
     dst = tmp_path_factory.mktemp("raylocal") / "t"
     with one_thread():
         summary = run_triplets(prepped[0], pairs_12, dst, TripletRecipe().with_overrides({"qc.enabled": True}), "cpu", batch=2)
