@@ -282,8 +282,9 @@ def eval_swapper(
     faces: Annotated[Path, typer.Option(help="Prep folder holding the pairs' faces (faces.jsonl + crops).")],
     pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl: a = source, b = target (held-out pairs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (pairs.csv, sheet.png, summary.json).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (its recipe and latest checkpoint).")] = None,
-    swapper: Annotated[Optional[str], typer.Option("--swapper", help="Or a swapper class package.module:Class (built with its defaults).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (its latest checkpoint; built from its recipe copy when that names the built-in faceshifter, else give --swapper or --recipe).")] = None,
+    swapper: Annotated[Optional[str], typer.Option("--swapper", help="A swapper class package.module:Class: alone, built with its defaults; with --checkpoint, the class you trust that run's recipe copy to name.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="With --checkpoint: your training recipe TOML, which builds the run's swapper (instead of the run's copy).")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
     value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
     input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
@@ -295,8 +296,10 @@ def eval_swapper(
     """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target), and FID of the swaps against the real targets when FID's Inception weights are there."""
     from reliableswap.commands.eval import open_swapper, run_eval_swapper
     from reliableswap.device import resolve_device
+    from reliableswap.recipes import TrainRecipe, load_recipe
 
-    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device))
+    trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
+    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
     s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True, inception=inception)
     d = s["details"]
     say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "

@@ -17,12 +17,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from triplets.imaging import DECODABLE, MAX_IMAGE_BYTES, ImageRefused, check_size, check_tiles
 from triplets.jsonl import atomic_write_bytes
+from triplets.records import FaceRecord, FaceSet, read_inside
 
 try:  # nvJPEG through torchvision, for CUDA tensors (optional: no CPU torchvision wheel exists here)
     from torchvision.io import encode_jpeg as _tv_encode_jpeg
 except Exception:  # noqa: BLE001 — any import failure means "not available"
     _tv_encode_jpeg = None
+
+#: Longest side of an image read from a contract folder (crops are at most 4096 px).
+MAX_SIDE = 4096
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -102,7 +107,7 @@ def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE, max_
     if size == 0:
         raise InputError("empty file (0 bytes)")
     try:
-        img = Image.open(path)
+        img = Image.open(path, formats=DECODABLE)  # formats whose header size is the decoded size
     except UnidentifiedImageError:
         raise InputError(_sniff(path)) from None
     except Image.DecompressionBombError as e:
@@ -111,6 +116,10 @@ def read_image(path: str | os.PathLike, *, min_side: int = DECODE_MIN_SIDE, max_
         raise InputError(f"cannot open image ({e})") from None
     with img:
         w0, h0 = img.size  # from the header: nothing is decoded yet
+        try:
+            check_tiles(img)
+        except ImageRefused as e:
+            raise InputError(f"image {e}") from None
         if w0 * h0 > max_pixels:
             raise InputError(f"image too large ({w0}x{h0} px = {w0 * h0 / 1e6:.0f} MP > --max-pixels {max_pixels / 1e6:.0f} MP)")
         if min(w0, h0) < MIN_IMAGE_SIDE:
@@ -224,6 +233,40 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     if bgr is None:
         raise InputError(f"cannot read image {path}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_checked(data: bytes, expect: tuple[int, int] | None = None, max_side: int = MAX_SIDE, name: str = "image") -> np.ndarray:
+    """Decode image bytes read from a data folder: H×W×3 uint8 RGB, refused (:class:`InputError`)
+    unless the header's size is ``expect`` (a crop: its record's size) or within ``max_side``,
+    checked before any pixel is decoded."""
+    try:
+        w, h = check_size(data, expect, max_side)
+    except ImageRefused as e:
+        raise InputError(f"{name} {e}") from None
+    rgb = decode_rgb(data)
+    if rgb.shape[:2] != (h, w):
+        raise InputError(f"{name} decodes to {rgb.shape[1]}x{rgb.shape[0]} px, its header says {w}x{h}")
+    return rgb
+
+
+def read_crop(faces: FaceSet, face: FaceRecord) -> np.ndarray:
+    """The crop of ``face`` (H×W×3 uint8 RGB): opened once inside the prep folder (a link swapped in
+    after the check is refused), bounded in bytes, and the size its record says."""
+    data = read_inside(faces.folder, face.image, face.where, "image", MAX_IMAGE_BYTES)
+    try:
+        return decode_checked(data, (face.size, face.size), name=face.image)
+    except InputError as e:
+        raise InputError(f"{face.where}: image: {e}") from None
+
+
+def read_folder_image(base: str | os.PathLike, rel: str, where: str, field: str, max_side: int = MAX_SIDE) -> np.ndarray:
+    """An image a record names inside ``base`` (a triplet's file): opened once inside it, bounded in
+    bytes and in pixels (at most ``max_side`` a side)."""
+    data = read_inside(base, rel, where, field, MAX_IMAGE_BYTES)
+    try:
+        return decode_checked(data, None, max_side, name=rel)
+    except InputError as e:
+        raise InputError(f"{where}: {field}: {e}") from None
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reliableswap import __version__
-from triplets.jsonl import atomic_write_json, temp_owner
+from triplets.jsonl import atomic_write_json, read_json_file, temp_owner
 from triplets.records import RejectRecord, Summary
 
 
@@ -128,6 +128,24 @@ def unit_record_path(out: Path, command: str, key: str) -> Path:
     return Path(out) / f".{command}" / "units" / f"{key}.json"
 
 
+def take_lock(out: Path, name: str, command: str) -> FileLock:
+    """The advisory lock ``out/.{name}.lock``, taken at once, or :class:`FolderBusy` naming its holder.
+    (A command that must change a folder before its :class:`Job` starts, such as ``finetune
+    --overwrite``, takes it first and releases it to its Job.)"""
+    lock = FileLock(out / f".{name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            h = read_json_file(out / f".{name}.lock.json")
+            who = f"pid {h['pid']} on {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "holder unknown"
+        raise FolderBusy(f"{out} is being written by another {command} run ({who}): "
+                         "wait for it to end, or use another --out") from None
+    return lock
+
+
 class Job:
     """One run of ``command`` writing into ``out`` (see the module doc).
 
@@ -156,6 +174,8 @@ class Job:
                  device: str | None = None, progress: bool = False, lock: str | bool = True, _attached: bool = False):
         self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
         self.shared, self.resumable, self.device = shared, resumable, device
+        if not _attached:
+            self._refuse_others_summary()
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = self.out / f".{command}"
         self.stages: Counter = Counter()
@@ -192,22 +212,26 @@ class Job:
             n += remove_stale_temps(self.state / "units")
         return n
 
+    def _refuse_others_summary(self) -> None:
+        """Refuse a folder whose ``summary.json`` another command wrote (``eval swapper --out RUN``
+        would overwrite the run's summary, the only copy of its recipe)."""
+        path = self.path("summary.json")
+        if not path.exists():
+            return
+        try:
+            other = read_json_file(path).get("command")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other != self.command:
+            held = f"a {other} run" if isinstance(other, str) else "a summary.json that is not a reliableswap summary"
+            raise SettingsMismatch(f"{self.out} holds {held} ({path.name}), which this {self.command} run would overwrite: "
+                                   "use another --out")
+
     # -- the folder lock --------------------------------------------------------------------
     def _take_lock(self, name: str) -> FileLock:
-        lock = FileLock(self.out / f".{name}.lock")
-        holder = self.out / f".{name}.lock.json"
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            try:
-                h = json.loads(holder.read_text())
-                who = f"pid {h['pid']} on {h['host']}, since {h['since']}"
-            except (OSError, ValueError, KeyError):
-                who = "holder unknown"
-            raise FolderBusy(f"{self.out} is being written by another {self.command} run ({who}): "
-                             "wait for it to end, or use another --out") from None
-        atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
-                                   "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
+        lock = take_lock(self.out, name, self.command)
+        atomic_write_json(self.out / f".{name}.lock.json", {"pid": os.getpid(), "host": socket.gethostname(),
+                                                            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
         return lock
 
     # -- files ------------------------------------------------------------------------------
@@ -221,7 +245,7 @@ class Job:
         if not path.exists():
             atomic_write_json(path, settings)
             return
-        old = json.loads(path.read_text())
+        old = read_json_file(path)
         if old == settings:
             return
         scalar = (str, int, float, bool, type(None))
@@ -243,7 +267,7 @@ class Job:
         atomic_write_json(self.unit_path(key), record)
 
     def load_unit(self, key: str) -> dict[str, Any]:
-        return json.loads(self.unit_path(key).read_text())
+        return read_json_file(self.unit_path(key))
 
     def done_keys(self) -> list[str]:
         return sorted(p.stem for p in (self.state / "units").glob("*.json"))

@@ -23,12 +23,18 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from triplets.jsonl import MAX_DEPTH, UnreadableFile, nesting_depth, read_bounded
+
 from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, MaskBackend, OutputFormat,
                                   Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
 CLASS_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
 ClassSpec = Annotated[str, StringConstraints(pattern=rf"^{CLASS_SPEC}$")]
+
+
+#: Largest recipe file read (a recipe is a few KB).
+MAX_RECIPE_BYTES = 1 << 20
 
 
 class RecipeError(ValueError):
@@ -45,7 +51,7 @@ class PairsSection(Section):
     strategy: Strategy = Strategy.pose  # pose: prefer partners with a similar head pose
     n: int | None = Field(None, ge=1)  # pairs to make (default: one per face)
     max_yaw_diff: float = Field(20.0, ge=0, le=180)  # pose: largest yaw difference, degrees
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and torch generators take non-negative seeds
     min_face_px: float = Field(64.0, ge=0)  # leave out faces narrower than this in their photo
 
 
@@ -264,7 +270,7 @@ class OptimSection(Section):
 
 class TrainSection(Section):
     steps: int = Field(1000, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(100, ge=0)  # 0 = never
     ckpt_every: int = Field(100, ge=1)
@@ -330,10 +336,18 @@ def load_recipe(path: str | os.PathLike | None, cls: type[Recipe]) -> Recipe:
         return cls()
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            d = tomllib.load(f)
+        text = read_bounded(path, MAX_RECIPE_BYTES).decode("utf-8")
+        d = tomllib.loads(text)
+    except UnreadableFile as e:
+        raise RecipeError(str(e)) from None
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not valid TOML (not UTF-8 text)") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    if nesting_depth(d) > MAX_DEPTH:
+        raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     return validate_recipe(cls, d, str(path))

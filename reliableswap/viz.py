@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from reliableswap.images import decode_rgb, load_rgb, save_image
+from reliableswap.images import decode_checked, read_crop, read_folder_image, save_image
 from triplets.records import FaceSet, ManifestRecord, resolve_inside
 from triplets.webdataset import iter_shard
 
@@ -47,7 +47,7 @@ def faces_sheet(faces: FaceSet, out: Path, n: int = 16, tile: int = 192) -> Path
     """Aligned crops with their landmarks and pose, ``n`` at most, 4 a row."""
     tiles = []
     for r in faces.faces[:n]:
-        img = load_rgb(faces.image_path(r))
+        img = read_crop(faces, r)
         img = draw_landmarks(img, r.landmarks68)
         img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
         p = r.pose
@@ -70,10 +70,10 @@ def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Pat
             if r.shard not in shards:
                 shards[r.shard] = {s["__key__"]: s for s in iter_shard(resolve_inside(folder, r.shard, r.where, "shard"))}
             sample = shards[r.shard][r.key]
-            imgs = [decode_rgb(sample[r.files[k]]) for k in keys]
+            imgs = [decode_checked(sample[r.files[k]]) for k in keys]
         else:
             base = resolve_inside(folder, r.folder, r.where, "folder")
-            imgs = [load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in keys]
+            imgs = [read_folder_image(base, r.files[k], r.where, f"files.{k}") for k in keys]
         q = r.qc
         labels = [[f"{r.folder or r.key} source"], ["target"],
                   ["st" + (f" id {q['id_margin_st']:+.2f} pose {q['pose_err_st']:.0f}" if "id_margin_st" in q else "")],

@@ -25,6 +25,7 @@ from PIL import Image
 
 from reliableswap.commands.prep import PrepConfig, discover, run_prep
 from reliableswap.commands.triplets import run_triplets
+from reliableswap.recipes import TripletRecipe, load_recipe
 from reliableswap.images import InputError, encode_image, read_image
 from reliableswap.jobs import FolderBusy, Job, OutputError, SettingsMismatch
 from reliableswap.testing.faces import write_synthetic_prep
@@ -473,3 +474,429 @@ def test_prep_workers_die_with_their_parent(faces_dir, tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(family, timeout=15)
     assert not alive, [p.pid for p in alive]
+
+
+# -- third round: no code from a data folder, bounded decodes, no silent loss ---------------------
+
+def _run_folder(tmp_path: Path, swapper: str, kwargs: dict | None = None) -> Path:
+    """A finetune-shaped run folder whose recipe copy names ``swapper`` (a TinySwapper checkpoint)."""
+    from safetensors.torch import save_file
+
+    from reliableswap.recipes import TrainRecipe
+    from reliableswap.testing.swappers import TinySwapper
+
+    run = tmp_path / "downloaded_run"
+    (run / "checkpoints").mkdir(parents=True)
+    recipe = TrainRecipe().model_dump(mode="json")
+    recipe["model"] |= {"swapper": swapper, "kwargs": kwargs or {}, "value_range": [-1.0, 1.0]}
+    (run / "summary.json").write_text(json.dumps({"details": {"recipe": recipe}}))
+    save_file(TinySwapper().state_dict(), str(run / "checkpoints" / "w.safetensors"))
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 1, "weights": "w.safetensors", "state": "s.pt"}))
+    return run
+
+
+def test_a_run_folder_never_chooses_code_to_run(tmp_path):
+    """eval swapper --checkpoint RUN: a recipe copy naming `subprocess:run` runs nothing; the class
+    comes from the command line (--swapper) or the user's own --recipe, or is a built-in."""
+    marker = tmp_path / "pwned"
+    run = _run_folder(tmp_path, "subprocess:run", {"args": ["sh", "-c", f"touch {marker}"]})
+    common = ["eval", "swapper", "--faces", tmp_path, "--pairs", tmp_path / "p.jsonl", "--out", tmp_path / "ev", "--device", "cpu"]
+    r = _cli(*common, "--checkpoint", run)
+    assert r.returncode == 2 and not marker.exists(), r.stderr
+    assert "summary.json: details.recipe.model.swapper: names the class 'subprocess:run'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # naming another class does not license the one the folder names
+    r = _cli(*common, "--checkpoint", run, "--swapper", "reliableswap.testing.swappers:TinySwapper")
+    assert r.returncode == 2 and not marker.exists() and "never chooses code" in r.stderr
+    # the user's own recipe builds the swapper instead of the copy: past the swapper, to the faces
+    (tmp_path / "mine.toml").write_text('kind = "train"\n[model]\nswapper = "reliableswap.testing.swappers:TinySwapper"\n'
+                                        'value_range = [-1.0, 1.0]\n')
+    r = _cli(*common, "--checkpoint", run, "--recipe", tmp_path / "mine.toml")
+    assert not marker.exists() and "no faces.jsonl here" in r.stderr, r.stderr
+    # a folder naming the class the user named on the command line is built with it
+    run2 = _run_folder(tmp_path / "b", "reliableswap.testing.swappers:TinySwapper")
+    r = _cli(*common, "--checkpoint", run2, "--swapper", "reliableswap.testing.swappers:TinySwapper")
+    assert "no faces.jsonl here" in r.stderr, r.stderr
+
+
+def test_no_string_from_a_data_file_is_imported():
+    """Every import of a name held in a string goes through the two user-facing loaders (the
+    --swapper/recipe class and the recipe's [reenact] backend), which only command-line and recipe
+    values reach; nothing else in the package imports by name."""
+    import re
+
+    hits = []
+    for p in sorted((ROOT / "reliableswap").rglob("*.py")) + sorted((ROOT / "triplets").rglob("*.py")):
+        if p.parent.name == "testing":
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if re.search(r"import_module\(|__import__\(|(?<![.\w])eval\(|(?<![.\w])exec\(|spec_from_file_location|pickle\.loads?\(", line):
+                hits.append(str(p.relative_to(ROOT)))
+    # the two loaders, and the Ray engine's own rows (pickled by its workers, never read from disk)
+    assert sorted(hits) == ["reliableswap/commands/triplets.py", "reliableswap/engine.py", "reliableswap/synth/reenact.py",
+                            "reliableswap/train/swapper.py"], hits
+
+
+def test_special_files_and_deep_nesting_are_refused_in_one_line(tmp_path, synth_prep):
+    """--pairs /dev/zero or a FIFO, --recipe /dev/zero, a deeply nested JSON line and a deeply
+    nested recipe: one line each, no hang, no traceback."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in ("/dev/zero", fifo):
+        r = _cli("triplets", synth_prep, "--pairs", bad, "--out", tmp_path / "o", timeout=60)
+        assert r.returncode == 2 and "not a regular file" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("triplets", synth_prep, "--pairs", tmp_path / "p.jsonl", "--recipe", "/dev/zero", "--out", tmp_path / "o", timeout=60)
+    assert r.returncode == 2 and "/dev/zero" in r.stderr and "not a regular file" in r.stderr, r.stderr
+    deep = '{"schema": "reliableswap.pairs/1", "a": "a", "b": "b", "x": ' + "[" * 50000 + "]" * 50000 + "}"
+    (tmp_path / "p.jsonl").write_text(deep + "\n")
+    with pytest.raises(ContractError, match=r"p.jsonl:1: not valid JSON \(nested deeper than 64 levels\)"):
+        PairRecord.read(tmp_path / "p.jsonl")
+    (tmp_path / "deep.toml").write_text('kind = "triplet"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    r = _cli("triplets", synth_prep, "--pairs", tmp_path / "p.jsonl", "--recipe", tmp_path / "deep.toml", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "deep.toml: nested deeper than 64 levels" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _ico_around(png: bytes, claimed: int = 16) -> bytes:
+    """An ICO whose directory claims ``claimed`` px and embeds ``png`` (of any size)."""
+    entry = struct.pack("<BBBBHHII", claimed, claimed, 0, 0, 1, 32, len(png), 22)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def test_the_decoded_size_is_checked_not_a_containers_claim(tmp_path):
+    """An ICO named .png whose directory claims 16x16 but embeds a 16000x16000 PNG bomb is refused
+    before decoding, in bounded memory (it decoded 1.37 GB before)."""
+    (tmp_path / "icon.png").write_bytes(_ico_around(_png_bomb(16000, 16000)))
+    code = ("import re, sys; from reliableswap.images import read_image, InputError\n"
+            "try: read_image(sys.argv[1])\n"
+            "except InputError as e: print(e)\n"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "icon.png")], capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("not an image: unknown or unsupported format"), r.stdout + r.stderr
+    assert int(lines[1]) < 600, lines
+    # a TIFF whose tiles reach past its header's size is refused as well
+    from triplets.imaging import ImageRefused, check_size
+    with pytest.raises(ImageRefused, match="is not an image of a supported format"):
+        check_size(_ico_around(_png_bomb(64, 64)))
+
+
+def _bomb_a_crop(prep: Path, side: int) -> str:
+    rec = json.loads((prep / "faces.jsonl").read_text().splitlines()[0])
+    (prep / rec["image"]).write_bytes(_png_bomb(side, side))
+    return rec["id"]
+
+
+def test_crops_and_triplet_images_must_have_their_recorded_size(synth_prep, tmp_path):
+    """A crop replaced by a 3000x3000 PNG bomb (its record says 256) is rejected by triplets with
+    its reason; an oversized output_st is rejected by eval triplets; nothing is decoded at that size."""
+    bombed = _bomb_a_crop(synth_prep, 3000)
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{i + 1:05d}") for i in range(4)])
+    s = run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe),
+                     device="cpu", batch=4)
+    rejects = [json.loads(x) for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
+    assert s["counts"]["written"] == 3 and len(rejects) == 1, rejects
+    assert rejects[0]["input"] == "pair 0"
+    assert f"faces.jsonl:1: image: faces/{bombed}.png is 3000x3000 px, its record says 256x256" in rejects[0]["reason"], rejects
+    # eval triplets: an 8000² output_st of a written triplet
+    rec = json.loads((tmp_path / "tri" / "manifest.jsonl").read_text().splitlines()[0])
+    (tmp_path / "tri" / rec["folder"] / "output_st.jpg").write_bytes(_png_bomb(8000, 8000))
+    from reliableswap.commands.eval import run_eval_triplets
+    ev = run_eval_triplets(tmp_path / "tri", tmp_path / "ev", limit=2, device="cpu")
+    assert ev["counts"]["written"] == 1 and ev["counts"]["rejected_by_reason"] == {"unreadable triplet": 1}
+    why = [json.loads(x) for x in (tmp_path / "ev" / "rejects.jsonl").read_text().splitlines()][0]["reason"]
+    assert "files.output_st: output_st.jpg is 8000x8000 px, more than 4096 px a side" in why
+    # the trainer's dataset refuses it too
+    with pytest.raises(ValueError, match="8000x8000"):
+        TripletDataset(tmp_path / "tri" / "manifest.jsonl", use_real=False)[0]
+
+
+def test_a_crop_swapped_for_a_link_after_the_check_is_not_read(synth_prep, tmp_path, monkeypatch):
+    """TOCTOU: the crop passes resolve_inside, then is replaced by a link to a file outside the
+    folder before it is opened; the read is refused (the opened descriptor is checked)."""
+    import triplets.records as records
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((synth_prep / "faces" / "synthetic_0_00001.png").read_bytes())
+    real_check = records.resolve_inside
+
+    def check_then_swap(base, rel, where="", field="path"):
+        p = real_check(base, rel, where, field)
+        if rel.endswith("synthetic_0_00000.png") and not p.is_symlink():
+            p.unlink()
+            p.symlink_to(secret)
+        return p
+
+    monkeypatch.setattr(records, "resolve_inside", check_then_swap)
+    faces = FaceSet.load(synth_prep)
+    from reliableswap.images import read_crop
+    with pytest.raises(ContractError, match="leads outside .* \\(changed while opened\\)"):
+        read_crop(faces, faces["synthetic_0_00000"])
+
+
+def _deflated_checkpoint(path: Path, mib: int) -> Path:
+    """A torch.save archive of ``mib`` MiB of zeros, re-zipped with its members deflated (a bomb)."""
+    import zipfile
+
+    raw = path.with_suffix(".raw")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.zeros(mib << 18)}, raw)
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for info in src.infolist():
+            out = zipfile.ZipInfo(info.filename, info.date_time)
+            out.compress_type = zipfile.ZIP_DEFLATED
+            with src.open(info) as f, dst.open(out, "w", force_zip64=True) as g:
+                while chunk := f.read(1 << 24):
+                    g.write(chunk)
+    raw.unlink()
+    return path
+
+
+def test_a_deflated_checkpoint_is_refused_before_it_inflates(tmp_path):
+    """A 0.3 MB .pth whose stored tensor is 256 MiB of deflated zeros: `weights check` refuses it in
+    one line naming the file, and in bounded memory (it inflated the tensor before)."""
+    bomb = _deflated_checkpoint(tmp_path / "w" / "bisenet" / "79999_iter.pth", 256)
+    assert bomb.stat().st_size < 4 << 20
+    code = ("import re, sys; from reliableswap.cli import main\n"
+            "rc = main(['weights', 'check', 'bisenet', '--to', sys.argv[1]])\n"
+            "print(rc, int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w")], capture_output=True, text=True)
+    rc, rss = r.stdout.strip().splitlines()[-1].split()
+    assert rc == "1" and "declares 256 MiB uncompressed" in r.stdout, r.stdout + r.stderr
+    assert int(rss) < 400, rss  # torch and the CLI alone take about 300 MB
+    # the trainer's --checkpoint and the ArcFace loader go through the same check
+    from reliableswap.train.build import load_weights
+    with pytest.raises(ValueError, match="declares 256 MiB uncompressed"):
+        load_weights(bomb)
+
+
+def test_pairs_memory_grows_with_n_not_n_squared_and_n_is_bounded(tmp_path):
+    """2000 faces with descriptors: pairs in bounded memory (it built a 2000×2000×128 difference,
+    2 GB); --n 10**12 on 4 faces gives the 6 pairs that exist at once (it looped for ever)."""
+    base = json.loads((write_synthetic_prep(tmp_path / "one", 1) / "faces.jsonl").read_text())
+    rng = np.random.default_rng(0)
+    recs = [base | {"id": f"f{i:05d}", "identity": None, "embedding": rng.normal(0, 0.1, 128).round(4).tolist(),
+                    "pose": {"yaw": float(rng.uniform(-40, 40)), "pitch": 0.0, "roll": 0.0}} for i in range(2000)]
+    FaceRecord.write(tmp_path / "faces.jsonl", recs)
+    code = ("import re, sys; from reliableswap.pairs import make_pairs; from reliableswap.recipes import PairsSection\n"
+            "from triplets.records import FaceRecord\n"
+            "faces = FaceRecord.read(sys.argv[1])\n"
+            "print(len(make_pairs(faces, PairsSection(n=4000, max_yaw_diff=20))))\n"
+            "print(len(make_pairs(faces[:4], PairsSection(n=10**12, strategy='random'))))\n"
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "faces.jsonl")], capture_output=True, text=True, timeout=120)
+    n, few, rss = map(int, r.stdout.split())
+    assert n == 4000 and few == 6, r.stdout + r.stderr
+    assert rss < 700, rss  # torch-free: the records themselves take most of it
+
+
+def test_finetune_refuses_a_batch_that_cannot_fit_before_making_the_folder(tmp_path):
+    """batch 4096 at 1024 px (inside the recipe's bounds) asks for hundreds of GB: refused in one
+    line naming [data] batch, with the batch that fits, and no run folder made."""
+    tri, _ = _tiny_setup(tmp_path, steps=2)
+    (tmp_path / "big.toml").write_text('kind = "train"\n[model]\nswapper = "reliableswap.testing.swappers:TinySwapper"\n'
+                                       '[data]\nbatch = 4096\nimage_size = 1024\n')
+    r = _cli("finetune", "--recipe", tmp_path / "big.toml", "--triplets", tri, "--out", tmp_path / "run", "--device", "cpu")
+    assert r.returncode == 2 and "[data] batch 4096 needs about" in r.stderr and "use [data] batch" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_flows_of_pairs_whose_joined_ids_collide_are_both_written(tmp_path):
+    """Pairs (x__y, z) and (x, y__z) both named x__y__z before: one vanished with no reject."""
+    prep = write_synthetic_prep(tmp_path / "prep", 4)
+    recs = [json.loads(x) for x in (prep / "faces.jsonl").read_text().splitlines()]
+    for rec, new in zip(recs, ("x__y", "z", "x", "y__z")):
+        rec["id"] = new
+    (prep / "faces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a="x__y", b="z"), PairRecord(a="x", b="y__z"), PairRecord(a="x", b="z")])
+    model = write_model(tmp_path / "generic_model.pkl")
+    write_embeddings(tmp_path)
+    r = _cli("flows", prep, "--pairs", tmp_path / "p.jsonl", "--flame", model, "--out", tmp_path / "fl", "--no-previews",
+             "--max-rmse", "50")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "fl" / "summary.json").read_text())
+    assert s["counts"]["in"] == 3 and s["counts"]["written"] == 3 and s["counts"]["rejected"] == 0, s["counts"]
+    man = [json.loads(x) for x in (tmp_path / "fl" / "manifest.jsonl").read_text().splitlines()]
+    assert {(m["a"], m["b"]) for m in man} == {("x__y", "z"), ("x", "y__z"), ("x", "z")}
+    assert len({m["flow"] for m in man}) == 3 and "flows/x__z.npz" in {m["flow"] for m in man}
+    assert all((tmp_path / "fl" / m["flow"]).is_file() for m in man)
+
+
+def test_prep_keeps_people_apart_and_reads_any_file_name(tmp_path, faces_dir):
+    """--identity-from-folder: people in folders "王伟" and "李娜" (or "Zoë" and "Zoé") were one
+    identity for the official trainer (both slugged to one folder); a Latin-1 "café.jpg" stopped the
+    whole run."""
+    from triplets.official import read_vanilla_pickle
+
+    src = faces_dir / "london_set"
+    photos = sorted(src.glob("london_0*_neutral.jpg"))[:4]
+    for name, photo in zip(("王伟", "李娜", "Zoë", "Zoé"), photos):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "a.jpg").write_bytes(photo.read_bytes())
+    latin1 = os.fsencode(tmp_path / "in" / "Zoë") + b"/caf\xe9.jpg"
+    with open(latin1, "wb") as f:
+        f.write(photos[0].read_bytes())
+    s = run_prep([tmp_path / "in"], tmp_path / "out", PrepConfig(identity_from_folder=True, largest=True), workers=1)
+    assert s["counts"]["in"] == 5 and s["counts"]["written"] == 5, s["counts"]
+    faces = FaceRecord.read(tmp_path / "out" / "faces.jsonl")
+    assert {f.identity for f in faces} == {"王伟", "李娜", "Zoë", "Zoé"}
+    folder_of = {f.identity: Path(f.image).parent for f in faces}
+    assert len(set(folder_of.values())) == 4, folder_of
+    assert any(f.origin.path.endswith("caf\\xe9.jpg") for f in faces)
+    groups = {Path(p).parent.name for p, _ in read_vanilla_pickle(tmp_path / "out" / "vanilla.pickle")}
+    assert len(groups) == 4
+
+
+def test_eval_never_writes_over_a_run_folders_summary(tmp_path):
+    """eval swapper --checkpoint RUN --out RUN overwrote RUN/summary.json, the run's only recipe copy."""
+    run = _run_folder(tmp_path, "faceshifter")
+    s = json.loads((run / "summary.json").read_text()) | {"command": "finetune"}
+    (run / "summary.json").write_text(json.dumps(s))
+    before = (run / "summary.json").read_bytes()
+    prep = write_synthetic_prep(tmp_path / "prep", 2)
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a="synthetic_0_00000", b="synthetic_0_00001")])
+    from reliableswap.commands.eval import run_eval_swapper
+    from reliableswap.testing.swappers import ReturnTarget
+    from reliableswap.train.swapper import SwapperAdapter
+    with pytest.raises(SettingsMismatch, match="holds a finetune run \\(summary.json\\), which this eval-swapper run would overwrite"):
+        run_eval_swapper(SwapperAdapter(ReturnTarget()), "t", prep, tmp_path / "p.jsonl", run, device="cpu")
+    assert (run / "summary.json").read_bytes() == before and not (run / "pairs.csv").exists()
+
+
+def test_finetune_overwrite_leaves_a_running_run_alone(tmp_path):
+    """--overwrite aimed at a run still in progress deleted its checkpoints first, then was refused."""
+    from reliableswap.commands.finetune import run_finetune
+
+    tri, r = _tiny_setup(tmp_path, steps=2)
+    run_finetune(r, tri, tmp_path / "run", device="cpu")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
+                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(120)",
+                               str(tmp_path / "run" / ".finetune.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match="being written by another finetune run"):
+            run_finetune(r, tri, tmp_path / "run", device="cpu", overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_full_disk_never_leaves_a_torn_metrics_line(tmp_path, monkeypatch):
+    """metrics.jsonl on a full disk kept half a line and the resume failed on it: the failed write is
+    cut back to the last whole line, and a torn line left by anything else is skipped on resume."""
+    from reliableswap.commands.finetune import run_finetune
+    from reliableswap.train.loop import Metrics
+
+    tri, r = _tiny_setup(tmp_path, steps=4)
+    run_finetune(r.with_overrides({"train.steps": 2}), tri, tmp_path / "run", device="cpu")
+    m = Metrics(tmp_path / "run", 2, True)
+    whole = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        m.log({"step": 3, "loss": 0.5})
+    monkeypatch.setattr(os, "write", real_write)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == whole
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:  # a torn line, as a crash of the machine leaves
+        f.write(b'{"step": 2, "lo')
+    s = run_finetune(r, tri, tmp_path / "run", device="cpu", resume=True)
+    assert s["details"]["steps"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines]
+    assert steps == sorted(steps) and steps[-1] == 4
+
+
+class _NaNFor(torch.nn.Module):
+    """Gives back the target, but NaN for the sources listed (every one when empty)."""
+
+    def __init__(self, first_only: bool = False):
+        super().__init__()
+        self.first_only = first_only
+
+    def forward(self, source, target):
+        out = target.clone()
+        if self.first_only:
+            out[:1] = float("nan")
+        else:
+            out[:] = float("nan")
+        return out
+
+
+def test_eval_fails_a_swapper_whose_outputs_are_not_finite(tmp_path):
+    """All-NaN swaps exited 0 with plausible figures (identity cosine 0.85): now they are counted,
+    rejected with a reason, left out of every figure, and the evaluation fails (exit 1)."""
+    from reliableswap.commands.eval import run_eval_swapper
+    from reliableswap.jobs import NothingUsable
+    from reliableswap.train.swapper import SwapperAdapter
+
+    prep = write_synthetic_prep(tmp_path / "prep", 4)
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{(i + 1) % 4:05d}") for i in range(4)])
+    with pytest.raises(NothingUsable, match="every one of 4 swaps is NaN or infinite"):
+        run_eval_swapper(SwapperAdapter(_NaNFor()), "nan", prep, tmp_path / "p.jsonl", tmp_path / "ev", device="cpu", batch=2)
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["details"]["non_finite"]["swaps"] == 4 and s["counts"]["rejected_by_reason"] == {"non-finite swap output": 4}
+    with pytest.raises(NothingUsable, match="2 of 4 swaps and 2 of 4 reconstructions are NaN"):
+        run_eval_swapper(SwapperAdapter(_NaNFor(first_only=True)), "half", prep, tmp_path / "p.jsonl", tmp_path / "ev2",
+                         device="cpu", batch=2)
+    s = json.loads((tmp_path / "ev2" / "summary.json").read_text())["details"]
+    assert s["pairs"] == 2 and s["non_finite"] == {"swaps": 2, "reconstructions": 2} and 0 < s["id_cos_mean"] <= 1
+
+
+def test_a_negative_seed_is_refused_at_the_recipe_naming_the_key(tmp_path):
+    """[train] seed = -1 passed validation, then failed after the run folder was made (pinned, 0 steps)."""
+    tri, _ = _tiny_setup(tmp_path, steps=2)
+    (tmp_path / "r.toml").write_text('kind = "train"\n[model]\nswapper = "reliableswap.testing.swappers:TinySwapper"\n'
+                                     '[train]\nseed = -1\nsteps = 2\n')
+    r = _cli("finetune", "--recipe", tmp_path / "r.toml", "--triplets", tri, "--out", tmp_path / "run", "--device", "cpu")
+    assert r.returncode == 2 and "r.toml: [train] seed: Input should be greater than or equal to 0" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ContractError, match="p.jsonl:1: seed"):
+        PairRecord.parse_line('{"schema": "reliableswap.pairs/1", "a": "a", "b": "b", "seed": -3}', "p.jsonl:1")
+
+
+@pytest.mark.parametrize("doctor", ["exp_avg_shape", "step_huge", "adam_step_huge"])
+def test_a_doctored_training_state_is_refused_in_one_line(tmp_path, doctor):
+    """finetune --resume with a wrong-shaped exp_avg gave 'internal error' (exit 3); step 10**30 misbehaved."""
+    from reliableswap.commands.finetune import run_finetune
+
+    tri, r = _tiny_setup(tmp_path, steps=2)
+    run_finetune(r, tri, tmp_path / "run", device="cpu")
+    ck = tmp_path / "run" / "checkpoints"
+    path = ck / json.loads((ck / "latest.json").read_text())["state"]
+    st = torch.load(path, weights_only=True)
+    first = next(iter(st["opt_g"]["state"]))
+    if doctor == "exp_avg_shape":
+        st["opt_g"]["state"][first]["exp_avg"] = torch.zeros(3, 5)
+    elif doctor == "step_huge":
+        st["step"] = 10**30
+    else:
+        st["opt_g"]["state"][first]["step"] = torch.tensor(1e30)
+    torch.save(st, path)
+    (tmp_path / "r.toml").write_text(r.with_overrides({"train.steps": 4}).to_toml())
+    res = _cli("finetune", "--recipe", tmp_path / "r.toml", "--triplets", tri, "--out", tmp_path / "run", "--device", "cpu", "--resume")
+    assert res.returncode == 2 and "internal error" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert {"exp_avg_shape": "exp_avg: has shape (3, 5)", "step_huge": ": step: must be a whole number",
+            "adam_step_huge": ".step: 1e+30 is not a step count"}[doctor] in res.stderr, res.stderr
+
+
+def test_a_corrupt_face_mesh_file_is_named_in_one_line(tmp_path, synth_prep):
+    """A face-mesh .tflite with 200 flipped bytes gave "internal error: unpack_from requires a buffer…"."""
+    from reliableswap.faces.mesh import mesh_model_path
+
+    data = bytearray(mesh_model_path().read_bytes())
+    for i in np.random.default_rng(0).choice(len(data), 200, replace=False):
+        data[i] ^= 0xFF
+    (tmp_path / "mesh.tflite").write_bytes(bytes(data))
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a="synthetic_0_00000", b="synthetic_0_00001")])
+    r = _cli("triplets", synth_prep, "--pairs", tmp_path / "p.jsonl", "--out", tmp_path / "tri",
+             env=os.environ | {"RELIABLESWAP_FACE_MESH": str(tmp_path / "mesh.tflite")})
+    assert r.returncode == 2 and f"{tmp_path / 'mesh.tflite'}: not a readable TFLite model" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr and len([x for x in r.stderr.splitlines() if x.startswith("error")]) == 1

@@ -17,16 +17,17 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.device": set(),
     "reliableswap.geometry": set(),
     "reliableswap.images": {"triplets"},
-    "reliableswap.recipes": {"reliableswap.choices"},
-    "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices"},
+    "reliableswap.recipes": {"reliableswap.choices", "triplets"},
+    "reliableswap.checkpoints": {"triplets"},
+    "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices", "reliableswap.checkpoints", "triplets"},
     "reliableswap.flame": {"reliableswap.geometry", "triplets"},
-    "reliableswap.nets": {"reliableswap.faces"},  # MissingWeightsError
+    "reliableswap.nets": {"reliableswap.faces", "reliableswap.checkpoints", "triplets"},  # MissingWeightsError; bounded reads
     "reliableswap.synth": {"reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.nets",
                            "reliableswap.images", "reliableswap.recipes", "reliableswap.choices"},
     "reliableswap.pairs": {"reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
     "reliableswap.viz": {"reliableswap.images", "triplets"},
     "reliableswap.evaluation": {"reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
-    "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices",
+    "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.checkpoints", "reliableswap.recipes", "reliableswap.choices",
                            "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
     "reliableswap.engine": {"reliableswap.jobs"},

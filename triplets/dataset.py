@@ -11,7 +11,6 @@ picks which types carry a reference; the others get a zero reference and ``has_r
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,8 +21,14 @@ from torch.utils.data import Dataset
 
 from triplets.layout import DEFAULT_REC_CODE, FILES, SAME, TYPE_TABLE, VANILLA
 from triplets.official import read_triplet_pickle
-from triplets.records import ManifestRecord, resolve_inside
+from triplets.imaging import MAX_IMAGE_BYTES, decode_rgb
+from triplets.jsonl import read_bounded
+from triplets.records import ManifestRecord, read_inside, resolve_inside
 from triplets.webdataset import iter_shard
+
+
+#: Largest list file of triplet folders read.
+MAX_LIST_BYTES = 64 << 20
 
 
 def _folders_from(path: Path) -> list[Path] | None:
@@ -31,7 +36,7 @@ def _folders_from(path: Path) -> list[Path] | None:
     if path.suffix in (".pkl", ".pickle"):
         return read_triplet_pickle(path)
     if path.suffix == ".txt":
-        return [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+        return [Path(line.strip()) for line in read_bounded(path, MAX_LIST_BYTES).decode().splitlines() if line.strip()]
     if path.name.endswith(".jsonl"):
         recs = ManifestRecord.read(path)
         if recs and all(r.folder is not None for r in recs):  # else: WebDataset shards beside it
@@ -91,8 +96,8 @@ class TripletDataset(Dataset):
         if self._mem is not None:
             data = self._mem[i][FILES[key]]
         else:
-            data = (self.folders[i] / FILES[key]).read_bytes()
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+            data = read_inside(self.folders[i], FILES[key], str(self.folders[i]), key, MAX_IMAGE_BYTES)
+        img = Image.fromarray(decode_rgb(data))  # bounded: the header's size is checked before decoding
         if self.image_size and img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -13,6 +14,88 @@ from typing import Any, Iterable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+#: Largest small JSON file read whole (summary.json, latest.json, settings pins).
+MAX_SUMMARY_BYTES = 16 << 20
+#: Deepest nesting of arrays/objects a JSON record or a recipe may have.
+MAX_DEPTH = 64
+
+
+class UnreadableFile(ValueError):
+    """A file a command reads that is not what it should be; ``str(err)`` is one line naming it."""
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None = None):
+    """``path`` opened for reading as a binary file object, refused (:class:`UnreadableFile`) unless
+    it is a regular file (no FIFO, device or socket: nothing that blocks or never ends) of at most
+    ``max_bytes``. Opened without blocking, then checked on the descriptor, so the check and the
+    read are of one file. A missing file raises :class:`FileNotFoundError`."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise UnreadableFile(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+            raise UnreadableFile(f"{path}: is {kind}, not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise UnreadableFile(f"{path}: {st.st_size} bytes is more than the {max_bytes} this file may have")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (see :func:`open_regular`)."""
+    with open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while read
+        raise UnreadableFile(f"{os.fspath(path)}: more than {max_bytes} bytes")
+    return data
+
+
+def nesting_depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    """Depth of nested lists/dicts in ``obj`` (iterative; stops counting past ``limit + 1``)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            o = list(o.values())
+        if isinstance(o, (list, tuple)):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            stack.extend((x, d + 1) for x in o if isinstance(x, (list, tuple, dict)))
+    return deepest
+
+
+def loads_bounded(text: str | bytes, limit: int = MAX_DEPTH) -> Any:
+    """``json.loads`` that refuses (:class:`ValueError`) nesting deeper than ``limit`` instead of
+    overflowing the interpreter's stack."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {limit} levels") from None
+    if nesting_depth(obj, limit) > limit:
+        raise ValueError(f"nested deeper than {limit} levels")
+    return obj
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_SUMMARY_BYTES) -> Any:
+    """A small JSON file (a summary, a checkpoint pointer): bounded size and nesting, regular
+    files only; :class:`UnreadableFile` naming the file otherwise (missing: FileNotFoundError)."""
+    data = read_bounded(path, max_bytes)
+    try:
+        return loads_bounded(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnreadableFile(f"{os.fspath(path)}: not valid JSON ({getattr(e, 'msg', e)})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -16,7 +16,6 @@ them (pydantic v2), so nothing downstream sees a record of the wrong shape:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Iterable, Iterator, Literal, TypeVar
@@ -24,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Iterable, Iterator, Literal, TypeVa
 from annotated_types import Len
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
 
-from triplets.jsonl import atomic_write_bytes, dumps
+from triplets.jsonl import MAX_SUMMARY_BYTES, UnreadableFile, atomic_write_bytes, dumps, loads_bounded, open_regular, read_bounded
 from triplets.layout import FILES
 from triplets.schema import (EMBEDDINGS_SCHEMA, FACES_SCHEMA, FLAME_SCHEMA, FLOWS_SCHEMA, MANIFEST_SCHEMA, PAIRS_SCHEMA,
                              REJECTS_SCHEMA, SUMMARY_SCHEMA)
@@ -104,8 +103,8 @@ class Record(Sub):
     def parse_line(cls: type[R], line: str | bytes, where: str) -> R:
         """One line → record, or :class:`ContractError` naming ``where`` and the field."""
         try:
-            raw = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raw = loads_bounded(line)
+        except (ValueError, UnicodeDecodeError) as e:
             raise ContractError(where, "", f"not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(raw, dict):
             raise ContractError(where, "", f"expected a JSON object, got {type(raw).__name__}")
@@ -126,7 +125,9 @@ class Record(Sub):
         Memory stays bounded: a line over :data:`MAX_LINE_BYTES` is refused without being read whole."""
         path = Path(path)
         try:
-            f = path.open("rb")
+            f = open_regular(path)
+        except UnreadableFile as e:
+            raise ContractError(str(path), "", str(e).removeprefix(f"{path}: ")) from None
         except OSError as e:
             raise ContractError(str(path), "", f"cannot read ({e.strerror or e})") from None
         with f:
@@ -191,6 +192,41 @@ def resolve_inside(base: str | os.PathLike, rel: str, where: str = "", field: st
     if not inside:
         raise ContractError(where or str(base), field, f"{rel[:80]!r} leads outside {base}")
     return base / rel
+
+
+def open_inside(base: str | os.PathLike, rel: str, where: str = "", field: str = "path", max_bytes: int | None = None):
+    """``base / rel`` opened for reading once: a regular file of at most ``max_bytes``, and the file
+    actually opened (its descriptor, not its name) lies inside ``base``, so a link swapped in after
+    :func:`resolve_inside`'s check is refused too. :class:`ContractError` otherwise."""
+    path = resolve_inside(base, rel, where, field)
+    try:
+        f = open_regular(path, max_bytes)
+    except UnreadableFile as e:
+        raise ContractError(where or str(base), field, str(e)) from None
+    except OSError as e:
+        raise ContractError(where or str(base), field, f"cannot read {rel[:80]!r} ({e.strerror or e})") from None
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+    except OSError:  # no procfs: compare the descriptor with the resolved name
+        st, real = os.fstat(f.fileno()), Path(base, rel).resolve()
+        try:
+            same = os.stat(real)
+            opened = real if (st.st_dev, st.st_ino) == (same.st_dev, same.st_ino) else Path("/")
+        except OSError:
+            opened = Path("/")
+    if not opened.is_relative_to(Path(base).resolve()):
+        f.close()
+        raise ContractError(where or str(base), field, f"{rel[:80]!r} leads outside {base} (changed while opened)")
+    return f
+
+
+def read_inside(base: str | os.PathLike, rel: str, where: str = "", field: str = "path", max_bytes: int = 1 << 30) -> bytes:
+    """The bytes of :func:`open_inside`'s file (at most ``max_bytes``)."""
+    with open_inside(base, rel, where, field, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ContractError(where or str(base), field, f"{rel[:80]!r} is larger than {max_bytes} bytes")
+    return data
 
 
 # -- faces.jsonl (prep) ---------------------------------------------------------------------------
@@ -287,7 +323,7 @@ class PairRecord(Record):
     a: SafeId
     b: SafeId
     pose_delta: PoseDelta | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _two_faces(self) -> "PairRecord":
@@ -406,7 +442,11 @@ class Summary(Record):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Summary":
-        return cls.parse_line(Path(path).read_bytes(), str(path))
+        try:
+            data = read_bounded(path, MAX_SUMMARY_BYTES)
+        except UnreadableFile as e:
+            raise ContractError(str(path), "", str(e).removeprefix(f"{path}: ")) from None
+        return cls.parse_line(data, str(path))
 
 
 # -- a prep folder: faces.jsonl + flame.jsonl + crops ---------------------------------------------

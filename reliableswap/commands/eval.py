@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 
@@ -24,33 +23,52 @@ import torch
 from reliableswap.device import resolve_device
 from reliableswap.evaluation import SwapMeter, frechet_distance, psnr, retrieval_hits, ssim
 from reliableswap.faces.detect import DlibDetector
-from reliableswap.images import InputError, load_rgb, save_image, to_uint8
+from reliableswap.images import InputError, read_crop, read_folder_image, save_image, to_uint8
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.nets import weights as W
 from reliableswap.recipes import TrainRecipe
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
 from reliableswap.train.build import build_swapper, load_weights
-from reliableswap.train.swapper import SwapperAdapter, load_class
+from reliableswap.train.swapper import BUILTIN_SWAPPERS, SwapperAdapter, load_class
 from reliableswap.viz import _label, grid
-from triplets.jsonl import atomic_write_bytes
+from triplets.jsonl import MAX_SUMMARY_BYTES, atomic_write_bytes, read_json_file
 from triplets.records import ContractError, FaceSet, ManifestRecord, PairRecord, resolve_inside
 
 PER_PAIR = ("id_cos", "top1", "top5", "pose_err", "expr_err")
 
 
-def load_run_swapper(run: Path, device: torch.device) -> tuple[SwapperAdapter, str]:
-    """The swapper of a ``finetune`` run folder: its recipe (``summary.json``) and the weights
-    ``checkpoints/latest.json`` points to (inside the run folder)."""
+def load_run_swapper(run: Path, device: torch.device, swapper: str | None = None,
+                     recipe: TrainRecipe | None = None) -> tuple[SwapperAdapter, str]:
+    """The swapper of a ``finetune`` run folder: the weights ``checkpoints/latest.json`` points to
+    (inside the run folder), built from the run's recipe copy (``summary.json``).
+
+    A run folder is data: the class its recipe copy names is built only when it is a built-in
+    (:data:`~reliableswap.train.swapper.BUILTIN_SWAPPERS`), or when the user named that same class
+    on the command line (``swapper``), or from the user's own ``recipe`` (a file they passed), which
+    then replaces the copy. Anything else is refused before any import.
+    """
     where = str(run / "summary.json")
     try:
-        recipe = TrainRecipe.model_validate(json.loads((run / "summary.json").read_text())["details"]["recipe"])
-        latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+        summary = read_json_file(run / "summary.json", MAX_SUMMARY_BYTES)
+        latest = read_json_file(run / "checkpoints" / "latest.json", MAX_SUMMARY_BYTES)
         weights = str(latest["weights"])
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{run}: not a finetune run folder ({Path(e.filename).name} missing)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ContractError(where, "details.recipe", f"not a finetune summary ({type(e).__name__})") from None
+    except (KeyError, TypeError) as e:
+        raise ContractError(str(run / "checkpoints" / "latest.json"), "weights", f"not a checkpoint pointer ({type(e).__name__})") from None
+    if recipe is None:
+        try:
+            recipe = TrainRecipe.model_validate(summary["details"]["recipe"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ContractError(where, "details.recipe", f"not a finetune summary ({type(e).__name__})") from None
+        named = recipe.model.swapper
+        if named not in BUILTIN_SWAPPERS and named != swapper:
+            raise ContractError(where, "details.recipe.model.swapper",
+                                f"names the class {named[:80]!r}; a run folder is data and never chooses code to run: "
+                                f"pass --swapper {named[:80]} (if you trust that class) or --recipe YOUR_RECIPE.toml")
+    elif swapper is not None and swapper != recipe.model.swapper:
+        raise ValueError(f"--swapper {swapper} and --recipe's model.swapper {recipe.model.swapper} differ: give one")
     model, _ = build_swapper(recipe, device)
     model.model.load_state_dict(load_weights(resolve_inside(run / "checkpoints", weights, str(run / "checkpoints" / "latest.json"), "weights")))
     return model.eval(), f"{recipe.name} ({recipe.model.swapper}) at step {latest.get('step')}"
@@ -66,13 +84,16 @@ def load_class_swapper(spec: str, weights: Path | None, value_range: tuple[float
 
 
 def open_swapper(checkpoint: Path | None, spec: str | None, weights: Path | None, value_range: str, input_size: int,
-                 device: torch.device) -> tuple[SwapperAdapter, str]:
-    """The swapper ``eval swapper`` measures: a run folder (``checkpoint``) or a class (``spec``,
-    with its weights, range ``"0,1"``/``"-1,1"`` and input side, 0 = the crops')."""
-    if (checkpoint is None) == (spec is None):
+                 device: torch.device, recipe: TrainRecipe | None = None) -> tuple[SwapperAdapter, str]:
+    """The swapper ``eval swapper`` measures: a run folder (``checkpoint``; its class is a built-in,
+    ``spec`` or the user's ``recipe``'s, never one its files name) or a class (``spec``, with its
+    weights, range ``"0,1"``/``"-1,1"`` and input side, 0 = the crops')."""
+    if checkpoint is None and spec is None:
         raise ValueError("give one of --checkpoint RUN or --swapper module:Class")
     if checkpoint is not None:
-        return load_run_swapper(checkpoint, device)
+        return load_run_swapper(checkpoint, device, spec, recipe)
+    if recipe is not None:
+        raise ValueError("--recipe goes with --checkpoint RUN (it builds that run's swapper)")
     try:
         vr = tuple(float(v) for v in value_range.split(","))
     except ValueError:
@@ -110,7 +131,7 @@ def _rgb(faces: FaceSet, fid: str, cache: dict) -> tuple[torch.Tensor, torch.Ten
         if len(cache) >= CACHE_FACES:
             cache.pop(next(iter(cache)))
         rec = faces[fid]
-        img = load_rgb(faces.image_path(rec))
+        img = read_crop(faces, rec)
         cache[fid] = (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255, torch.tensor(rec.landmarks68, dtype=torch.float32))
     return cache[fid]
 
@@ -139,6 +160,7 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
     cache: dict = {}
     rows, descs, src_desc = [], [], {}
     tiles, fake_feats, real_feats = [], [], []
+    broken: list[dict] = []  # pairs whose swap is not finite: counted, left out of every figure, and the evaluation fails
     with Job("eval-swapper", out, settings, "pairs", device=str(dev), progress=progress, resumable=False) as job, torch.no_grad():
         for s in range(0, len(pairs), batch):
             part = pairs[s:s + batch]
@@ -147,6 +169,17 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
             lm_t = torch.stack([_rgb(faces, p.b, cache)[1] for p in part])
             with job.stage("swap"):
                 swap = swapper(src, tgt).clamp(0, 1)
+            ok = torch.isfinite(swap).flatten(1).all(1).cpu()
+            idx = list(range(s, s + len(part)))
+            if not ok.all():
+                broken += [reject(f"pair {s + j}: {p.a} → {p.b}", "non-finite swap output (NaN or infinity)")
+                           for j, p in enumerate(part) if not ok[j]]
+                keep = ok.nonzero().flatten()
+                part, idx = [part[j] for j in keep.tolist()], [idx[j] for j in keep.tolist()]
+                src, tgt, lm_t, swap = src[keep.to(dev)], tgt[keep.to(dev)], lm_t[keep], swap[keep.to(dev)]
+                if not part:
+                    job.progress(min(s + batch, len(pairs)), len(pairs))
+                    continue
             with job.stage("measure"):
                 for p, d in zip(part, encoder(src).float().cpu()):
                     src_desc.setdefault(p.a, d)
@@ -155,7 +188,7 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
                     fake_feats.append(fidnet(swap).double().cpu())
             descs.append(m["desc"])
             for j, p in enumerate(part):
-                rows.append({"index": s + j, "source": p.a, "target": p.b, "id_cos": float(m["id_cos"][j]),
+                rows.append({"index": idx[j], "source": p.a, "target": p.b, "id_cos": float(m["id_cos"][j]),
                              "pose_err": float(m["pose_err"][j]), "expr_err": float(m["expr_err"][j])})
             if len(tiles) < 3 * sheet_rows:
                 for a, t, w in zip(to_uint8(src), to_uint8(tgt), to_uint8(swap)):
@@ -163,18 +196,28 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
                         tiles += [cv2.resize(x, (160, 160), interpolation=cv2.INTER_AREA) for x in (a, t, w)]
             job.progress(min(s + batch, len(pairs)), len(pairs))
         # retrieval among every source of the evaluation (by identity label when known)
+        if not rows:
+            job.finish(n_in=len(pairs) + len(bad), written=0, written_this_run=0, rejects=bad_records(bad) + broken,
+                       details={"swapper": name, "pairs": 0, "non_finite": {"swaps": len(broken), "reconstructions": None}})
+            raise NothingUsable(f"every one of {len(broken)} swaps is NaN or infinite: {name} fails the evaluation "
+                                f"(see {out / 'rejects.jsonl'})")
         gallery_ids = list(src_desc)
         hits = retrieval_hits(torch.cat(descs), torch.stack([src_desc[g] for g in gallery_ids]),
-                              [_identity(faces, g) for g in gallery_ids], [_identity(faces, p.a) for p in pairs])
-        for r in rows:
-            r["top1"], r["top5"] = bool(hits[1][r["index"]]), bool(hits[5][r["index"]])
+                              [_identity(faces, g) for g in gallery_ids], [_identity(faces, r["source"]) for r in rows])
+        for i, r in enumerate(rows):
+            r["top1"], r["top5"] = bool(hits[1][i]), bool(hits[5][i])
         # reconstruction: swap(t, t) against t, each target once
         with job.stage("reconstruct"):
             targets = sorted({p.b for p in pairs})
-            ps, ss = [], []
+            ps, ss, rec_broken = [], [], 0
             for s in range(0, len(targets), batch):
                 t = torch.stack([_rgb(faces, f, cache)[0] for f in targets[s:s + batch]]).to(dev)
                 rec = swapper(t, t).clamp(0, 1)
+                fin = torch.isfinite(rec).flatten(1).all(1)
+                rec_broken += int((~fin).sum())
+                rec, t = rec[fin], t[fin]
+                if not len(t):
+                    continue
                 ps.append(psnr(rec, t).cpu())
                 ss.append(ssim(rec, t).cpu())
                 if fidnet is not None:
@@ -185,7 +228,7 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
         w.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
         atomic_write_bytes(out / "pairs.csv", buf.getvalue().encode())
         save_image(out / "sheet.png", grid([_label(t, [lab]) for t, lab in zip(tiles, ["source", "target", "swap"] * sheet_rows)], 3))
-        p_all, s_all = torch.cat(ps), torch.cat(ss)
+        p_all, s_all = (torch.cat(ps), torch.cat(ss)) if ps else (torch.zeros(0), torch.zeros(0))
         details = {
             "swapper": name, "identity": enc_name, "pairs": len(rows), "gallery": len(gallery_ids),
             "id_cos_mean": round(float(np.mean([r["id_cos"] for r in rows])), 4),
@@ -193,11 +236,17 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
             "pose_err_mean_deg": round(float(np.mean([r["pose_err"] for r in rows])), 3),
             "expr_err_mean": round(float(np.mean([r["expr_err"] for r in rows])), 4),
             "reconstruction": {"targets": len(targets), "psnr_db": round(float(p_all[torch.isfinite(p_all)].mean()), 3) if torch.isfinite(p_all).any() else None,
-                               "identical": int((~torch.isfinite(p_all)).sum()), "ssim": round(float(s_all.mean()), 4)},
+                               "identical": int((~torch.isfinite(p_all)).sum()), "ssim": round(float(s_all.mean()), 4) if len(s_all) else None},
             **_fid(fake_feats, real_feats, fid_from),
             "files": {"per_pair": "pairs.csv", "sheet": "sheet.png"},
+            "non_finite": {"swaps": len(broken), "reconstructions": rec_broken},
         }
-        return job.finish(n_in=len(pairs) + len(bad), written=len(rows), written_this_run=len(rows), rejects=bad_records(bad), details=details)
+        summary = job.finish(n_in=len(pairs) + len(bad), written=len(rows), written_this_run=len(rows),
+                             rejects=bad_records(bad) + broken, details=details)
+    if broken or rec_broken:
+        raise NothingUsable(f"{len(broken)} of {len(pairs)} swaps and {rec_broken} of {len(targets)} reconstructions are NaN "
+                            f"or infinite: {name} fails the evaluation (figures of the finite ones in {out / 'summary.json'})")
+    return summary
 
 
 def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str, fakes: str = "swaps",
@@ -241,7 +290,9 @@ def measure_triplets(folder: Path, limit: int | None = None,
     for r in recs:
         try:
             base = resolve_inside(folder, r.folder, r.where, "folder")
-            imgs = {k: load_rgb(resolve_inside(base, r.files[k], r.where, f"files.{k}")) for k in ("source", "target", "output_st", "output_ts")}
+            imgs = {k: read_folder_image(base, r.files[k], r.where, f"files.{k}") for k in ("source", "target", "output_st", "output_ts")}
+            if len({v.shape for v in imgs.values()}) != 1:
+                raise InputError(f"{r.where}: its four images differ in size ({', '.join(f'{k} {v.shape[1]}x{v.shape[0]}' for k, v in imgs.items())})")
         except (ContractError, InputError, OSError) as e:
             rejects.append(reject(r.where, f"unreadable triplet: {' '.join(str(e).split())}"))
             continue

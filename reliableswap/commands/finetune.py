@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from reliableswap.jobs import Job, SettingsMismatch
+from reliableswap.device import check_batch_memory, resolve_device
+from reliableswap.jobs import Job, SettingsMismatch, take_lock
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.loop import Trainer
 from reliableswap.train.losses import CycleSupervision
@@ -17,6 +18,18 @@ from reliableswap.train.losses import CycleSupervision
 #: What a run writes in its folder (``--overwrite`` removes these, nothing else).
 RUN_FILES = ("checkpoints", "samples", "tensorboard", "metrics.jsonl", "summary.json", "rejects.jsonl", "train.txt",
              "heldout.txt", ".finetune")
+
+
+#: Image-sized float32 tensors one training sample keeps alive in a step, at the least: the batch
+#: (source, target, reference), the result, the losses' intermediates and their gradients. The
+#: swapper's own activations come on top, so this is a floor that refuses the impossible early.
+TENSORS_PER_SAMPLE = 12
+
+
+def train_bytes_per_sample(recipe: TrainRecipe) -> int:
+    """A lower bound of the memory one sample of ``recipe``'s batch takes in a step (bytes)."""
+    side = max(recipe.data.image_size, recipe.model.size if recipe.model.swapper == "faceshifter" else recipe.model.input_size)
+    return TENSORS_PER_SAMPLE * 3 * 4 * side * side
 
 
 def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os.PathLike, faces: str | os.PathLike | None = None,
@@ -30,6 +43,7 @@ def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os
     files first, or use another folder).
     """
     run = Path(run)
+    check_batch_memory(recipe.data.batch, train_bytes_per_sample(recipe), resolve_device(device), flag="[data] batch")
     used = [n for n in RUN_FILES if (run / n).exists()]
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -38,9 +52,13 @@ def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os
             raise SettingsMismatch(f"{run} already holds a run ({', '.join(used)}): pass --resume to continue it, "
                                    "--overwrite to start again in it, or use another --out")
         if int(os.environ.get("RANK", "0")) == 0:
-            for n in used:
-                p = run / n
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            lock = take_lock(run, "finetune", "finetune")  # a run still in progress keeps its files
+            try:
+                for n in used:
+                    p = run / n
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            finally:
+                lock.release()
     settings = recipe.model_dump(mode="json")
     settings["train"].pop("steps")
     trainer = Trainer(recipe, Path(triplets), run, Path(faces) if faces else None, Path(checkpoint) if checkpoint else None,

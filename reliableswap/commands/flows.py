@@ -2,7 +2,8 @@
 
 For each pair (a, b): ``flows/{a}__{b}.npz`` (float16 H×W×2 ``forward`` and ``backward`` fields,
 coverage masks, FLAME landmarks P2/P12), ``previews/{a}__{b}.png`` (b | colour wheel over b with
-contour arrows P2→P12 | b warped into a's shape), then ``manifest.jsonl``
+contour arrows P2→P12 | b warped into a's shape; a name whose ids hold ``__`` ends in ``.{hash}``
+of the pair, so no two pairs share one), then ``manifest.jsonl``
 (:class:`~triplets.records.FlowRecord`), ``rejects.jsonl`` and ``summary.json``. Faces without
 ``fit`` parameters are fitted on the fly (and held to ``--max-rmse`` like ``fit``). Units are
 pairs; a re-run keeps the flows already written. File names come from the face ids, which the
@@ -11,6 +12,7 @@ contracts keep to safe names.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,7 +35,7 @@ from reliableswap.flame.model import resolve_flame_path
 from reliableswap.geometry.fields import flow_to_color
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.geometry.raster import available_backends
-from reliableswap.images import encode_image, load_rgb, to_tensor, to_uint8
+from reliableswap.images import encode_image, read_crop, to_tensor, to_uint8
 from reliableswap.jobs import Job, bad_records, file_sha256, reject
 from triplets.jsonl import atomic_write_bytes
 from triplets.records import FaceSet, FlowRecord, PairRecord
@@ -74,8 +76,10 @@ def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str
             flame = load_flame(model, embedding, device if ray is None else "cpu")
         rejects, todo = bad_records(faces.problems + bad_pairs), {}  # key → pair (a repeated pair once)
         for p in pairs:
-            key = f"{p.a}__{p.b}"
-            if p.a not in faces or p.b not in faces:
+            key = flow_key(p.a, p.b)
+            if key in todo and (todo[key].a, todo[key].b) != (p.a, p.b):  # a backstop: flow_key is one-to-one
+                rejects.append(reject(key, f"output name already used by the pair ({todo[key].a}, {todo[key].b}) at {todo[key].where}"))
+            elif p.a not in faces or p.b not in faces:
                 rejects.append(reject(key, "pair names a face missing from faces.jsonl"))
             elif faces[p.a].size != faces[p.b].size:
                 rejects.append(reject(key, "faces of the pair have different crop sizes"))
@@ -150,6 +154,18 @@ class FlowWorker:
         return {"fitted": fitted, "written": written, "stages_s": engine.stage_seconds(self.job)}
 
 
+def flow_key(a: str, b: str) -> str:
+    """The output name of pair (a, b): ``{a}__{b}``, one-to-one. Where an id holds ``__`` (or an
+    underscore touches the separator) the plain join could name two pairs alike ((x__y, z) and
+    (x, y__z)), so such a key ends in ``.{hash}`` of the pair, which no plain key does with a
+    separator run like its own."""
+    plain = f"{a}__{b}"
+    if "__" not in a and "__" not in b and not a.endswith("_") and not b.startswith("_"):
+        return plain
+    h = hashlib.sha256(f"{a}\0{b}".encode()).hexdigest()[:12]
+    return f"{plain[:229]}.{h}"
+
+
 def _write_one(job: Job, faces: FaceSet, key: str, p: PairRecord, fl: dict, j: int, previews: bool, max_rmse: float) -> int:
     """Write pair ``key``'s flow (and preview), then its unit record; 1 if a flow was written."""
     fits = [faces.flame[p.a].rmse_px, faces.flame[p.b].rmse_px]
@@ -168,7 +184,7 @@ def _write_one(job: Job, faces: FaceSet, key: str, p: PairRecord, fl: dict, j: i
                         p2=p2.astype(np.float32), p12=p12.astype(np.float32))
     atomic_write_bytes(job.out / "flows" / f"{key}.npz", buf.getvalue())
     if previews:
-        img_b = load_rgb(faces.image_path(faces[p.b]))
+        img_b = read_crop(faces, faces[p.b])
         atomic_write_bytes(job.out / "previews" / f"{key}.png",
                            preview(img_b, fwd.cpu(), bwd.cpu(), fl["mask2"][j].cpu(), p2, p12))
     shift = float(np.linalg.norm(p12[JAW] - p2[JAW], axis=-1).mean())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import cv2
 
-from reliableswap.images import load_rgb, save_image
+from reliableswap.images import MAX_SIDE, read_folder_image, save_image
 from reliableswap.viz import faces_sheet, grid, triplets_sheet
-from triplets.records import ContractError, FaceSet, FlowRecord, resolve_inside
+from triplets.records import ContractError, FaceSet, FlowRecord
 from triplets.schema import FLOWS_SCHEMA
 
 
@@ -20,7 +20,7 @@ def flows_sheet(folder: Path, out: Path, n: int = 16, width: int = 768) -> Path:
     for r in FlowRecord.read(folder / FlowRecord.FILE)[:n]:
         if r.preview is None:
             continue
-        img = load_rgb(resolve_inside(folder, r.preview, r.where, "preview"))
+        img = read_folder_image(folder, r.preview, r.where, "preview", max_side=3 * MAX_SIDE)
         rows.append(cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])), interpolation=cv2.INTER_AREA))
     if not rows:
         raise ValueError("no flow previews to show (flows --no-previews?)")

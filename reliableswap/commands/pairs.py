@@ -11,17 +11,18 @@ descriptor), so a re-run computes only what changed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from reliableswap.faces.embed import DlibEmbedder
-from reliableswap.images import load_rgb
-from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
+from reliableswap.images import MAX_IMAGE_BYTES, decode_checked
+from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection
-from triplets.records import ContractError, EmbeddingRecord, FaceRecord, FaceSet, PairRecord
+from triplets.records import ContractError, EmbeddingRecord, FaceRecord, FaceSet, PairRecord, read_inside
 
 EMBEDDINGS = EmbeddingRecord.FILE
 
@@ -38,13 +39,13 @@ def fill_embeddings(faces: FaceSet, cache: Path) -> tuple[list[FaceRecord], list
     embedder, out, rejects, computed = None, {}, [], 0
     for f in need:
         try:
-            path = faces.image_path(f)
-            sha = file_sha256(path)
+            data = read_inside(faces.folder, f.image, f.where, "image", MAX_IMAGE_BYTES)  # read once: hashed and decoded
+            sha = hashlib.sha256(data).hexdigest()
             if f.id in cached and cached[f.id].sha256 == sha:
                 out[f.id] = cached[f.id]
                 continue
             embedder = embedder or DlibEmbedder()
-            emb = embedder(load_rgb(path), np.asarray([f.landmarks68], np.float32))[0]
+            emb = embedder(decode_checked(data, (f.size, f.size)), np.asarray([f.landmarks68], np.float32))[0]
         except (OSError, ValueError, ContractError) as e:
             rejects.append(reject(f.id, f"no descriptor: {type(e).__name__}: {e}".splitlines()[0]))
             continue

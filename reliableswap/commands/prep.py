@@ -7,7 +7,8 @@ writer of ``faces.jsonl``; ``fit`` writes ``flame.jsonl`` beside it, so re-runni
 loses the other's output.
 
 With ``identity_from_folder`` the identity label is the image's parent folder, crops go to
-``faces/<identity>/`` and ``vanilla.pickle`` (the official trainer's ``(path, quality)`` list,
+``faces/<identity>/`` (a label that is not a safe file name: its slug and a hash of it, so two labels
+never share a folder) and ``vanilla.pickle`` (the official trainer's ``(path, quality)`` list,
 :mod:`triplets.official`) is written too.
 """
 
@@ -100,6 +101,20 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:limit] or "input"
 
 
+def display_path(p: str | os.PathLike) -> str:
+    """``p`` as text that can be written to JSON: a file name that is not valid UTF-8 (a Latin-1
+    "café.jpg") keeps its bytes as ``\\xNN`` escapes instead of stopping the run."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def identity_folder(identity: str) -> str:
+    """The crop folder of an identity label: its slug when that is the label itself, else the slug
+    and a hash of the label, so labels that slug alike ("王伟" and "李娜", "Zoë" and "Zoé") stay
+    apart for the official trainer, which groups faces by folder."""
+    s = slug(identity)
+    return s if s == identity else f"{s}-{hashlib.sha1(identity.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
 def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -> tuple[list[Unit], list[dict], int]:
     """Expand files and folders (recursively) into units.
 
@@ -121,8 +136,8 @@ def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -
         if rp in seen or (skip is not None and rp.is_relative_to(skip)):
             return
         seen.add(rp)
-        digest = hashlib.sha1(str(rp).encode()).hexdigest()[:8]
-        units.append(Unit(rp, str(p), f"{slug(p.stem)}-{digest}", "video" if is_video(p) else "image"))
+        digest = hashlib.sha1(os.fsencode(rp)).hexdigest()[:8]
+        units.append(Unit(rp, display_path(p), f"{slug(display_path(p.stem))}-{digest}", "video" if is_video(p) else "image"))
 
     for raw in inputs:
         p = Path(raw)
@@ -136,7 +151,7 @@ def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -
         elif p.is_file():
             add(p)
         else:
-            rejects.append(reject(str(p), "no such file or folder"))
+            rejects.append(reject(display_path(p), "no such file or folder"))
     return units, rejects, ignored
 
 
@@ -166,8 +181,8 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
     proc: FaceProcessor = _WORKER["proc"]
     res = UnitResult(unit.key)
     timings: Counter = Counter()
-    identity = unit.path.parent.name if cfg.identity_from_folder else None
-    crop_dir = f"faces/{slug(identity)}" if identity is not None else "faces"
+    identity = display_path(unit.path.parent.name) if cfg.identity_from_folder else None
+    crop_dir = f"faces/{identity_folder(identity)}" if identity is not None else "faces"
 
     def handle(rgb: np.ndarray, scale: float, frame: int | None) -> None:
         recs, crops, reason = proc(rgb, scale, timings)

@@ -31,7 +31,7 @@ from reliableswap.device import check_batch_memory, resolve_device
 from reliableswap.engine import RayOptions
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
-from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, load_rgb, to_uint8, to_uint8_tensor
+from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, read_crop, to_uint8, to_uint8_tensor
 from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer, check_models
@@ -80,7 +80,7 @@ class CropCache:
             if face_id in self._d:
                 self._d.move_to_end(face_id)
                 return self._d[face_id]
-        entry = [load_rgb(self.faces.image_path(self.faces[face_id])), None]
+        entry = [read_crop(self.faces, self.faces[face_id]), None]
         with self._lock:
             entry = self._d.setdefault(face_id, entry)
             while len(self._d) > self.limit:

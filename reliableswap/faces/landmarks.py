@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from kornia.geometry.transform import warp_affine
 
+from reliableswap.checkpoints import state_bytes, torch_load
 from reliableswap.faces.models import MissingWeightsError, dlib_model
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
@@ -126,7 +127,7 @@ class FanLandmarks:
             raise MissingWeightsError(f"face-alignment is not installed ({e}); run make install") from None
         self.device = torch.device(device)
         net = FAN(4)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.load_state_dict(torch_load(path, state_bytes(net)))
         self.net = net.to(self.device).eval()
 
     @torch.no_grad()

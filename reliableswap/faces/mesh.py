@@ -128,6 +128,14 @@ class FaceMesh(nn.Module):
         shape = self.net.shapes[self.net.input_ids[0]]
         if tuple(shape[1:]) != (INPUT, INPUT, 3):
             raise ValueError(f"{self.net.path}: input {shape} is not 1×{INPUT}×{INPUT}×3 (not MediaPipe's face mesh)")
+        try:  # a graph whose bytes were changed may parse and still not run: try it once here
+            with torch.no_grad():
+                outs = self.net(torch.zeros(1, 3, INPUT, INPUT))
+            ok = all(torch.isfinite(o).all() for o in outs)
+        except Exception as e:  # noqa: BLE001 — whatever a doctored graph makes the ops raise
+            raise ValueError(f"{self.net.path}: the graph does not run ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        if not ok:
+            raise ValueError(f"{self.net.path}: the graph gives NaN or infinite values on a blank image (a corrupt model file)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         coords, flag = self.net(x)

@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triplets.jsonl import UnreadableFile, read_bounded
+
+#: Largest .tflite graph read (MediaPipe's are 0.1-5 MB).
+MAX_TFLITE_BYTES = 256 << 20
+
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PRELU", "RELU", "MAX_POOL_2D", "PAD", "RESHAPE", "CONCATENATION")
 
 
@@ -63,12 +68,20 @@ class TfliteNet(nn.Module):
         except ImportError as e:  # pragma: no cover - install problem
             raise TfliteError(f"the 'tflite' package is needed to read {path} ({e}); run make install") from None
         self.path = Path(path)
-        buf = self.path.read_bytes()
         try:
-            model = tflite.Model.GetRootAsModel(buf, 0)
-            graph = model.Subgraphs(0)
-        except Exception as e:  # noqa: BLE001 — a corrupt flatbuffer raises anything
-            raise TfliteError(f"{path}: not a TFLite model ({e})") from None
+            buf = read_bounded(self.path, MAX_TFLITE_BYTES)
+        except UnreadableFile as e:
+            raise TfliteError(str(e)) from None
+        try:
+            self._parse(tflite, buf, path)
+        except TfliteError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a corrupt flatbuffer raises anything (struct.error, IndexError…)
+            raise TfliteError(f"{path}: not a readable TFLite model ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
+    def _parse(self, tflite, buf: bytes, path) -> None:
+        model = tflite.Model.GetRootAsModel(buf, 0)
+        graph = model.Subgraphs(0)
         names = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
         self.input_ids = [graph.Inputs(i) for i in range(graph.InputsLength())]
         self.output_ids = [graph.Outputs(i) for i in range(graph.OutputsLength())]

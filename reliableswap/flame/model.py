@@ -34,11 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from triplets.jsonl import UnreadableFile, read_bounded
+
 ENV_VAR = "RELIABLESWAP_FLAME"
 
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The file asks for a global this loader does not admit."""
+
+
+#: Largest FLAME model or embedding file read (FLAME 2020/2023 pickles are 50-100 MB).
+MAX_MODEL_BYTES = 1 << 30
 
 
 class FlameFileError(ValueError):
@@ -143,7 +149,7 @@ class FlameModel:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "FlameModel":
         path = resolve_flame_path(path)
-        d = safe_load(path.read_bytes())
+        d = safe_load(_read_model_file(path))
         if not isinstance(d, dict):
             raise FlameFileError(f"{path}: not a FLAME model (a dict was expected, got {type(d).__name__})")
         need = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
@@ -204,7 +210,7 @@ class LandmarkEmbedding:
                      yaw_sign: int = -1) -> "LandmarkEmbedding":
         """RingNet/FLAME_PyTorch ``flame_static_embedding.pkl`` (+ ``flame_dynamic_embedding.npy``).
         Their own code negates yaw, hence ``yaw_sign=-1`` by default."""
-        s = safe_load(Path(static_pkl).read_bytes())
+        s = safe_load(_read_model_file(Path(static_pkl)))
         e = cls(static_faces=_arr(s["lmk_face_idx"], np.int64), static_bary=_arr(s["lmk_b_coords"]), yaw_sign=yaw_sign)
         if dynamic_npy is not None:
             d = _load_npy_dict(Path(dynamic_npy))
@@ -213,9 +219,17 @@ class LandmarkEmbedding:
         return e
 
 
+def _read_model_file(path: Path) -> bytes:
+    """A FLAME-format file's bytes: a regular file of bounded size, or :class:`FlameFileError`."""
+    try:
+        return read_bounded(path, MAX_MODEL_BYTES)
+    except UnreadableFile as e:
+        raise FlameFileError(str(e)) from None
+
+
 def _load_npy_dict(path: Path) -> dict:
     """Read an .npy holding a pickled dict, through the restricted unpickler."""
-    raw = path.read_bytes()
+    raw = _read_model_file(path)
     if not raw.startswith(b"\x93NUMPY"):
         raise FlameFileError(f"{path}: not an .npy file")
     major = raw[6]

@@ -21,6 +21,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import nn
 
+from reliableswap.checkpoints import CheckpointRefused, state_bytes, torch_load
 from reliableswap.faces.models import MissingWeightsError
 from reliableswap.nets import liveportrait
 from reliableswap.nets.bisenet import BiSeNet
@@ -128,7 +129,7 @@ def _first_sentence(e: BaseException) -> str:
     return (text.split(". ")[0][:160] if text else type(e).__name__).rstrip(".")
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path, expected_bytes: int | None = None) -> dict:
     """The file's top-level mapping, read without running pickled code: ``.safetensors`` through
     safetensors, anything else through ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS`."""
     try:
@@ -136,13 +137,15 @@ def read_checkpoint(path: Path) -> dict:
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load(path, expected_bytes)
     except pickle.UnpicklingError as e:
         text = " ".join(str(e).split())
         found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text) or \
             re.search(r"source\. (.+?)(?: Check the documentation|$)", text)
         what = found.group(1).strip().rstrip(".")[:160] if found else _first_sentence(e)
         raise WeightsError(f"{path}: refused: it holds pickled objects that are not plain tensors ({what})") from None
+    except CheckpointRefused as e:
+        raise WeightsError(str(e)) from None
     except (OSError, RuntimeError, ValueError, EOFError) as e:
         raise WeightsError(f"{path}: not a readable checkpoint ({_first_sentence(e)})") from None
     if not isinstance(obj, dict):
@@ -190,7 +193,7 @@ def check_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> No
 
 def checked_state(wf: WeightFile, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, read safely and checked against ``model`` (:class:`WeightsError`)."""
-    sd = state_dict_of(read_checkpoint(path), wf.entry, path)
+    sd = state_dict_of(read_checkpoint(path, 4 * state_bytes(model)), wf.entry, path)
     check_state(sd, model, path)
     return sd
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reliableswap.checkpoints import torch_load
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.models import dlib_model
 
@@ -100,6 +101,10 @@ def _clean_state(sd: dict) -> dict:
     return {re.sub(r"^(module\.)+", "", k): v for k, v in sd.items()}
 
 
+#: Largest ArcFace backbone read (iresnet200 in fp32 is about 260 MB).
+ARCFACE_MAX_BYTES = 512 << 20
+
+
 def load_arcface(path: str | os.PathLike, crop: float = 0.75, device: str | torch.device = "cpu") -> ArcFaceEncoder:
     """Load an insightface arcface_torch iresnet checkpoint (frozen, eval mode)."""
     path = Path(path)
@@ -107,7 +112,7 @@ def load_arcface(path: str | os.PathLike, crop: float = 0.75, device: str | torc
         raise FileNotFoundError(
             f"ArcFace checkpoint {path} not found: download an insightface arcface_torch backbone "
             "(e.g. ms1mv3_arcface_r100_fp16/backbone.pth from the insightface model zoo) and pass its path")
-    sd = _clean_state(torch.load(path, map_location="cpu", weights_only=True))
+    sd = _clean_state(torch_load(path, ARCFACE_MAX_BYTES))
     counts = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
     depth = next((d for d, c in DEPTHS.items() if tuple(counts) == c), None)
     if depth is None:

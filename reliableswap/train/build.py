@@ -10,6 +10,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
+from reliableswap.checkpoints import torch_load
+
 from reliableswap.choices import Condition, IdentityKind
 from reliableswap.recipes import IdentitySection, TrainRecipe
 from reliableswap.train.aei import FaceShifter
@@ -62,7 +64,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch_load(path)
     for key in ("state_dict", "model", "generator"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

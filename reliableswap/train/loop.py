@@ -17,6 +17,7 @@ on (seed, step, rank), so the resumed run follows the same trajectory.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import default_collate
 
+from reliableswap.checkpoints import state_bytes, torch_load
 from reliableswap.device import resolve_device
 from reliableswap.images import encode_image, to_uint8
 from reliableswap.recipes import TrainRecipe
@@ -36,7 +38,7 @@ from reliableswap.train.build import build_swapper, load_weights, parameters_of
 from reliableswap.train.data import FacePairs, Mixture, split_triplets
 from reliableswap.train.losses import CycleSupervision
 from triplets.dataset import TripletDataset
-from triplets.jsonl import atomic_write_bytes, atomic_write_json
+from triplets.jsonl import atomic_write_bytes, atomic_write_json, open_regular, read_json_file
 from triplets.records import ContractError, resolve_inside
 
 
@@ -102,6 +104,43 @@ def sample_grid(path: Path, batch: dict, result: torch.Tensor, n: int = 4) -> No
     atomic_write_bytes(path, encode_image(to_uint8(torch.cat(rows, -2)[None])[0], ".png"))
 
 
+#: Largest metrics.jsonl read back on resume.
+MAX_METRICS_BYTES = 1 << 30
+
+
+#: Largest step a training state may record.
+MAX_STEP = 10**9
+
+
+def check_optimizer_state(opt: torch.optim.Optimizer, sd: Any, where: str, name: str) -> None:
+    """Refuse (:class:`ContractError` naming ``where`` and the key) an optimizer state that does not
+    fit ``opt``: other parameter groups, or a per-parameter tensor (Adam's ``exp_avg``…) whose shape
+    is not its parameter's, or values that are not finite."""
+    try:
+        groups, state = sd["param_groups"], sd["state"]
+        ids = [list(g["params"]) for g in groups]
+    except (KeyError, TypeError) as e:
+        raise ContractError(where, name, f"not an optimizer state ({type(e).__name__}: {e})") from None
+    params = [list(g["params"]) for g in opt.param_groups]
+    if [len(i) for i in ids] != [len(p) for p in params]:
+        raise ContractError(where, name, f"holds {[len(i) for i in ids]} parameters per group, the model has {[len(p) for p in params]}")
+    if not isinstance(state, dict):
+        raise ContractError(where, f"{name}.state", "not a mapping")
+    shape_of = {pid: p.shape for gi, gp in zip(ids, params) for pid, p in zip(gi, gp)}
+    for pid, entry in state.items():
+        if pid not in shape_of or not isinstance(entry, dict):
+            raise ContractError(where, f"{name}.state.{str(pid)[:20]}", "names no parameter of the model")
+        for k, v in entry.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            if v.dim() > 0 and v.shape != shape_of[pid]:
+                raise ContractError(where, f"{name}.state.{pid}.{k}", f"has shape {tuple(v.shape)}, its parameter {tuple(shape_of[pid])}")
+            if v.dim() == 0 and k == "step" and not 0 <= float(v) <= MAX_STEP:
+                raise ContractError(where, f"{name}.state.{pid}.{k}", f"{float(v):g} is not a step count")
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise ContractError(where, f"{name}.state.{pid}.{k}", "holds NaN or infinite values")
+
+
 class Metrics:
     """``metrics.jsonl`` (+ TensorBoard when installed), cut back to the resumed step."""
 
@@ -112,8 +151,8 @@ class Metrics:
             return
         keep = []
         if resume_step and self.path.is_file():  # drop lines past the resumed step: the log matches the trajectory
-            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+            keep = [line for line in self._lines() if line.get("step", 0) <= resume_step]
+        atomic_write_bytes(self.path, "".join(json.dumps(line) + "\n" for line in keep).encode())
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -121,11 +160,35 @@ class Metrics:
         except Exception:  # noqa: BLE001 — tensorboard not installed
             self.tb = None
 
+    def _lines(self) -> list[dict]:
+        """The log's records; a line that is not a JSON object (a torn write) is left out."""
+        out = []
+        with open_regular(self.path, MAX_METRICS_BYTES) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+                    out.append(rec)
+        return out
+
     def log(self, rec: dict) -> None:
+        """Append one line whole: a failed write (a full disk) is cut back to the last whole line."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        data = (json.dumps(rec) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                os.ftruncate(fd, end)
+                raise OSError(e.errno, f"cannot write {self.path} ({e.strerror or e}); a resume continues from the last checkpoint") from None
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -213,19 +276,32 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run / 'checkpoints'}")
         where = str(self.latest)
         try:
-            meta = json.loads(self.latest.read_text())
+            meta = read_json_file(self.latest)
             weights, state = str(meta["weights"]), str(meta["state"])
         except (ValueError, KeyError, TypeError) as e:
             raise ContractError(where, "", f"not a checkpoint pointer ({type(e).__name__}: {e})") from None
         ck = self.latest.parent
         self.model.load_state_dict(load_weights(resolve_inside(ck, weights, where, "weights")))
-        st = torch.load(resolve_inside(ck, state, where, "state"), map_location="cpu", weights_only=True)
-        self.opt_g.load_state_dict(st["opt_g"])
-        if self.opt_d is not None and st["opt_d"] is not None:
-            self.opt_d.load_state_dict(st["opt_d"])
-        if st["scaler"] is not None:
-            self.scaler.load_state_dict(st["scaler"])
-        return int(st["step"])
+        state_path = resolve_inside(ck, state, where, "state")
+        st = torch_load(state_path, 3 * state_bytes(self.model))
+        where = str(state_path)
+        if not isinstance(st, dict) or not {"step", "opt_g"} <= set(st):
+            raise ContractError(where, "", "not a training state (step, opt_g, opt_d, scaler)")
+        step = st["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            raise ContractError(where, "step", f"must be a whole number in [0, {MAX_STEP}] (got {str(step)[:40]})")
+        if isinstance(meta.get("step"), int) and meta["step"] != step:
+            raise ContractError(where, "step", f"{step} differs from latest.json's {meta['step']}")
+        for name, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d)):
+            if opt is not None and st.get(name) is not None:
+                check_optimizer_state(opt, st[name], where, name)
+                opt.load_state_dict(st[name])
+        if st.get("scaler") is not None:
+            try:
+                self.scaler.load_state_dict(st["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise ContractError(where, "scaler", f"not a gradient scaler state ({type(e).__name__})") from None
+        return step
 
     # -- steps ------------------------------------------------------------------------------
     def step(self, step: int) -> tuple[dict[str, Any], dict, torch.Tensor]:

@@ -24,6 +24,10 @@ class Swapper(Protocol):
     def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
 
+#: Swappers the toolkit builds itself: the only names a run folder's recipe copy (data) may choose.
+BUILTIN_SWAPPERS = frozenset({"faceshifter"})
+
+
 def load_class(spec: str) -> type:
     """``"package.module:Class"`` → the class (a clear error when it cannot be imported)."""
     mod, _, name = spec.partition(":")
