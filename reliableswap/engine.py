@@ -30,9 +30,12 @@ import json
 import logging
 import os
 import pickle
+import secrets
 import socket
+import stat
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 from reliableswap.jobs import Job
@@ -182,6 +185,10 @@ def cluster(opts: RayOptions) -> Iterator[dict[str, Any]]:
             yield info
 
 
+#: The HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113 §3.4).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _probe(address: str, timeout: float = 5.0) -> None:
     """Refuse at once an address where nothing listens: Ray itself retries a refused GCS
     connection with no end. ``auto`` (Ray's own lookup) is left to Ray."""
@@ -191,9 +198,23 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise ValueError(f"--ray-address {address}: not host:port (or ray://host:port, auto)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        conn = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+    with conn:  # Ray's GCS (and its client server) speak gRPC: an HTTP/2 server answers the preface with SETTINGS
+        try:
+            conn.sendall(HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:
+            head = b""
+    if len(head) < 9 or head[3] != 0x04:
+        raise ValueError(f"--ray-address {address}: something listens there but it is not a Ray cluster "
+                         f"(no gRPC answer within {timeout:g} s)")
 
 
 def _token_auth_if_token() -> None:
@@ -207,6 +228,33 @@ def _token_auth_if_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def token_path() -> Path:
+    """Where Ray keeps this user's cluster token: ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def private_token(create: bool) -> None:
+    """The cluster token is a key to run code as this user. For a new local cluster (``create``) it
+    is made 0600 (in a 0700 folder) before Ray would write one with the umask's mode (0644 on most
+    machines); an existing one that other users may read is refused (one line saying what to do)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    path = token_path()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not create:
+            return
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # Ray's own generator: 256 random bits as hex
+        return
+    if st.st_mode & 0o077:
+        raise ValueError(f"{path}: the Ray cluster token is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                         f"`chmod 600 {path}`, and delete it to have a new one made if others may have read it")
+
+
 @contextlib.contextmanager
 def _connected(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
     started = False  # this block joined (or started) the cluster, so it also leaves it
@@ -216,6 +264,7 @@ def _connected(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     if not ray.is_initialized():  # else a library caller joined one: use it, leave it
+        private_token(create=address == "local")
         if address != "local":
             _probe(address)
             _token_auth_if_token()

@@ -900,3 +900,166 @@ def test_a_corrupt_face_mesh_file_is_named_in_one_line(tmp_path, synth_prep):
              env=os.environ | {"RELIABLESWAP_FACE_MESH": str(tmp_path / "mesh.tflite")})
     assert r.returncode == 2 and f"{tmp_path / 'mesh.tflite'}: not a readable TFLite model" in r.stderr, r.stderr
     assert "internal error" not in r.stderr and len([x for x in r.stderr.splitlines() if x.startswith("error")]) == 1
+
+
+def test_an_address_where_something_else_answers_is_not_taken_for_ray(tmp_path):
+    """--ray-address at a loopback port where a non-Ray server answers passed the TCP probe and hung."""
+    import socketserver
+    import threading
+
+    class Silent(socketserver.BaseRequestHandler):
+        def handle(self):
+            time.sleep(8)
+
+    class Http1(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(1024)
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    from reliableswap.engine import _probe
+    for handler in (Silent, Http1):
+        srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{srv.server_address[1]}"
+        try:
+            with pytest.raises(ValueError, match=f"--ray-address {address}: something listens there but it is not a Ray cluster"):
+                _probe(address, timeout=2.0)
+            if handler is Silent:
+                r = _cli("prep", tmp_path, "--out", tmp_path / "o", "--engine", "ray", "--ray-address", address, timeout=120)
+                assert r.returncode == 2 and "is not a Ray cluster" in r.stderr, r.stderr
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_the_ray_token_is_private(tmp_path, monkeypatch):
+    """The first --engine ray run wrote ~/.ray/auth_token 0644: any local user could join the cluster."""
+    from reliableswap.engine import private_token, token_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    old = os.umask(0o022)
+    try:
+        private_token(create=True)
+    finally:
+        os.umask(old)
+    path = token_path()
+    assert path == tmp_path / ".ray" / "auth_token" and len(path.read_text()) == 64
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    private_token(create=True)  # an existing private token is kept
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="readable by other users \\(mode 0644\\): `chmod 600"):
+        private_token(create=False)
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_leaves_a_private_token(tmp_path, faces_dir):
+    """End to end: a new local cluster started by `prep --engine ray` from an empty home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path / "home")}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes((faces_dir / "london_set" / "london_030_neutral.jpg").read_bytes())
+    r = _cli("prep", tmp_path / "in", "--out", tmp_path / "o", "--engine", "ray", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tok = tmp_path / "home" / ".ray" / "auth_token"
+    assert tok.is_file() and tok.stat().st_mode & 0o777 == 0o600
+
+
+class _Serve:
+    """A loopback HTTP server whose handler is ``respond(handler)``; ``url(path)`` addresses it."""
+
+    def __init__(self, respond):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                respond(self)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.srv.server_address[1]}/{path}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _point_backend(monkeypatch, backend: str, **changes):
+    import dataclasses
+
+    import reliableswap.nets.weights as W
+
+    wf = dataclasses.replace(W.BACKENDS[backend].files[0], **changes)
+    monkeypatch.setitem(W.BACKENDS, backend, dataclasses.replace(W.BACKENDS[backend], files=(wf,)))
+    return wf
+
+
+def test_weights_fetch_keeps_no_short_or_foreign_file_and_no_temps(tmp_path, monkeypatch):
+    """A server that closes early (urllib's read returns short: the file was kept), a file whose
+    pinned SHA-256 differs, .part files a killed fetch left, and an https→http redirect."""
+    import urllib.error
+
+    import reliableswap.nets.weights as W
+    from reliableswap.faces.models import MissingWeightsError
+
+    body = os.urandom(4096)
+
+    def short(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body[:1000])
+        h.wfile.flush()
+        h.close_connection = True
+
+    def whole(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    dest = tmp_path / "w" / "gpen"
+    dest.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (dest / f".GPEN-BFR-512.pth.{dead.pid}.abc123.part").write_bytes(b"half a download")
+    with _Serve(short) as s:
+        _point_backend(monkeypatch, "gpen", url=s.url("GPEN-BFR-512.pth"))
+        with pytest.raises(MissingWeightsError, match="the download ended after 1000 of 4096 bytes \\(nothing kept\\)"):
+            W.fetch("gpen", tmp_path / "w", progress=lambda _: None)
+    assert list(dest.iterdir()) == []  # neither the short file nor the killed fetch's temp
+    with _Serve(whole) as s:
+        _point_backend(monkeypatch, "gpen", url=s.url("GPEN-BFR-512.pth"), sha256="0" * 64)
+        with pytest.raises(MissingWeightsError, match="not the published file \\(SHA-256"):
+            W.fetch("gpen", tmp_path / "w", progress=lambda _: None)
+        assert list(dest.iterdir()) == []
+        import hashlib
+        _point_backend(monkeypatch, "gpen", url=s.url("GPEN-BFR-512.pth"), sha256=hashlib.sha256(body).hexdigest(), size=4096)
+        assert W.fetch("gpen", tmp_path / "w", progress=lambda _: None) == [dest / "GPEN-BFR-512.pth"]
+        assert (dest / "GPEN-BFR-512.pth").read_bytes() == body and len(list(dest.iterdir())) == 1
+    # https → http is refused by the redirect handler
+    req = __import__("urllib.request").request.Request("https://example.org/w.pth")
+    with pytest.raises(urllib.error.URLError, match="refused a redirect from https to http"):
+        W._NoDowngrade().redirect_request(req, None, 302, "Found", {}, "http://example.org/w.pth")
+    assert W._NoDowngrade().redirect_request(req, None, 302, "Found", {}, "https://cdn.example.org/w.pth") is not None
+
+
+def test_a_user_supplied_file_that_is_not_the_published_one_is_flagged(tmp_path):
+    """The FID Inception's published file is pinned (its name carries the SHA-256's leading digits,
+    torch.hub style): another file with its name is flagged, so its FID is not taken for a paper's."""
+    import reliableswap.nets.weights as W
+
+    wf = W.BACKENDS["inception"].files[0]
+    assert wf.sha256 == "6726825d"
+    (tmp_path / wf.name).write_bytes(b"not the weights")
+    assert "SHA-256" in W.published_differs(wf, tmp_path / wf.name)

@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import tempfile
+import hashlib
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ class WeightFile:
     entry: str | tuple[str, ...] | None = None
     manual: bool = False
     alt: str | None = None  # accepted alternative file name (the flattened .safetensors variant)
+    sha256: str | None = None  # the published file's SHA-256 (or its leading digits, as torch.hub names files) where known
+    size: int | None = None  # the published file's size in bytes where known
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("gpen", "restore", "GPEN BFR-512", (
         WeightFile("GPEN-BFR-512.pth", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth", lambda: FullGenerator(512)),)),
     Backend("inception", "eval", "FID's Inception-v3 (the 2015 TensorFlow graph, pytorch-fid's conversion): pool3, 2048-D", (
-        WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3),)),
+        WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3, sha256=FID_WEIGHTS.rsplit("-", 1)[1].removesuffix(".pth")),)),
 )}
 
 
@@ -206,6 +210,18 @@ def load_module(wf: WeightFile, path: Path, device: str | torch.device = "cpu") 
     return model.eval().requires_grad_(False).to(device)
 
 
+def published_differs(wf: WeightFile, path: Path) -> str | None:
+    """Why the file at ``path`` is not ``wf``'s published file, where its size or SHA-256 is pinned
+    (None: it is, or nothing is pinned)."""
+    if wf.sha256 is None and wf.size is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return verify_file(wf, path.stat().st_size, digest.hexdigest())
+
+
 def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
     """``(file, status, detail)`` per file of ``backend``: ok / missing / bad."""
     b = BACKENDS[backend]
@@ -220,29 +236,91 @@ def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
                 model = wf.build()
             sd = checked_state(wf, p, model)
             n = sum(t.numel() for t in sd.values())
-            rows.append((str(p), "ok", f"{p.stat().st_size / 2**20:.1f} MiB, {len(sd)} tensors, {n / 1e6:.1f} M values"))
+            why = published_differs(wf, p)
+            rows.append((str(p), "ok" if why is None else "ok, not published",
+                         f"{p.stat().st_size / 2**20:.1f} MiB, {len(sd)} tensors, {n / 1e6:.1f} M values"
+                         + ("" if why is None else f"; not the published file ({why}): figures made with it are not comparable")))
         except WeightsError as e:
             rows.append((str(p), "bad", str(e).removeprefix(f"{p}: ")))
     return rows
 
 
-def _copy_with_bar(r, out, name: str, show: bool) -> None:
-    """Copy the response ``r`` into ``out`` in 1 MiB blocks, with a rich progress bar when ``show``."""
+def _copy_with_bar(r, out, name: str, show: bool) -> tuple[int, str, int | None]:
+    """Copy the response ``r`` into ``out`` in 1 MiB blocks, with a rich progress bar when ``show``.
+    Returns ``(bytes copied, their SHA-256, the Content-Length the server announced or None)``."""
     total = int(r.headers.get("Content-Length") or 0) or None
+    digest, n = hashlib.sha256(), 0
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   disable=not show) as bar:
         task = bar.add_task(name, total=total)
         while block := r.read(1 << 20):
             out.write(block)
+            digest.update(block)
+            n += len(block)
             bar.advance(task, len(block))
+    return n, digest.hexdigest(), total
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https to anything else (a download must stay encrypted)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+            raise urllib.error.URLError(f"refused a redirect from https to {newurl.split(':')[0]} ({newurl[:120]})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(url: str, timeout: float = 60):
+    """``urlopen`` that refuses an https→http redirect."""
+    return urllib.request.build_opener(_NoDowngrade).open(url, timeout=timeout)
+
+
+def _part_owner(name: str) -> int | None:
+    """The process id in a download temp name ``.{file}.{pid}.{random}.part``."""
+    parts = name.split(".")
+    return int(parts[-3]) if name.startswith(".") and name.endswith(".part") and len(parts) >= 4 and parts[-3].isdigit() else None
+
+
+def remove_stale_parts(dest: Path) -> int:
+    """Remove the ``.part`` temps of downloads whose process is gone (a killed fetch); returns how many."""
+    n = 0
+    for p in dest.glob(".*.part"):
+        pid = _part_owner(p.name)
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # a live download
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def verify_file(wf: WeightFile, size: int, sha256: str) -> str | None:
+    """Why a file of ``size`` bytes and ``sha256`` is not ``wf``'s published file (None: it is, as far
+    as ``wf`` pins it)."""
+    if wf.size is not None and size != wf.size:
+        return f"{size} bytes, the published file has {wf.size}"
+    if wf.sha256 is not None and not sha256.startswith(wf.sha256):
+        return f"SHA-256 {sha256[:16]}…, the published file's is {wf.sha256[:16]}…"
+    return None
 
 
 def fetch(backend: str, root: Path, progress: Callable[[str], None] = print, bar: bool = False) -> list[Path]:
-    """Download ``backend``'s files from their public release addresses into ``root/backend``
-    (temp name, then rename). Files published on Google Drive pages cannot be fetched without a
-    browser: for those, raise naming the page and the path to put the file at."""
+    """Download ``backend``'s files from their public release addresses into ``root/backend``.
+
+    Each download goes to a temp name, is checked (the length the server announced, and the pinned
+    size and SHA-256 where the published file's are known), then renamed; a short or different file
+    is deleted, never kept. ``.part`` temps that a killed fetch left are removed first. Redirects
+    from https to http are refused. Files published on Google Drive pages cannot be fetched without
+    a browser: for those, raise naming the page and the path to put the file at."""
     dest = root / backend
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dest)
     got = []
     for wf in BACKENDS[backend].files:
         p = file_path(backend, wf, root)
@@ -253,14 +331,20 @@ def fetch(backend: str, root: Path, progress: Callable[[str], None] = print, bar
         if wf.manual:
             raise MissingWeightsError(f"{wf.name} is published on a Google Drive page: download it from {wf.url} and save it as {dest / wf.name}")
         progress(f"{wf.url} → {dest / wf.name}")
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{wf.name}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{wf.name}.{os.getpid()}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(wf.url, timeout=60) as r:
-                _copy_with_bar(r, out, wf.name, bar)
+            with os.fdopen(fd, "wb") as out, open_url(wf.url) as r:
+                n, sha, announced = _copy_with_bar(r, out, wf.name, bar)
+            if announced is not None and n != announced:
+                raise MissingWeightsError(f"{wf.url}: the download ended after {n} of {announced} bytes (nothing kept): try again")
+            why = verify_file(wf, n, sha)
+            if why is not None:
+                raise MissingWeightsError(f"{wf.url}: the download is not the published file ({why}; nothing kept)")
             os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the weights
             os.replace(tmp, dest / wf.name)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise MissingWeightsError(f"cannot download {wf.url} ({getattr(e, 'reason', None) or e}): download it by hand and save it as {dest / wf.name}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         got.append(dest / wf.name)
     return got
