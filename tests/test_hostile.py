@@ -517,6 +517,13 @@ def test_a_run_folder_never_chooses_code_to_run(tmp_path):
     run2 = _run_folder(tmp_path / "b", "reliableswap.testing.swappers:TinySwapper")
     r = _cli(*common, "--checkpoint", run2, "--swapper", "reliableswap.testing.swappers:TinySwapper")
     assert "no faces.jsonl here" in r.stderr, r.stderr
+    # nor does a recipe copy choose a file outside the run to read
+    run3 = _run_folder(tmp_path / "c", "faceshifter")
+    s = json.loads((run3 / "summary.json").read_text())
+    s["details"]["recipe"]["identity"] = {"kind": "arcface", "checkpoint": "/etc/passwd"}
+    (run3 / "summary.json").write_text(json.dumps(s))
+    r = _cli(*common, "--checkpoint", run3)
+    assert r.returncode == 2 and "details.recipe.identity.checkpoint: names a file outside the run folder" in r.stderr, r.stderr
 
 
 def test_no_string_from_a_data_file_is_imported():
@@ -557,6 +564,18 @@ def test_special_files_and_deep_nesting_are_refused_in_one_line(tmp_path, synth_
     assert not (tmp_path / "o").exists()
 
 
+def _full_png_bomb(w: int, h: int) -> bytes:
+    """A PNG whose every row is there (zeros, deflated: about 1/1000 of the pixels' size)."""
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    z, row, parts = zlib.compressobj(9), b"\x00" * (w * 3 + 1), []
+    for _ in range(0, h, 256):
+        parts.append(z.compress(row * 256))
+    parts.append(z.flush())
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
 def _ico_around(png: bytes, claimed: int = 16) -> bytes:
     """An ICO whose directory claims ``claimed`` px and embeds ``png`` (of any size)."""
     entry = struct.pack("<BBBBHHII", claimed, claimed, 0, 0, 1, 32, len(png), 22)
@@ -566,7 +585,7 @@ def _ico_around(png: bytes, claimed: int = 16) -> bytes:
 def test_the_decoded_size_is_checked_not_a_containers_claim(tmp_path):
     """An ICO named .png whose directory claims 16x16 but embeds a 16000x16000 PNG bomb is refused
     before decoding, in bounded memory (it decoded 1.37 GB before)."""
-    (tmp_path / "icon.png").write_bytes(_ico_around(_png_bomb(16000, 16000)))
+    (tmp_path / "icon.png").write_bytes(_ico_around(_full_png_bomb(16000, 16000)))  # 0.75 MB
     code = ("import re, sys; from reliableswap.images import read_image, InputError\n"
             "try: read_image(sys.argv[1])\n"
             "except InputError as e: print(e)\n"
@@ -926,7 +945,8 @@ def test_an_address_where_something_else_answers_is_not_taken_for_ray(tmp_path):
             with pytest.raises(ValueError, match=f"--ray-address {address}: something listens there but it is not a Ray cluster"):
                 _probe(address, timeout=2.0)
             if handler is Silent:
-                r = _cli("prep", tmp_path, "--out", tmp_path / "o", "--engine", "ray", "--ray-address", address, timeout=120)
+                env = os.environ | {"HOME": str(tmp_path / "home")}  # no token here: the probe is what answers
+                r = _cli("prep", tmp_path, "--out", tmp_path / "o", "--engine", "ray", "--ray-address", address, timeout=120, env=env)
                 assert r.returncode == 2 and "is not a Ray cluster" in r.stderr, r.stderr
         finally:
             srv.shutdown()

@@ -22,12 +22,13 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices", "reliableswap.checkpoints", "triplets"},
     "reliableswap.flame": {"reliableswap.geometry", "triplets"},
     "reliableswap.nets": {"reliableswap.faces", "reliableswap.checkpoints", "triplets"},  # MissingWeightsError; bounded reads
-    "reliableswap.synth": {"reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.nets",
+    "reliableswap.judge": {"reliableswap.nets", "reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
+    "reliableswap.synth": {"reliableswap.judge", "reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.nets",
                            "reliableswap.images", "reliableswap.recipes", "reliableswap.choices"},
-    "reliableswap.pairs": {"reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
+    "reliableswap.pairs": {"reliableswap.judge", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
     "reliableswap.viz": {"reliableswap.images", "triplets"},
     "reliableswap.evaluation": {"reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
-    "reliableswap.train": {"reliableswap.images", "reliableswap.faces", "reliableswap.checkpoints", "reliableswap.recipes", "reliableswap.choices",
+    "reliableswap.train": {"reliableswap.judge", "reliableswap.images", "reliableswap.faces", "reliableswap.checkpoints", "reliableswap.recipes", "reliableswap.choices",
                            "reliableswap.device", "triplets"},
     "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
     "reliableswap.engine": {"reliableswap.jobs"},

@@ -164,9 +164,11 @@ def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
     run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=10, seed=3))
     recipe = TripletRecipe().with_overrides({"qc.enabled": True})
     s = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "trip", recipe, "cpu", 5)
-    assert s["counts"]["written"] == 10
+    # the default QC drops pairs whose fake looks more like its attribute donor (SFace), and only those
+    assert s["counts"]["written"] + s["counts"]["rejected"] == 10 and s["counts"]["written"] >= 5
+    assert all(k.startswith("identity margin") for k in s["counts"]["rejected_by_reason"])
     qc = s["details"]["qc"]
-    assert qc["positive_id_margin_rate"] >= 0.9
+    assert qc["positive_id_margin_rate"] == 1.0
     assert qc["fold_st"]["min"] > 0 and qc["fold_ts"]["min"] > 0
     assert qc["pose_err_st"]["mean"] < 8 and qc["mouth_err_st"]["mean"] < 0.15
     assert run_inspect(tmp_path / "trip", tmp_path / "sheet.png", 4).is_file()

@@ -40,6 +40,8 @@ pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
 CLI = [sys.executable, "-m", "reliableswap.cli"]
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
+#: The default recipe with its QC measured and no pair dropped: these tests compare engines.
+QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
 
 
 def _free_port() -> int:
@@ -48,12 +50,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_token():
+    """The user's Ray token, made by `ray get-auth-token --generate` if missing, private (0600): the
+    toolkit refuses one that other users can read, as ssh refuses a readable key."""
+    env = {**os.environ, **LOOPBACK}
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token.is_file() and "RAY_AUTH_TOKEN" not in env:
+        subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    if token.is_file():
+        os.chmod(token, 0o600)
+
+
 @pytest.fixture(scope="module")
 def ray_address():
     """A 2-CPU head on loopback, with a token (Ray's default for local clusters); gone at the end."""
     env = {**os.environ, **LOOPBACK}
-    if not (Path.home() / ".ray" / "auth_token").is_file() and "RAY_AUTH_TOKEN" not in env:
-        subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port = _free_port()
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
@@ -118,7 +130,7 @@ def local_triplets(prepped, pairs_12, tmp_path_factory):
     scripts/bench_ray.py, BENCHMARKS.md "Ray engine")."""
     dst = tmp_path_factory.mktemp("raylocal") / "t"
     with one_thread():
-        summary = run_triplets(prepped[0], pairs_12, dst, TripletRecipe().with_overrides({"qc.enabled": True}), "cpu", batch=2)
+        summary = run_triplets(prepped[0], pairs_12, dst, QC_ALL, "cpu", batch=2)
     assert summary["counts"]["written"] >= 10
     return dst, summary
 
@@ -127,7 +139,7 @@ def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_tr
     """Same seed, same inputs: every JPEG, the manifest (QC figures included) and the rejects are
     byte-identical; the summary counts the same and says where it ran."""
     local, ls = local_triplets
-    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, "cpu",
                      batch=2, ray=RayOptions(address=ray_address))
     assert _files(tmp_path / "t", "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
     for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
@@ -138,7 +150,7 @@ def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_tr
     assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
     assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
     assert _temps(tmp_path / "t") == []
-    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, "cpu",
                          batch=2, ray=RayOptions(address=ray_address))
     assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
 
@@ -178,7 +190,7 @@ def test_ray_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets,
     local, ls = local_triplets
     out = tmp_path / "t"
     victims, n_at_kill, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, TripletRecipe().with_overrides({"qc.enabled": True}), "cpu",
+        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, "cpu",
                              batch=2, ray=RayOptions(address=ray_address, workers=1, retries=2)), out)
     if "error" in res:
         raise res["error"]
@@ -195,7 +207,7 @@ def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(
                                                                                ray_address, tmp_path):
     local, ls = local_triplets
     out = tmp_path / "t"
-    recipe = TripletRecipe().with_overrides({"qc.enabled": True})
+    recipe = QC_ALL
     victims, _, res = _kill_render_worker_mid_run(
         lambda: run_triplets(prepped[0], pairs_12, out, recipe, "cpu", batch=2,
                              ray=RayOptions(address=ray_address, workers=1, retries=0)), out)

@@ -333,13 +333,14 @@ class PairRecord(Record):
 
 
 class EmbeddingRecord(Record):
-    """A dlib descriptor that ``pairs`` computed for a face without one (``embeddings.jsonl``
-    beside its output), valid while the crop's bytes have this SHA-256."""
+    """An identity embedding that ``pairs`` computed for a face (``embeddings.jsonl`` beside its
+    output): the judge's (SFace, or dlib's descriptor), valid while the crop's bytes have this SHA-256."""
 
     SCHEMA: ClassVar[str] = EMBEDDINGS_SCHEMA
     FILE: ClassVar[str] = "embeddings.jsonl"
     schema_: Literal["reliableswap.embeddings/1"] = Field(EMBEDDINGS_SCHEMA, alias="schema")
     id: SafeId
+    judge: Literal["dlib", "sface"] = "dlib"  # whose embedding (lines from before the judge: dlib's)
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     embedding: Annotated[list[Finite], Len(128, 128)]
 
@@ -365,6 +366,7 @@ class ManifestRecord(Record):
     qc: dict[str, Finite] = Field(default_factory=dict)
     shard: SafeName | None = None
     key: SafeName | None = None
+    judge: Literal["sface", "dlib"] | None = None  # who measured the qc's identity figures (none before the judge: dlib)
 
     @model_validator(mode="after")
     def _folder_or_shard(self) -> "ManifestRecord":

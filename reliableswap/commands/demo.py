@@ -79,7 +79,7 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "qc.enabled": True})
     s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2, progress=progress)}
     say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', 16)}")
-    s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress)
+    s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress, judge=recipe.identity.judge.value)
     s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, "auto", 8, progress=progress)
     say(f"triplets: {s['triplets']['counts']['written']} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
     if (RECIPES / "tiny.toml").is_file():  # a source checkout: show the third use, a short CPU fine-tune

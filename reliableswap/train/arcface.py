@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from reliableswap.checkpoints import torch_load
 from reliableswap.faces.embed import DlibEmbedder
+from reliableswap.judge import SFaceJudge
 from reliableswap.faces.models import dlib_model
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
@@ -130,6 +131,19 @@ def crop_face_box(height: int, width: int) -> tuple[int, int, int, int]:
     """:data:`CROP_FACE_BOX` in the pixels of an aligned crop."""
     x0, y0, x1, y1 = CROP_FACE_BOX
     return int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)
+
+
+class SFaceEncoder(nn.Module):
+    """The identity judge's SFace on [0, 1] FFHQ-aligned crops (B×3×H×W) → B×128 unit embeddings,
+    differentiable (FaceShifter's identity loss and z_id; frozen weights)."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.judge = SFaceJudge(device)
+        self.net = self.judge.net  # registered: moves with .to()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.judge.embed(x)
 
 
 class DlibEncoder:

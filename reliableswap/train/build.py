@@ -15,7 +15,7 @@ from reliableswap.checkpoints import torch_load
 from reliableswap.choices import Condition, IdentityKind
 from reliableswap.recipes import IdentitySection, TrainRecipe
 from reliableswap.train.aei import FaceShifter
-from reliableswap.train.arcface import DlibEncoder, load_arcface
+from reliableswap.train.arcface import DlibEncoder, SFaceEncoder, load_arcface
 from reliableswap.train.swapper import SwapperAdapter, load_class
 
 
@@ -23,6 +23,8 @@ def build_identity(cfg: IdentitySection, device: torch.device) -> tuple[Callable
     """``(encoder, dim, differentiable)``."""
     if cfg.kind == IdentityKind.dlib:
         return DlibEncoder(), 128, False
+    if cfg.kind == IdentityKind.sface:
+        return SFaceEncoder(device), 128, True
     if not cfg.checkpoint:
         raise ValueError("identity.kind = arcface needs identity.checkpoint (an insightface arcface_torch backbone.pth)")
     enc = load_arcface(cfg.checkpoint, device=device)
