@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4
 	$(BIN)/python scripts/bench_mesh.py
 	$(BIN)/python scripts/bench_nets.py
+	$(BIN)/python scripts/bench_judge.py
 	$(BIN)/python scripts/bench_triplets.py
 	$(BIN)/python scripts/bench_flame_fit.py
 	$(BIN)/python scripts/bench_flows.py

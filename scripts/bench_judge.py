@@ -59,10 +59,49 @@ def _pair(recs: list, iu: tuple, k: int, v: np.ndarray) -> dict:
     return {"a": name(recs[iu[0][k]]), "b": name(recs[iu[1][k]]), "score": round(float(v[k]), 4)}
 
 
+def recipe_by_judges(prep: Path, out: Path, n: int) -> dict:
+    """The default recipe's fakes on ``n`` pairs, QC'd by each judge (nothing dropped)."""
+    from reliableswap.commands.pairs import run_pairs
+    from reliableswap.commands.triplets import run_triplets
+    from reliableswap.recipes import PairsSection, TripletRecipe
+
+    run_pairs(prep, out / "pairs.jsonl", PairsSection(n=n, seed=0, max_yaw_diff=25))
+    res = {}
+    for judge in ("sface", "dlib"):
+        r = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -100.0, "identity.judge": judge})
+        dst = out / f"triplets_{judge}"
+        if dst.exists():
+            import shutil
+            shutil.rmtree(dst)
+        s = run_triplets(prep, out / "pairs.jsonl", dst, r, "cpu", 8)
+        q = s["details"]["qc"]
+        res[judge] = {"triplets": s["counts"]["written"], "triplets_per_s": s["throughput"]["per_s"],
+                      "positive_margin_rate_both": q.get("positive_id_margin_rate"),
+                      **{f"{k}_{d}_mean": q[f"{k}_{d}"]["mean"] for k in ("id_keep", "id_leak", "id_margin") for d in ("st", "ts")
+                         if f"{k}_{d}" in q},
+                      "margin_positive_st": _rate(dst, "id_margin_st"), "margin_positive_ts": _rate(dst, "id_margin_ts"),
+                      "margin_median_st": _median(dst, "id_margin_st"), "margin_median_ts": _median(dst, "id_margin_ts")}
+    return res
+
+
+def _column(folder: Path, key: str) -> np.ndarray:
+    from triplets.records import ManifestRecord
+    return np.asarray([r.qc[key] for r in ManifestRecord.read(folder / "manifest.jsonl")], np.float64)
+
+
+def _rate(folder: Path, key: str) -> float:
+    return round(float((_column(folder, key) > 0).mean()), 4)
+
+
+def _median(folder: Path, key: str) -> float:
+    return round(float(np.median(_column(folder, key))), 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "data" / "faces")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "judge")
+    ap.add_argument("--pairs", type=int, default=24)
     a = ap.parse_args()
     labels = labelled_faces(a.faces)
     prep = a.out / "prep"
@@ -108,6 +147,7 @@ def main() -> None:
         {"a": recs[iu[0][k]].origin.path.split("faces/")[-1], "b": recs[iu[1][k]].origin.path.split("faces/")[-1],
          "same_person": bool(same_mask[k]), "dlib_says_same": bool(d_same[k]), "sface_says_same": bool(s_same[k]),
          "dlib": round(float(scores["dlib"][k]), 4), "sface": round(float(scores["sface"][k]), 4)} for k in disagree[:20]]
+    report["triplets"] = recipe_by_judges(prep, a.out, a.pairs)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "judge.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
