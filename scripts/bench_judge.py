@@ -59,6 +59,26 @@ def _pair(recs: list, iu: tuple, k: int, v: np.ndarray) -> dict:
     return {"a": name(recs[iu[0][k]]), "b": name(recs[iu[1][k]]), "score": round(float(v[k]), 4)}
 
 
+def detectors(faces_dir: Path, files: list[str], out: Path) -> dict:
+    """prep (2 workers) over the same photos with dlib HOG and with YuNet: faces kept, faces/s."""
+    import shutil
+
+    from reliableswap.choices import Detector
+
+    res = {}
+    inputs = [faces_dir / f for f in files] + sorted((faces_dir / "hard" / "valid").iterdir())
+    for det in (Detector.hog, Detector.yunet):
+        dst = out / f"prep_{det.value}"
+        shutil.rmtree(dst, ignore_errors=True)
+        t = time.perf_counter()
+        s = run_prep(inputs, dst, PrepConfig(detector=det), workers=2)
+        res[det.value] = {"inputs": s["counts"]["in"], "faces": s["counts"]["written"],
+                          "images_with_faces": s["details"]["images_with_faces"],
+                          "faces_per_s": round(s["counts"]["written"] / (time.perf_counter() - t), 2),
+                          "detect_s": round(s["timings"]["stages_s"].get("detect", 0.0), 2)}
+    return res
+
+
 def recipe_by_judges(prep: Path, out: Path, n: int) -> dict:
     """The default recipe's fakes on ``n`` pairs, QC'd by each judge (nothing dropped)."""
     from reliableswap.commands.pairs import run_pairs
@@ -147,6 +167,7 @@ def main() -> None:
         {"a": recs[iu[0][k]].origin.path.split("faces/")[-1], "b": recs[iu[1][k]].origin.path.split("faces/")[-1],
          "same_person": bool(same_mask[k]), "dlib_says_same": bool(d_same[k]), "sface_says_same": bool(s_same[k]),
          "dlib": round(float(scores["dlib"][k]), 4), "sface": round(float(scores["sface"][k]), 4)} for k in disagree[:20]]
+    report["detectors"] = detectors(a.faces, sorted(labels), a.out)
     report["triplets"] = recipe_by_judges(prep, a.out, a.pairs)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "judge.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -34,6 +34,7 @@ from reliableswap import engine
 from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
 from reliableswap.device import resolve_device
 from reliableswap.engine import RayOptions
+from reliableswap.faces.detect import YuNetDetector
 from reliableswap.faces.landmarks import FanLandmarks
 from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
@@ -71,6 +72,8 @@ class PrepConfig:
             FanLandmarks(self.device)
         elif self.landmarks == LandmarkBackend.mesh:
             load_face_mesh(self.device)
+        if self.detector == Detector.yunet:
+            YuNetDetector()
 
     def processor(self) -> FaceProcessor:
         return FaceProcessor(self.size, self.align, self.landmarks, self.detector, self.min_face, self.largest, self.embed,

@@ -16,7 +16,7 @@ from kornia.filters import laplacian
 
 from reliableswap.choices import Align, Detector, LandmarkBackend
 from reliableswap.faces.align import align_transform, warp_faces
-from reliableswap.faces.detect import DlibDetector
+from reliableswap.faces.detect import make_detector
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import make_landmarker
 from reliableswap.faces.mesh import load_face_mesh
@@ -49,7 +49,7 @@ class FaceProcessor:
                  device: str | torch.device = "cpu"):
         self.size, self.align, self.min_face, self.largest = size, Align(align), min_face, largest
         self.device = torch.device(device)
-        self.detector = DlibDetector(Detector(detector).value)
+        self.detector = make_detector(Detector(detector).value)
         backend = LandmarkBackend(landmarks)
         # mesh: dlib's 68 points align the crop, then the 468-point mesh is measured on the crop
         self.landmarker = make_landmarker("dlib" if backend == LandmarkBackend.mesh else backend.value, self.device)
