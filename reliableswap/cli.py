@@ -403,7 +403,7 @@ def demo(
         ev = ft["details"]["eval"]
         say(f"tiny fine-tune: held-out cycle L1 {ev['cycle_l1_start']} -> {ev['cycle_l1_end']}")
     err.print(f"\n[bold green]done.[/] Open {out / 'triplets_sheet.png'} (per row: source, target, output_st, output_ts "
-              f"with identity margins) and {out / 'prep_sheet.png'} (aligned faces, landmarks, pose). "
+              f"with pose error and SFace identity keep/leak) and {out / 'prep_sheet.png'} (aligned faces, landmarks, pose). "
               f"Triplet folders in {out / 'triplets'}, records in manifest.jsonl, counts and timings in summary.json; "
               f"the tiny fine-tune's metrics and samples in {out / 'finetune'}. FLAME flows need a FLAME file: "
               f"see README (reliableswap fit / flows / triplets --flame).")

@@ -64,7 +64,7 @@ def _qc_label(r: ManifestRecord, d: str) -> list[str]:
     if f"id_margin_{d}" not in q:
         return [d]
     if f"id_keep_{d}" in q:
-        return [f"{d} pose {q[f'pose_err_{d}']:.0f}", f"{r.judge or 'judge'} keep {q[f'id_keep_{d}']:.2f} leak {q[f'id_leak_{d}']:.2f}"]
+        return [f"{d} pose {q[f'pose_err_{d}']:.0f}", f"keep {q[f'id_keep_{d}']:.2f} leak {q[f'id_leak_{d}']:.2f}"]
     return [f"{d} id {q[f'id_margin_{d}']:+.2f} pose {q[f'pose_err_{d}']:.0f}"]
 
 

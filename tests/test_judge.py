@@ -209,7 +209,9 @@ def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped
     s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, "cpu", 2)
     assert s["counts"]["written"] == 0 and s["counts"]["rejected"] == 2
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
-    assert all("below --min-id-margin 0.0 (sface: a fake looks more like its attribute donor)" in x for x in reasons), reasons
+    assert all(x.startswith("identity margin below --min-id-margin 0.0 (sface: -") and
+               x.endswith("; a fake looks more like its attribute donor)") for x in reasons), reasons
+    assert s["counts"]["rejected_by_reason"] == {"identity margin below --min-id-margin 0.0": 2}
 
 
 def test_pairs_never_pair_one_person_with_sface(tmp_path, faces_dir):

@@ -76,12 +76,17 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     faces = default_faces(cache)
     say(f"default faces in {faces}")
     recipe = load_recipe(RECIPES / "cycle.toml" if (RECIPES / "cycle.toml").is_file() else None, TripletRecipe)
-    recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "qc.enabled": True})
+    # every pair of the few default faces (the identity QC drops those whose fakes look like their attribute donor)
+    recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "pairs.n": 24, "qc.enabled": True})
     s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2, progress=progress)}
     say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', 16)}")
     s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress, judge=recipe.identity.judge.value)
     s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, "auto", 8, progress=progress)
-    say(f"triplets: {s['triplets']['counts']['written']} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
+    c = s["triplets"]["counts"]
+    dropped = sum(n for k, n in c["rejected_by_reason"].items() if k.startswith("identity margin"))
+    note = (f" ({dropped} of {c['in']} pairs dropped by the identity QC: a fake looked more like its attribute donor to "
+            f"SFace; {out / 'triplets' / 'rejects.jsonl'})") if dropped else ""
+    say(f"triplets: {c['written']}{note} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
     if (RECIPES / "tiny.toml").is_file():  # a source checkout: show the third use, a short CPU fine-tune
         tiny = load_recipe(RECIPES / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 50})
         run = out / "finetune"

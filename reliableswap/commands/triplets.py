@@ -261,9 +261,9 @@ class TripletRun:
                     rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
                 elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
                     worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
-                    why = ": a fake looks more like its attribute donor" if margin == 0 else ""
-                    rejects.append(reject(f"pair {i}", f"identity margin {worst:.3f} below --min-id-margin {margin} "
-                                          f"({self.checker.judge.name}{why})", pair=pair.to_json()))
+                    why = "; a fake looks more like its attribute donor" if margin == 0 else ""
+                    rejects.append(reject(f"pair {i}", f"identity margin below --min-id-margin {margin} "
+                                          f"({self.checker.judge.name}: {worst:.3f}{why})", pair=pair.to_json()))
                 else:
                     keep.append(j)
             keys, recs = [], []
