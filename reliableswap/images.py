@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from triplets.imaging import DECODABLE, MAX_IMAGE_BYTES, ImageRefused, check_size, check_tiles
+from triplets.imaging import DECODABLE, MAX_IMAGE_BYTES, MAX_SIDE, ImageRefused, check_size, check_tiles
 from triplets.jsonl import atomic_write_bytes
 from triplets.records import FaceRecord, FaceSet, read_inside
 
@@ -25,9 +25,6 @@ try:  # nvJPEG through torchvision, for CUDA tensors (optional: no CPU torchvisi
     from torchvision.io import encode_jpeg as _tv_encode_jpeg
 except Exception:  # noqa: BLE001 — any import failure means "not available"
     _tv_encode_jpeg = None
-
-#: Longest side of an image read from a contract folder (crops are at most 4096 px).
-MAX_SIDE = 4096
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}

@@ -25,7 +25,6 @@ pairs file) is ``shared``: its files are prefixed (``fit.summary.json``, ``fit.r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -103,15 +102,6 @@ def remove_stale_temps(folder: Path) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Fingerprint of an input file for a settings pin (same path, other contents: another run)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

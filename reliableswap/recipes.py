@@ -116,6 +116,11 @@ class QCSection(Section):
     # with QC on and no value: 0, i.e. a fake whose identity is closer to its attribute donor is dropped
     min_id_margin: float | None = None
 
+    @property
+    def id_margin_bound(self) -> float | None:
+        """The margin below which a pair is dropped: ``min_id_margin``, else 0 with QC on, else none."""
+        return self.min_id_margin if self.min_id_margin is not None else (0.0 if self.enabled else None)
+
 
 class OutputSection(Section):
     format: OutputFormat = OutputFormat.folder

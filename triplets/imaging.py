@@ -59,7 +59,11 @@ def header_size(data: bytes) -> tuple[int, int]:
 def check_size(data: bytes, expect: tuple[int, int] | None = None, max_side: int = MAX_SIDE) -> tuple[int, int]:
     """``(width, height)`` of ``data``, refused unless it is ``expect`` (when given) and no side
     exceeds ``max_side``."""
-    w, h = header_size(data)
+    return _within(header_size(data), expect, max_side)
+
+
+def _within(size: tuple[int, int], expect: tuple[int, int] | None, max_side: int) -> tuple[int, int]:
+    w, h = size
     if expect is not None and (w, h) != tuple(expect):
         raise ImageRefused(f"is {w}x{h} px, its record says {expect[0]}x{expect[1]}")
     if max(w, h) > max_side:
@@ -69,8 +73,8 @@ def check_size(data: bytes, expect: tuple[int, int] | None = None, max_side: int
 
 def decode_rgb(data: bytes, expect: tuple[int, int] | None = None, max_side: int = MAX_SIDE) -> np.ndarray:
     """Decode ``data`` to H×W×3 uint8 RGB after :func:`check_size` (Pillow)."""
-    check_size(data, expect, max_side)
     img = open_header(data)
+    _within(img.size, expect, max_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,15 @@ MAX_DEPTH = 64
 
 class UnreadableFile(ValueError):
     """A file a command reads that is not what it should be; ``str(err)`` is one line naming it."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks (settings pins, pinned model files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def open_regular(path: str | os.PathLike, max_bytes: int | None = None):

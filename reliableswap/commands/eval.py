@@ -24,9 +24,9 @@ from reliableswap.device import resolve_device
 from reliableswap.evaluation import SwapMeter, frechet_distance, kernel_inception_distance, psnr, retrieval_hits, ssim
 from reliableswap.faces.detect import DlibDetector
 from reliableswap.images import InputError, read_crop, read_folder_image, save_image, to_uint8
+from reliableswap.faces.models import MissingWeightsError
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.judge import load_judge
-from reliableswap.faces.models import MissingWeightsError
 from reliableswap.nets import weights as W
 from reliableswap.nets.inception import fid_torchscript_path, load_fid_torchscript
 from reliableswap.recipes import TrainRecipe
@@ -35,7 +35,7 @@ from reliableswap.train.arcface import DlibEncoder, crop_face_box, load_arcface
 from reliableswap.train.build import build_swapper, load_weights
 from reliableswap.train.swapper import BUILTIN_SWAPPERS, SwapperAdapter, load_class
 from reliableswap.viz import _label, grid
-from triplets.jsonl import MAX_SUMMARY_BYTES, atomic_write_bytes, read_json_file
+from triplets.jsonl import atomic_write_bytes, read_json_file
 from triplets.records import ContractError, FaceSet, ManifestRecord, PairRecord, resolve_inside
 
 PER_PAIR = ("id_cos", "top1", "top5", "pose_err", "expr_err")
@@ -53,8 +53,8 @@ def load_run_swapper(run: Path, device: torch.device, swapper: str | None = None
     """
     where = str(run / "summary.json")
     try:
-        summary = read_json_file(run / "summary.json", MAX_SUMMARY_BYTES)
-        latest = read_json_file(run / "checkpoints" / "latest.json", MAX_SUMMARY_BYTES)
+        summary = read_json_file(run / "summary.json")
+        latest = read_json_file(run / "checkpoints" / "latest.json")
         weights = str(latest["weights"])
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{run}: not a finetune run folder ({Path(e.filename).name} missing)") from None
@@ -115,7 +115,7 @@ def identity_encoder(arcface: Path | None, device: torch.device, judge: str = "s
     if judge == "dlib":
         return DlibEncoder(), "dlib-128"
     j = load_judge(judge, device)
-    return (lambda x: j.embed(x)), j.name
+    return j.embed, j.name
 
 
 def fid_network(inception: Path | None, device: torch.device, weights: Path | None = None) -> tuple[torch.nn.Module | None, str]:

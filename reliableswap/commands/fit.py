@@ -18,7 +18,8 @@ from reliableswap.device import resolve_device
 from reliableswap.flame.fit import FitConfig, fit_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.flame.model import resolve_flame_path
-from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
+from reliableswap.jobs import Job, NothingUsable, bad_records, reject
+from triplets.jsonl import file_sha256
 from triplets.records import FaceSet, FlameRecord
 
 

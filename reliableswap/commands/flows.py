@@ -36,8 +36,8 @@ from reliableswap.geometry.fields import flow_to_color
 from reliableswap.geometry.grid import warp_backward
 from reliableswap.geometry.raster import available_backends
 from reliableswap.images import encode_image, read_crop, to_tensor, to_uint8
-from reliableswap.jobs import Job, bad_records, file_sha256, reject
-from triplets.jsonl import atomic_write_bytes
+from reliableswap.jobs import Job, bad_records, reject
+from triplets.jsonl import atomic_write_bytes, file_sha256
 from triplets.records import FaceSet, FlowRecord, PairRecord
 
 

