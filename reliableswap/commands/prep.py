@@ -36,6 +36,7 @@ from reliableswap.device import resolve_device
 from reliableswap.engine import RayOptions
 from reliableswap.faces.detect import YuNetDetector
 from reliableswap.faces.landmarks import FanLandmarks
+from reliableswap.faces.hands import HandLandmarker
 from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
 from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image
@@ -72,6 +73,7 @@ class PrepConfig:
             FanLandmarks(self.device)
         elif self.landmarks == LandmarkBackend.mesh:
             load_face_mesh(self.device)
+            HandLandmarker(self.device)  # stored beside the mesh
         if self.detector == Detector.yunet:
             YuNetDetector()
 

@@ -29,6 +29,7 @@ from reliableswap import engine
 from reliableswap.choices import JpegEncoder, OutputFormat
 from reliableswap.device import check_batch_memory, resolve_device
 from reliableswap.engine import RayOptions
+from reliableswap.faces.hands import hand_mask
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
 from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, read_crop, to_uint8, to_uint8_tensor
@@ -149,6 +150,12 @@ class ChunkReader:
                 ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
                 mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
             batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb))))
+            if self.r.uses_mesh and self.r.masks.hands and all(v[2].hands is not None and v[3].hands is not None for _, v in part):
+                # hands stored by prep: their masks are drawn here instead of detected per pair
+                size = ua.shape[1:3]
+                ha = stored_hand_masks([v[2].hands for _, v in part], size)
+                hb = stored_hand_masks([v[3].hands for _, v in part], size)
+                batches[-1] = batches[-1] + (ha, hb)
         return batches
 
     def load(self, idx: list[int], pin: bool) -> tuple[list, list]:
@@ -339,9 +346,13 @@ class TripletRun:
             write_shard(self.job.out / f"shard-{k:06d}.tar", members)
 
     def _synthesize(self, part: list, ua: torch.Tensor, ub: torch.Tensor, la: torch.Tensor, lb: torch.Tensor,
-                    ma: torch.Tensor | None, mb: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """Upload a ready batch (uint8 crops, landmarks, meshes or None) and render both fakes."""
+                    ma: torch.Tensor | None, mb: torch.Tensor | None, ha: torch.Tensor | None = None,
+                    hb: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Upload a ready batch (uint8 crops, landmarks, meshes or None, stored hands' masks or None)
+        and render both fakes."""
         dev = self.device
+        if ha is not None:
+            ha, hb = ha.to(dev, non_blocking=True), hb.to(dev, non_blocking=True)
         if ma is not None:
             ma, mb = ma.to(dev, non_blocking=True), mb.to(dev, non_blocking=True)
         ia = ua.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
@@ -353,7 +364,7 @@ class TripletRun:
             params, n_fit = params_for_faces(self.flame, self.faces, ids, FitConfig(), max(len(ids), 16))
             self.fitted_on_the_fly += n_fit
             pa, pb = params[:len(part)], params[len(part):]
-        return self.synth.cycle(ia, la, ib, lb, pa, pb, ma, mb), (ia, ib, la, lb)
+        return self.synth.cycle(ia, la, ib, lb, pa, pb, ma, mb, ha, hb), (ia, ib, la, lb)
 
     def _qc(self, part: list, res: dict[str, torch.Tensor], ia, ib, la, lb) -> list[dict]:
         emb_a = self._embeddings([v[2] for _, v in part], ia, la)
@@ -368,6 +379,14 @@ class TripletRun:
         if self.checker.judge.name == "dlib" and all(r.embedding is not None for r in recs):
             return torch.tensor([r.embedding for r in recs], dtype=torch.float32)
         return self.checker.embed(imgs, lm)
+
+
+def stored_hand_masks(hands: list[list], size: tuple[int, int]) -> torch.Tensor:
+    """B×1×H×W hand masks drawn from the hands prep stored (per face: a list of 21×2 point lists)."""
+    pts = [torch.tensor(h, dtype=torch.float32) for hs in hands for h in hs]
+    image = torch.tensor([i for i, hs in enumerate(hands) for _ in hs], dtype=torch.long)
+    lm = torch.stack(pts) if pts else torch.zeros(0, 21, 2)
+    return hand_mask(lm, image, len(hands), size)
 
 
 def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:

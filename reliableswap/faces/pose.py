@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from reliableswap.faces.ibug68 import POSE_POINTS
+from reliableswap.faces.ibug68 import POSE_POINTS, RIGID
+from reliableswap.geometry.affine import apply_affine, similarity_lstsq
+
+#: The 68 points that move with expression: brows, nose, eyes, mouth.
+EXPRESSION = list(range(17, 68))
 
 #: OpenFace 68-point mean 3D face: x to image right, y down, z toward the camera.
 MEAN_FACE_68 = torch.tensor([
@@ -76,3 +80,12 @@ def head_pose(landmarks: torch.Tensor) -> torch.Tensor:
     yaw = torch.asin(nx.clamp(-1, 1))
     pitch = -torch.asin(ny.clamp(-1, 1))
     return torch.rad2deg(torch.stack([yaw, pitch, roll], -1)).to(landmarks.dtype)
+
+
+def expression_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
+    """Mean distance of the expression landmarks (B×68×2) after a similarity on the rigid points, in
+    interocular units, B (0 for the same expression at any pose, scale and position in the image plane)."""
+    m = similarity_lstsq(lm[:, RIGID].double(), lm_ref[:, RIGID].double())
+    moved = apply_affine(lm.double(), m)
+    iod = (lm_ref[:, 36:42].mean(1) - lm_ref[:, 42:48].mean(1)).norm(dim=-1).double()
+    return ((moved[:, EXPRESSION] - lm_ref[:, EXPRESSION].double()).norm(dim=-1).mean(1) / iod).float()

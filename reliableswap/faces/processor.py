@@ -19,6 +19,7 @@ from reliableswap.faces.align import align_transform, warp_faces
 from reliableswap.faces.detect import make_detector
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.faces.landmarks import make_landmarker
+from reliableswap.faces.hands import MIN_PRESENCE, HandLandmarker
 from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.affine import affine_scale, apply_affine, compose_affine, invert_affine, resize_affine, translate_affine
@@ -54,6 +55,8 @@ class FaceProcessor:
         # mesh: dlib's 68 points align the crop, then the 468-point mesh is measured on the crop
         self.landmarker = make_landmarker("dlib" if backend == LandmarkBackend.mesh else backend.value, self.device)
         self.mesh = load_face_mesh(str(self.device)) if backend == LandmarkBackend.mesh else None
+        # with the mesh (the mesh recipe's prep) the hands on each crop are stored too
+        self.hands = HandLandmarker(self.device) if backend == LandmarkBackend.mesh else None
         self.embedder = DlibEmbedder() if embed else None
 
     def __call__(self, rgb: np.ndarray, scale: float, timings: Counter) -> tuple[list[dict], list[np.ndarray], str | None]:
@@ -107,6 +110,14 @@ class FaceProcessor:
             t = time.perf_counter()
             mesh = self.mesh.from_landmarks68(crops_t, lm_crop.float())[0].double().cpu().numpy()
             timings["mesh"] += time.perf_counter() - t
+        hands: list[list] = [[] for _ in range(len(boxes))]
+        if self.hands is not None:
+            t = time.perf_counter()
+            found = self.hands(crops_t)
+            for i, lm_h, p in zip(found.image.tolist(), found.landmarks.cpu().numpy(), found.presence.tolist()):
+                if p >= MIN_PRESENCE:
+                    hands[i].append(np.round(lm_h.astype(np.float64), 2).tolist())
+            timings["hands"] += time.perf_counter() - t
 
         emb = None
         if self.embedder is not None:
@@ -129,5 +140,7 @@ class FaceProcessor:
                 r["embedding"] = np.round(emb[i], 5).tolist()
             if mesh is not None:
                 r["mesh468"] = np.round(mesh[i], 2).tolist()
+            if self.hands is not None:
+                r["hands"] = hands[i]
             recs.append(r)
         return recs, crops, None

@@ -5,7 +5,8 @@ This reads such a file with the ``tflite`` flatbuffer bindings (no TensorFlow), 
 weight into a torch parameter in NCHW layout and executes the operator list in order: batched,
 on any device, in float32 or float16. Only the ops these MobileNet-style networks use are
 supported (CONV_2D, DEPTHWISE_CONV_2D, ADD, PRELU, RELU, MAX_POOL_2D, PAD, RESHAPE,
-CONCATENATION); any other op is refused at load with its name.
+CONCATENATION, RESIZE_BILINEAR, MEAN, FULLY_CONNECTED, LOGISTIC, and DEQUANTIZE of float16
+constants, which is done once at load); any other op is refused at load with its name.
 
 TFLite's SAME padding is asymmetric (the extra row/column goes after); it is reproduced with an
 explicit ``F.pad`` before the convolution or pool.
@@ -26,7 +27,8 @@ from triplets.jsonl import UnreadableFile, read_bounded
 #: Largest .tflite graph read (MediaPipe's are 0.1-5 MB).
 MAX_TFLITE_BYTES = 256 << 20
 
-SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PRELU", "RELU", "MAX_POOL_2D", "PAD", "RESHAPE", "CONCATENATION")
+SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PRELU", "RELU", "MAX_POOL_2D", "PAD", "RESHAPE", "CONCATENATION",
+             "RESIZE_BILINEAR", "MEAN", "FULLY_CONNECTED", "LOGISTIC", "DEQUANTIZE")
 
 
 class TfliteError(ValueError):
@@ -55,6 +57,25 @@ def _activation(x: torch.Tensor, code: int) -> torch.Tensor:
     if code == 3:
         return F.relu6(x)
     raise TfliteError(f"fused activation {code} is not supported")
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool, half_pixel: bool) -> torch.Tensor:
+    """TFLite's RESIZE_BILINEAR on B×C×H×W: with ``half_pixel`` torch's ``align_corners=False``;
+    with ``align_corners`` torch's; with neither, TensorFlow's legacy mapping (source = destination
+    × in/out, no half-pixel shift), computed here by a separable gather."""
+    if half_pixel or align_corners:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=bool(align_corners))
+    out = x
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        n_in = out.shape[dim]
+        src = torch.arange(n_out, device=x.device, dtype=torch.float64) * (n_in / n_out)
+        i0 = src.floor().long().clamp(0, n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        w = (src - i0.double()).to(x.dtype)
+        shape = [1] * out.dim()
+        shape[dim] = n_out
+        out = out.index_select(dim, i0) * (1 - w.view(shape)) + out.index_select(dim, i1) * w.view(shape)
+    return out
 
 
 class TfliteNet(nn.Module):
@@ -92,7 +113,8 @@ class TfliteNet(nn.Module):
             self.shapes[t] = tuple(int(v) for v in ten.ShapeAsNumpy()) if ten.ShapeLength() else ()
             data = model.Buffers(ten.Buffer()).DataAsNumpy()
             if isinstance(data, np.ndarray) and data.size:
-                dt = {tflite.TensorType.FLOAT32: np.float32, tflite.TensorType.INT32: np.int32}.get(ten.Type())
+                dt = {tflite.TensorType.FLOAT32: np.float32, tflite.TensorType.INT32: np.int32,
+                      tflite.TensorType.FLOAT16: np.float16}.get(ten.Type())
                 if dt is None:
                     raise TfliteError(f"{path}: tensor {ten.Name().decode()} has type {ten.Type()} (only float32 graphs are supported)")
                 consts[t] = np.frombuffer(data.tobytes(), dt).reshape(self.shapes[t])
@@ -106,6 +128,11 @@ class TfliteNet(nn.Module):
                 raise TfliteError(f"{path}: operator {kind} is not supported (supported: {', '.join(SUPPORTED)})")
             ins = [op.Inputs(j) for j in range(op.InputsLength())]
             out = op.Outputs(0)
+            if kind == "DEQUANTIZE":  # float16 weights: widened once here, no op at run time
+                if ins[0] not in consts:
+                    raise TfliteError(f"{path}: DEQUANTIZE of a computed tensor is not supported")
+                consts[out] = consts[ins[0]].astype(np.float32)
+                continue
             self.ops.append(self._build(tflite, op, kind, ins, out, consts, len(self.ops)))
 
     def _param(self, key: str, a: np.ndarray) -> str:
@@ -151,6 +178,25 @@ class TfliteNet(nn.Module):
             o.Init(raw.Bytes, raw.Pos)
             axis = o.Axis() % len(self.shapes[out])
             return _Op("concat", ins, out, {"axis": axis})
+        if kind == "RESIZE_BILINEAR":
+            o = tflite.ResizeBilinearOptions()
+            o.Init(raw.Bytes, raw.Pos)
+            size = tuple(int(v) for v in consts[ins[1]])
+            return _Op("resize", [ins[0]], out, {"size": size, "align": o.AlignCorners(), "half": o.HalfPixelCenters()})
+        if kind == "MEAN":
+            o = tflite.ReducerOptions()
+            o.Init(raw.Bytes, raw.Pos)
+            axes = [int(v) % len(self.shapes[ins[0]]) for v in np.atleast_1d(consts[ins[1]])]
+            return _Op("mean", [ins[0]], out, {"axes": axes, "keep": o.KeepDims()})
+        if kind == "FULLY_CONNECTED":
+            o = tflite.FullyConnectedOptions()
+            o.Init(raw.Bytes, raw.Pos)
+            opts = {"w": self._param(f"w{n}", consts[ins[1]]), "act": o.FusedActivationFunction()}
+            if len(ins) > 2 and ins[2] >= 0:
+                opts["b"] = self._param(f"b{n}", consts[ins[2]])
+            return _Op("fc", [ins[0]], out, opts)
+        if kind == "LOGISTIC":
+            return _Op("sigmoid", [ins[0]], out)
         return _Op("reshape", [ins[0]], out, {"shape": self.shapes[out]})  # RESHAPE
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -189,6 +235,18 @@ class TfliteNet(nn.Module):
                 if all(p.dim() == 4 for p in parts):  # NHWC axis → NCHW axis
                     axis = {0: 0, 1: 2, 2: 3, 3: 1}[axis]
                 y = torch.cat(parts, axis)
+            elif op.kind == "resize":
+                y = resize_bilinear(a, o["size"], o["align"], o["half"])
+            elif op.kind == "mean":
+                y = (a.permute(0, 2, 3, 1) if a.dim() == 4 else a).mean(o["axes"], keepdim=o["keep"])  # TFLite's axes: NHWC
+                if y.dim() == 4:
+                    y = y.permute(0, 3, 1, 2)
+            elif op.kind == "fc":
+                flat = (a.permute(0, 2, 3, 1) if a.dim() == 4 else a).reshape(a.shape[0], -1)
+                b = self.params[o["b"]].to(a.dtype) if "b" in o else None
+                y = _activation(F.linear(flat, self.params[o["w"]].to(a.dtype), b), o["act"])
+            elif op.kind == "sigmoid":
+                y = torch.sigmoid(a)
             else:  # reshape: to TFLite's (NHWC) element order
                 src = a.permute(0, 2, 3, 1) if a.dim() == 4 else a
                 shape = (a.shape[0],) + tuple(op.opts["shape"][1:])

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import nn
 
 from reliableswap.checkpoints import CheckpointRefused, state_bytes, torch_load
-from reliableswap.faces.models import MissingWeightsError
+from reliableswap.faces.models import MissingWeightsError, weights_dir  # noqa: F401 (re-exported: the one weights folder rule)
 from reliableswap.nets import liveportrait
 from reliableswap.nets.bisenet import BiSeNet
 from reliableswap.nets.gfpgan import GFPGANv1Clean
@@ -91,14 +91,6 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("inception", "eval", "FID's Inception-v3 (the 2015 TensorFlow graph, pytorch-fid's conversion): pool3, 2048-D", (
         WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3, sha256=FID_WEIGHTS.rsplit("-", 1)[1].removesuffix(".pth")),)),
 )}
-
-
-def weights_dir(configured: str | os.PathLike | None = None) -> Path:
-    """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user cache."""
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("RELIABLESWAP_WEIGHTS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "reliableswap" / "weights"
 
 
 def file_path(backend: str, wf: WeightFile, root: Path) -> Path:

@@ -19,10 +19,13 @@ def masked_stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def reinhard(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
-             max_ratio: float | None = None) -> torch.Tensor:
+             max_ratio: float | None = None, lab_src: torch.Tensor | None = None,
+             lab_ref: torch.Tensor | None = None) -> torch.Tensor:
     """Reinhard et al. 2001: match LAB mean and std. With ``max_ratio`` the spread is damped: the
-    mean moves fully, each channel's std only by a factor within ``[1/max_ratio, max_ratio]``."""
-    ls, lr = rgb_to_lab(src.clamp(0, 1)), rgb_to_lab(ref.clamp(0, 1))
+    mean moves fully, each channel's std only by a factor within ``[1/max_ratio, max_ratio]``.
+    ``lab_src``/``lab_ref``: the images' CIE-LAB when the caller has it already."""
+    ls = rgb_to_lab(src.clamp(0, 1)) if lab_src is None else lab_src
+    lr = rgb_to_lab(ref.clamp(0, 1)) if lab_ref is None else lab_ref
     mu_s, sd_s = masked_stats(ls, m_src)
     mu_r, sd_r = masked_stats(lr, m_ref)
     if max_ratio is None:

@@ -6,14 +6,16 @@ For a pair (a = identity, b = attributes), with their 468-point meshes in crop p
 1. **Geometry** (:func:`reenact_mesh`): a's mesh is brought into b's head pose by a 3D
    similarity fitted on the parts that do not move with expression (a's 3D shape in b's pose);
    around the mouth and the eyes, b's local shape (mouth opening, smile, eyelids) is moved onto
-   a's by a weighted 3D similarity and blended in with smooth weights. The result ``M_ab`` is a's
-   face in b's pose and expression.
+   a's by a weighted 3D similarity and blended in with smooth weights; a's brows keep their shape
+   and move by b's brow raise. The result ``M_ab`` is a's face in b's pose and expression.
 2. **Texture** (:func:`render_mesh`): ``M_ab`` is rasterized with a z-buffer (the batched
    rasterizer of ``geometry.raster``); every covered pixel samples a's image at the same surface
    point of a's mesh. A point that a's own z-buffer shows hidden (the far cheek of a turned
    head) is not sampled from what covers it: its sampling position is filled smoothly from the
    visible neighbours. The mouth opening samples b (teeth and tongue follow b's mouth); the eye
-   openings sample a's eyes inside b's eyelids.
+   openings sample a's eyes inside b's eyelids. Where a lip or skin pixel would sample a's mouth
+   interior (teeth or the dark cavity of a wide-open mouth), the lip and skin colours around it
+   are filled in instead, so a's teeth never show as a dark band above b's mouth.
 3. **Colour** (:func:`skin_transfer`): statistics from skin pixels only (eyes, brows, lips, the
    mouth and the forehead, often under hair, excluded) on both faces; linear colour transfer when
    the two skins are close, a damped LAB transfer (mean fully, spread within bounds) when the gap
@@ -46,6 +48,12 @@ from reliableswap.synth.appearance import linear_transfer, masked_cov, masked_st
 _POSE_WEIGHT_CUTOFF = 0.05
 #: Far-apart skins: each LAB channel's spread changes by at most this factor.
 DAMPED_RATIO = 1.4
+#: Jacobi iterations per pyramid level of the hole fills (hidden points, the mouth): the
+#: coarse-to-fine start leaves little to do at each finer level.
+FILL_ITERS = 20
+#: Inside the mesh's lips, pixels this many skin standard deviations darker than the skin are
+#: the mouth's cavity or gums, not lip.
+CAVITY_SD = 2.5
 
 
 def similarity3d(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -68,15 +76,24 @@ def similarity3d(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> torch
 
 
 def reenact_mesh(mesh_a: torch.Tensor, mesh_b: torch.Tensor) -> torch.Tensor:
-    """``M_ab``: a's 3D face in b's pose with b's mouth and eyelids (B×468×3, b's pixels)."""
+    """``M_ab``: a's 3D face in b's pose with b's mouth, eyelids and brow raise (B×468×3, b's pixels).
+
+    The mouth and the eyelids take b's local shape (a weighted 3D similarity of b's region laid
+    over a's); each brow keeps a's shape and only moves by how far b's brow sits from a's once a's
+    head is in b's pose (a raised or knitted brow), so the brows' shape, which a face recogniser
+    reads as identity, stays a's."""
     t = fm.topology()
-    w_mouth, w_eyes = t["w_mouth"].to(mesh_a.device), t["w_eyes"].to(mesh_a.device)
+    dev = mesh_a.device
+    w_mouth, w_eyes = t["w_mouth"].to(dev), t["w_eyes"].to(dev)
     rigid = ((w_mouth + w_eyes) < _POSE_WEIGHT_CUTOFF).to(mesh_a.dtype)
-    a_in_b = similarity3d(mesh_a, mesh_b, rigid)
-    out = a_in_b.double()
+    a_in_b = similarity3d(mesh_a, mesh_b, rigid).double()
+    out = a_in_b.clone()
     for w in (w_mouth, w_eyes):
-        b_local = similarity3d(mesh_b, a_in_b, w)  # b's region laid over a's, its own shape kept
-        out = out + w.view(1, -1, 1).double() * (b_local.double() - a_in_b.double())
+        b_local = similarity3d(mesh_b, a_in_b.to(mesh_a.dtype), w).double()  # b's region laid over a's, its own shape kept
+        out = out + w.view(1, -1, 1).double() * (b_local - a_in_b)
+    for ring, w in ((fm.RIGHT_BROW, t["w_brow_r"]), (fm.LEFT_BROW, t["w_brow_l"])):
+        shift = (mesh_b[:, ring].double() - a_in_b[:, ring]).mean(1, keepdim=True)  # B×1×3
+        out = out + w.to(dev).view(1, -1, 1).double() * shift
     return out.to(mesh_a.dtype)
 
 
@@ -91,15 +108,20 @@ def region_map(mesh: torch.Tensor, size: int, backend: str = "auto") -> tuple[to
 
 
 def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, mesh_b: torch.Tensor,
-                mesh_ab: torch.Tensor, backend: str = "auto", occlusion_tol: float = 0.03) -> dict[str, torch.Tensor]:
+                mesh_ab: torch.Tensor, backend: str = "auto", occlusion_tol: float = 0.03,
+                occluded_a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Texture ``M_ab`` from a (its mouth opening from b).
 
     Args:
         img_a, img_b: B×3×S×S in [0, 1]; mesh_a, mesh_b, mesh_ab: B×468×3 (pixels, z smaller nearer).
         occlusion_tol: depth tolerance, a fraction of the face width, for a's visibility test.
+        occluded_a: B×1×S×S soft mask of what covers a's face in a's image (a hand), or None.
     Returns:
         dict: ``face`` B×3×S×S (zeros off the mesh), ``covered`` B×1×S×S bool, ``labels`` B×1×S×S,
-        ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, filled from their neighbours).
+        ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, filled from their neighbours),
+        ``into_mouth`` B×1×S×S bool (pixels that would have shown a's mouth interior), and with
+        ``occluded_a`` ``occluded`` B×1×S×S: how much of each pixel samples what covers a (to leave
+        out of the blend: a's hand is never pasted onto b).
     """
     s = img_b.shape[-1]
     t = fm.topology()
@@ -119,12 +141,68 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     grid = pixel_grid(s, s, img_a.device, xy_a.dtype).T.reshape(1, 2, s, s)
     off_a = torch.where(covered, xy_a - grid, torch.zeros_like(xy_a))
     if bool(hidden.any()):
-        off_a = torch.where(hidden, harmonic_fill(off_a, covered & ~hidden), off_a)
+        off_a = fill_inside_box(off_a, hidden, covered & ~hidden, margin=16)
     face_a = warp_backward(img_a, off_a.to(img_a.dtype), "border")
     face_b = warp_backward(img_b, torch.where(covered, xy_b - grid, torch.zeros_like(xy_b)).to(img_b.dtype), "border")
     mouth = labels == fm.MOUTH_R
+    # a's mouth interior (teeth, the dark cavity) must not land on the fake's lips or skin: where
+    # it would, the lips' and skin's own colours are filled in from around (a closed lip line)
+    labels_a = torch.where(p2f_a >= 0, t["labels"].to(img_a.device)[p2f_a.clamp_min(0)], torch.full_like(p2f_a, -1)).unsqueeze(1)
+    inside_a = mouth_interior(img_a, labels_a).to(xy_a.dtype)
+    into_mouth = covered & ~mouth & (sample_at_nearest(inside_a, xy_a).nan_to_num(0, 0, 0) > 0.5)
+    if bool(into_mouth.any()):
+        face_a = fill_inside_box(face_a, into_mouth, covered & ~mouth & ~into_mouth)
     face = torch.where(mouth, face_b, face_a) * covered
-    return {"face": face, "covered": covered, "labels": labels, "hidden": hidden}
+    out = {"face": face, "covered": covered, "labels": labels, "hidden": hidden, "into_mouth": into_mouth}
+    if occluded_a is not None:
+        out["occluded"] = warp_backward(occluded_a.to(img_a.dtype), off_a.to(img_a.dtype), "zeros") * (covered & ~mouth)
+    return out
+
+
+def fill_inside_box(img: torch.Tensor, holes: torch.Tensor, known: torch.Tensor, margin: int = 8,
+                    iters: int = FILL_ITERS) -> torch.Tensor:
+    """``img`` (B×C×S×S) with its ``holes`` (B×1×S×S bool) filled harmonically from the ``known``
+    pixels, solved only in the box around every hole of the batch (plus ``margin`` px): the holes
+    are a part of the face (a mouth, a hidden cheek), a full-image solve costs several times more."""
+    ys, xs = torch.nonzero(holes.any(0)[0], as_tuple=True)
+    h, w = img.shape[-2:]
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
+    box = (..., slice(y0, y1), slice(x0, x1))
+    out = img.clone()
+    out[box] = torch.where(holes[box], harmonic_fill(img[box], known[box], iters), img[box])
+    return out
+
+
+def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> torch.Tensor:
+    """B×1×S×S bool: a face's mouth interior in its own image: the mesh's mouth opening, and
+    inside the mesh's lips what is not lip (teeth: brighter and less red than the skin; the
+    cavity: more than 2.5 standard deviations darker than the skin), which a mesh fitted to 68
+    landmarks often leaves inside its lips when the mouth is wide open; dilated by ``dilate`` px.
+
+    ``img`` B×3×S×S in [0, 1], ``labels`` B×1×S×S its region map (−1 off the face)."""
+    inner = labels == fm.MOUTH_R
+    lips = labels == fm.LIPS_R
+    if bool(lips.any()):
+        # skin statistics from a quarter-size image; the colour tests only inside the lips' box
+        small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
+        skin = torch.nn.functional.max_pool2d((labels == fm.SKIN).float(), 4, ceil_mode=True) * \
+            (1 - torch.nn.functional.max_pool2d((labels != fm.SKIN).float(), 4, ceil_mode=True))
+        b = img.shape[0]
+        mu, sd = masked_stats(rgb_to_lab(small), skin)
+        mu, sd = mu.view(b, 3, 1, 1), sd.view(b, 3, 1, 1)
+        ys, xs = torch.nonzero(lips.any(0)[0], as_tuple=True)
+        box = (..., slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+        lab = rgb_to_lab(img[box].clamp(0, 1).float())
+        ell, a_star = lab[:, :1], lab[:, 1:2]
+        teeth = (a_star < mu[:, 1:2]) & (ell > mu[:, :1])
+        cavity = ell < mu[:, :1] - CAVITY_SD * sd[:, :1]
+        inner = inner.clone()
+        inner[box] = inner[box] | (lips[box] & (teeth | cavity))
+    if dilate > 0:
+        k = 2 * dilate + 1
+        inner = torch.nn.functional.max_pool2d(inner.float(), k, 1, dilate) > 0.5
+    return inner
 
 
 def sample_at_nearest(field: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
@@ -140,21 +218,49 @@ def sample_at_nearest(field: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
 
 
 def face_oval_mask(mesh: torch.Tensor, size: int, erode: float = 0.06, forehead: float = 0.1,
-                   feather: float = 0.03) -> torch.Tensor:
+                   feather: float = 0.03, brow_margin: float = 0.06) -> torch.Tensor:
     """Soft mask of the mesh's face outline (B×1×S×S): the oval shrunk toward the face centre by
     ``erode``, its top lowered by ``forehead`` (fractions of the face height; the hairline is
-    where the mesh is least sure), edge feathered by ``feather`` × face height."""
+    where the mesh is least sure), edge feathered by ``feather`` × face height.
+
+    The lowered top never comes closer than ``brow_margin`` × face height above the highest brow
+    point: the brows are identity (a face recogniser reads them as much as the eyes), so they
+    always lie inside the mask, feather included, whatever ``forehead`` asks."""
     oval = mesh[:, fm.FACE_OVAL, :2].float()
     centre = mesh[:, 1:2, :2].float()  # nose tip
     poly = centre + (oval - centre) * (1 - erode)
     top, chin = oval[:, 0], oval[:, 18]
     height = (chin - top).norm(dim=-1)
     up = (top - chin) / height.unsqueeze(-1).clamp_min(1e-6)
-    # lower the upper half of the outline along "up" by forehead × height (fading to 0 at the eyes)
-    along = ((poly - chin.unsqueeze(1)) * up.unsqueeze(1)).sum(-1) / height.unsqueeze(-1).clamp_min(1e-6)
-    lower = (forehead * height).unsqueeze(-1) * ((along - 0.45) / 0.55).clamp(0, 1)
-    poly = poly - up.unsqueeze(1) * lower.unsqueeze(-1)
+    h1 = height.unsqueeze(-1).clamp_min(1e-6)
+    # heights along "up" (fractions of the face height above the chin)
+    along = ((poly - chin.unsqueeze(1)) * up.unsqueeze(1)).sum(-1) / h1
+    brows = mesh[:, fm.RIGHT_BROW + fm.LEFT_BROW, :2].float()
+    brow_top = ((brows - chin.unsqueeze(1)) * up.unsqueeze(1)).sum(-1).amax(1, keepdim=True) / h1
+    # lower the upper half of the outline by up to forehead × height (fading to 0 at the eyes),
+    # but not below the brows' top + the margin (nor lower than the outline already is there)
+    lowered = along - forehead * ((along - 0.45) / 0.55).clamp(0, 1)
+    floor = torch.minimum(along, brow_top + brow_margin + feather)
+    drop = (along - torch.maximum(lowered, floor)).clamp_min(0)
+    poly = poly - up.unsqueeze(1) * (drop * h1).unsqueeze(-1)
     return soft_polygon_mask(poly, size, size, feather * height)
+
+
+def feature_mask(labels: torch.Tensor, grow: float = 0.02) -> torch.Tensor:
+    """Soft B×1×S×S mask of the features a face recogniser reads (brows, eye openings, lips and
+    mouth) of a region map (B×1×S×S), grown by ``grow`` × S px and feathered as much: added to the
+    blend mask, so neither the face outline's erosion nor the forehead trim cuts a brow's tail or
+    an eye corner of a turned face."""
+    core = ((labels == fm.BROW_R) | (labels == fm.RIGHT_EYE_R) | (labels == fm.LEFT_EYE_R) | (labels == fm.LIPS_R)
+            | (labels == fm.MOUTH_R)).float()
+    # grown and feathered at half resolution (a quarter of the work; the edge is soft anyway)
+    half = torch.nn.functional.avg_pool2d(core, 2, ceil_mode=True)
+    r = max(1, round(grow * labels.shape[-1] / 2))
+    grown = torch.nn.functional.max_pool2d(half, 2 * r + 1, 1, r)
+    k = 2 * r + 1
+    soft = gaussian_blur2d(grown, (k, k), (r / 2, r / 2))
+    soft = torch.nn.functional.interpolate(soft, scale_factor=2, mode="bilinear", align_corners=False)[..., :labels.shape[-2], :labels.shape[-1]]
+    return torch.maximum(soft, core)
 
 
 def skin_mask(labels: torch.Tensor, covered: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,52 +272,56 @@ def skin_mask(labels: torch.Tensor, covered: torch.Tensor | None = None) -> torc
 
 
 def occluders(img: torch.Tensor, labels: torch.Tensor, ref_mask: torch.Tensor, threshold: float = 4.0,
-              blur: float = 2.0) -> torch.Tensor:
-    """Soft B×1×S×S mask of what covers the skin (hair over the forehead, glasses, a hand or a
-    microphone): skin-region pixels (``skin``/``forehead`` labels) not brighter than the skin whose
-    LAB colour lies more than ``threshold`` standard deviations (Mahalanobis) from the skin colour
-    of ``ref_mask`` (cheeks, nose, chin), and forehead pixels more than two standard deviations
-    darker than the skin (hair, hats); slightly dilated by a blur of ``blur`` px. Highlights are
-    never occluders."""
-    lab = rgb_to_lab(img.clamp(0, 1).float())
+              blur: float = 2.0, lab: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft B×1×S×S mask of what covers the forehead (hair, bangs, a hat): forehead-region pixels
+    not brighter than the skin whose LAB colour lies more than ``threshold`` standard deviations
+    (Mahalanobis) from the skin colour of ``ref_mask`` (cheeks, nose, chin) or more than two
+    standard deviations darker than the skin; slightly dilated by a blur of ``blur`` px.
+
+    Below the brows dark pixels are left alone: brows, lashes, eyeliner, moustache and beard are
+    the person's identity, not occluders, and a colour rule cannot tell them from a hand or a
+    glasses frame (those come from a parsing backend, ``[masks] backend``). ``lab``: ``img`` in
+    CIE-LAB when the caller has it already."""
+    lab = rgb_to_lab(img.clamp(0, 1).float()) if lab is None else lab
     b, c = lab.shape[:2]
     mu, cov = masked_cov(lab, ref_mask.float())
     mu = mu.view(b, c, 1, 1)
     cov = cov + 4.0 * torch.eye(c, device=img.device)  # ridge: 2 LAB units
     d = (lab - mu).reshape(b, c, -1)
     m2 = (torch.linalg.solve(cov, d) * d).sum(1).reshape_as(labels).float()
-    skin_like = (labels == fm.SKIN) | (labels == fm.FOREHEAD_R)
-    dark = lab[:, :1] < mu[:, :1]
-    far = skin_like & dark & (m2 > threshold ** 2)
     sd_l = cov[:, 0, 0].sqrt().view(b, 1, 1, 1)
-    hair = (labels == fm.FOREHEAD_R) & (lab[:, :1] < mu[:, :1] - 2 * sd_l)
-    occ = (far | hair).float()
+    dark = lab[:, :1] < mu[:, :1]
+    occ = ((labels == fm.FOREHEAD_R) & dark & ((m2 > threshold ** 2) | (lab[:, :1] < mu[:, :1] - 2 * sd_l))).float()
     k = int(2 * round(3 * blur) + 1)
     return (gaussian_blur2d(occ, (k, k), (blur, blur)) * 2).clamp(0, 1)
 
 
-def skin_gap(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor) -> torch.Tensor:
-    """CIE-LAB distance between the mean skin colours of two batches (B)."""
-    mu_s = masked_stats(rgb_to_lab(src.clamp(0, 1).float()), m_src)[0]
-    mu_r = masked_stats(rgb_to_lab(ref.clamp(0, 1).float()), m_ref)[0]
+def skin_gap(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
+             lab_src: torch.Tensor | None = None, lab_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """CIE-LAB distance between the mean skin colours of two batches (B); ``lab_src``/``lab_ref``:
+    the images in CIE-LAB when the caller has them already."""
+    mu_s = masked_stats(rgb_to_lab(src.clamp(0, 1).float()) if lab_src is None else lab_src, m_src)[0]
+    mu_r = masked_stats(rgb_to_lab(ref.clamp(0, 1).float()) if lab_ref is None else lab_ref, m_ref)[0]
     return (mu_s - mu_r).flatten(1).norm(dim=1)
 
 
 def skin_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
-                  large_gap: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  large_gap: float = 25.0, lab_src: torch.Tensor | None = None,
+                  lab_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recolour ``src`` so its skin matches ``ref``'s skin, statistics from skin pixels only: linear
     colour transfer (LCT) when the skins are close; where they are far apart (``skin_gap`` >
     ``large_gap`` LAB units), where full covariance matching over-stretches, a damped LAB transfer
     (Reinhard with the spread kept within :data:`DAMPED_RATIO`: a dark face brought to a pale
     target keeps its shading instead of blown-up contrast).
 
-    Returns ``(recoloured B×3×S×S, far B bool)``.
+    Returns ``(recoloured B×3×S×S, far B bool)``. ``lab_src``/``lab_ref``: the images in CIE-LAB
+    when the caller has them already (each is needed three times in the mesh path).
     """
-    gap = skin_gap(src, ref, m_src, m_ref)
+    gap = skin_gap(src, ref, m_src, m_ref, lab_src, lab_ref)
     out = linear_transfer(src, ref, m_src, m_ref)
     far = gap > large_gap
     if bool(far.any()):
-        out = torch.where(far.view(-1, 1, 1, 1), reinhard(src, ref, m_src, m_ref, DAMPED_RATIO), out)
+        out = torch.where(far.view(-1, 1, 1, 1), reinhard(src, ref, m_src, m_ref, DAMPED_RATIO, lab_src, lab_ref), out)
     return out, far
 
 
@@ -252,6 +362,6 @@ def mesh_reshape_flow(mesh_b: torch.Tensor, mesh_ab: torch.Tensor, size: int, st
 
 
 __all__ = [
-    "face_oval_mask", "mesh_reshape_flow", "reenact_mesh", "region_map", "render_mesh", "sample_at_nearest",
+    "face_oval_mask", "feature_mask", "mesh_reshape_flow", "reenact_mesh", "region_map", "mouth_interior", "render_mesh", "sample_at_nearest",
     "similarity3d", "skin_gap", "skin_mask", "skin_transfer",
 ]

@@ -8,9 +8,12 @@ batch [b; a].
 from __future__ import annotations
 
 import torch
+from kornia.color import rgb_to_lab
 
 from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
 from reliableswap.faces import mesh as fm
+from reliableswap.faces.hands import HandLandmarker
+from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.faces.ibug68 import INNER, MIRROR68
 from reliableswap.faces.masks import face_mask
 from reliableswap.faces.pose import head_pose
@@ -25,13 +28,18 @@ from reliableswap.synth.reenact import load_reenactor
 from reliableswap.synth.reshape import reshape
 
 
+def mirror_flags(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
+    """B bool: the faces (B×68×2) whose yaw is closer to the reference's once flipped."""
+    yaw = head_pose(lm)[:, 0]
+    yaw_ref = head_pose(lm_ref)[:, 0]
+    return (yaw + yaw_ref).abs() < (yaw - yaw_ref).abs()
+
+
 def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor,
                   mesh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mirror the faces whose yaw is closer to the reference's once flipped (B×3×H×W, B×68×2 and,
     when given, their B×468×3 meshes). Returns ``(img, lm, mesh)``."""
-    yaw = head_pose(lm)[:, 0]
-    yaw_ref = head_pose(lm_ref)[:, 0]
-    flip = (yaw + yaw_ref).abs() < (yaw - yaw_ref).abs()
+    flip = mirror_flags(lm, lm_ref)
     if not bool(flip.any()):
         return img, lm, mesh
     w = img.shape[-1]
@@ -53,6 +61,9 @@ def check_models(recipe: TripletRecipe, load: bool = True) -> None:
         require(backend, root, step)
     if recipe.uses_mesh:
         fm.mesh_model_path()
+    if recipe.uses_mesh and recipe.masks.hands:
+        for m in WHEEL_MODELS["hands"]:
+            wheel_model(m, recipe.weights.dir or None)
     if load:
         for _, backend in recipe.learned:
             learned.load_nets(backend, root)
@@ -81,6 +92,7 @@ class Synthesizer:
             self.reenactor = load_reenactor(recipe.reenact.backend, recipe.reenact.identity_layout)
         self.parser = FaceParser(root, amp) if "masks" in steps else None
         self.restorer = Restorer(steps["restore"], root, recipe.restore.strength, amp) if "restore" in steps else None
+        self.hands: HandLandmarker | None = None  # loaded when first needed ([masks] hands)
 
     def keep_target(self, face: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """With parsing masks (``self.parser``): B×1×S×S weight of what stays the target's (hair,
@@ -96,16 +108,34 @@ class Synthesizer:
         prep stored none) → B×468×3."""
         return fm.load_face_mesh(str(img.device)).from_landmarks68(img, lm)[0].to(img.dtype)
 
+    def hand_masks(self, images: torch.Tensor) -> torch.Tensor | None:
+        """B×1×S×S soft masks of the hands in B crops (``[masks] hands``), else None."""
+        if not self.r.masks.hands:
+            return None
+        if self.hands is None:
+            self.hands = HandLandmarker(images.device, self.r.weights.dir or None)
+        return self.hands.masks(images).to(images.dtype)
+
     @torch.no_grad()
     def render_mesh(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
-                    mesh_id: torch.Tensor, mesh_attr: torch.Tensor) -> dict[str, torch.Tensor]:
+                    mesh_id: torch.Tensor, mesh_attr: torch.Tensor, hands_id: torch.Tensor | None = None,
+                    hands_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The mesh path of :meth:`render` (see ``reliableswap.synth.meshswap``); adds ``mesh``
         (B×468×3, the fake's face mesh) and ``kept`` (B, fraction of the reshape displacement kept
-        to stay fold-free) to the outputs."""
+        to stay fold-free) to the outputs. ``hands_id``/``hands_attr``: B×1×S×S hand masks of the
+        two crops (measured here with ``[masks] hands`` when None): the attribute face's hand stays
+        in the fake, the identity face's hand is never pasted into it (``source_hand`` B×1×S×S:
+        where the render would have shown it, left out of the mask)."""
         r = self.r
         h, w = img_attr.shape[-2:]
+        if r.masks.hands:
+            hands_id = self.hand_masks(img_id) if hands_id is None else hands_id
+            hands_attr = self.hand_masks(img_attr) if hands_attr is None else hands_attr
         if r.reenact.mirror:
+            flip = mirror_flags(lm_id, lm_attr)
             img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id)
+            if hands_id is not None:
+                hands_id = torch.where(flip.view(-1, 1, 1, 1), hands_id.flip(-1), hands_id)
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
@@ -115,7 +145,7 @@ class Synthesizer:
             flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
-        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend)
+        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=hands_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
         if self.restorer is not None:
             face = torch.where(covered, self.restorer(torch.where(covered, face, background)), face)
@@ -124,20 +154,26 @@ class Synthesizer:
         m_ref = meshswap.skin_mask(labels_b)
         # what covers either face (hair over the forehead, glasses, hands) stays b's: a's occluders
         # are found on the render, b's on b (then moved by the reshape flow like b itself)
-        occ = meshswap.occluders(face, labels, m_src)
-        occ_b = meshswap.occluders(img_attr, labels_b, m_ref)
+        lab_face, lab_b = rgb_to_lab(face.clamp(0, 1).float()), rgb_to_lab(img_attr.clamp(0, 1).float())  # each used thrice
+        occ = meshswap.occluders(face, labels, m_src, lab=lab_face)
+        occ_b = meshswap.occluders(img_attr, labels_b, m_ref, lab=lab_b)
         if mesh_reshape:
             occ_b = warp_backward(occ_b, flow, "zeros")
         method = r.appearance.method
         if method != Appearance.none:
             if method == Appearance.skin:
-                recoloured, _ = meshswap.skin_transfer(face, img_attr, m_src, m_ref, r.appearance.large_gap)
+                recoloured, _ = meshswap.skin_transfer(face, img_attr, m_src, m_ref, r.appearance.large_gap, lab_face, lab_b)
             else:
                 recoloured = appearance.transfer(method.value, face, img_attr, m_src, m_ref)
             face = torch.where(labels == fm.MOUTH_R, face, recoloured)  # b's own mouth stays as it is
         face = torch.where(covered, face, background)
-        mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather) * covered
+        mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather)
         mask = mask * (1 - torch.maximum(occ, occ_b))
+        # brows, eyes and lips are always a's: no trim, erosion or dark forehead hair takes them
+        mask = torch.maximum(mask, meshswap.feature_mask(labels)) * covered
+        if hands_attr is not None:  # hands are real occluders, over any feature: b's stays, a's never comes
+            hand_b = warp_backward(hands_attr, flow, "zeros") if mesh_reshape else hands_attr
+            mask = mask * (1 - torch.maximum(hand_b, rend["occluded"]))
         if self.parser is not None:
             mask = mask * (1 - self.keep_target(face, background))  # face is composited on the background above
         if r.blend.method == BlendMethod.multiband:
@@ -147,7 +183,10 @@ class Synthesizer:
         lm_out = fm.mesh_to_68(mesh_ab).to(lm_attr.dtype)
         if r.reshape.enabled and r.reshape.method == ReshapeMethod.tps:
             fake, flow, lm_out = reshape(fake, lm_out, lm_id, r.reshape.strength)
-        return {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
+        out = {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
+        if hands_id is not None:
+            out["source_hand"] = rend["occluded"]  # where the render sampled the identity face's hand
+        return out
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Soft region where the reenacted face replaces the target (B×1×H×W)."""
@@ -157,13 +196,16 @@ class Synthesizer:
 
     @torch.no_grad()
     def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
-               p_id=None, p_attr=None, mesh_id: torch.Tensor | None = None, mesh_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               p_id=None, p_attr=None, mesh_id: torch.Tensor | None = None, mesh_attr: torch.Tensor | None = None,
+               hands_id: torch.Tensor | None = None, hands_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
 
         Args:
             img_id, img_attr: B×3×S×S in [0, 1]; lm_id, lm_attr: B×68×2;
             p_id, p_attr: FLAME parameters of both (``FlameParams``, B rows) for FLAME recipes;
-            mesh_id, mesh_attr: B×468×3 face meshes for mesh recipes (measured here when None).
+            mesh_id, mesh_attr: B×468×3 face meshes for mesh recipes (measured here when None);
+            hands_id, hands_attr: B×1×S×S hand masks for mesh recipes with ``[masks] hands``
+            (measured here when None).
         Returns:
             dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
@@ -175,7 +217,7 @@ class Synthesizer:
         if self.r.uses_mesh:
             mesh_id = self.measure_mesh(img_id, lm_id) if mesh_id is None else mesh_id
             mesh_attr = self.measure_mesh(img_attr, lm_attr) if mesh_attr is None else mesh_attr
-            return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr))
+            return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr, hands_id, hands_attr))
         h, w = img_attr.shape[-2:]
         zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         flame_shape = self.r.reshape.enabled and self.r.reshape.method == ReshapeMethod.flame
@@ -216,10 +258,12 @@ class Synthesizer:
             fake, flow, lm_out = reshape(fake, lm_reen, lm_id, self.r.reshape.strength)
         return _finite({"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow})
 
-    def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None, mesh_a=None, mesh_b=None) -> dict[str, torch.Tensor]:
+    def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None, mesh_a=None, mesh_b=None,
+              hands_a=None, hands_b=None) -> dict[str, torch.Tensor]:
         """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a).
         ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only); ``mesh_a``, ``mesh_b``: stored
-        B×468×3 meshes (mesh recipes; measured when None)."""
+        B×468×3 meshes (mesh recipes; measured when None); ``hands_a``, ``hands_b``: B×1×S×S masks
+        of the hands prep stored (mesh recipes with ``[masks] hands``; detected when None)."""
         p_id = p_attr = None
         if p_a is not None:
             p_id, p_attr = FlameParams.cat([p_a, p_b]), FlameParams.cat([p_b, p_a])
@@ -229,8 +273,12 @@ class Synthesizer:
         m_id = m_attr = None
         if mesh_a is not None:
             m_id, m_attr = torch.cat([mesh_a, mesh_b]), torch.cat([mesh_b, mesh_a])
+        h_id = h_attr = None
+        if self.r.uses_mesh and self.r.masks.hands:  # each crop's hands found once for both directions
+            h = self.hand_masks(torch.cat([img_a, img_b])) if hands_a is None else torch.cat([hands_a, hands_b]).to(img_a.dtype)
+            h_id, h_attr = h, torch.cat([h[img_a.shape[0]:], h[:img_a.shape[0]]])
         out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
-                          p_id, p_attr, m_id, m_attr)
+                          p_id, p_attr, m_id, m_attr, h_id, h_attr)
         n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}
 
