@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/reliableswap demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs the suite on two pytest-xdist workers: one torch thread each (two cores in all),
+# set before any test imports torch; child processes (prep workers) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 FACES = Path(os.environ.get("RELIABLESWAP_FACES", ROOT.parent / "shared" / "data" / "faces"))
 
@@ -36,10 +44,22 @@ def prepped(faces_dir, tmp_path_factory):
     from reliableswap.choices import LandmarkBackend
     from reliableswap.commands.prep import PrepConfig, run_prep
 
-    out = tmp_path_factory.mktemp("prepped")
     inputs = [p for p in sorted(faces_dir.iterdir()) if p.is_dir() and p.name not in ("video",)]
-    summary = run_prep(inputs, out, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
-    return out, summary
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp("prepped")
+        return out, run_prep(inputs, out, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
+    # under pytest-xdist the first worker to get here preps, the others wait and read its folder
+    import json
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "prepped"
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "prepped.summary.json"
+        if not done.is_file():
+            summary = run_prep(inputs, shared, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
+            done.write_text(json.dumps(summary))
+    return shared, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
