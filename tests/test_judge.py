@@ -214,6 +214,32 @@ def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped
     assert s["counts"]["rejected_by_reason"] == {"identity margin below --min-id-margin 0.0": 2}
 
 
+def test_where_the_two_judges_disagree_on_the_shared_faces(tmp_path, faces_dir):
+    """The shared faces' pairs that dlib and SFace decide differently at their own thresholds (every
+    other pair of the labelled faces they decide alike, BENCHMARKS.md):
+    - the official ReliableSwap triplet's ``output_st`` (its synthesizer's fake of the source's
+      identity) against that source: SFace says the same person, dlib says not (distance > 0.6);
+    - the largest face of the 1927 Solvay group photo (a few dozen grainy pixels) against London
+      set face 030, two different people: SFace's cosine lands just above its threshold, dlib
+      refuses them. A strong judge is not infallible on tiny, old photos."""
+    from reliableswap.commands.prep import PrepConfig, run_prep
+
+    files = {"source": "triplet_official/source.jpg", "st": "triplet_official/output_st.jpg",
+             "solvay": "multi_face/solvay_conference_1927.png", "l030": "london_set/london_030_neutral.jpg"}
+    run_prep([faces_dir / f for f in files.values()], tmp_path / "p", PrepConfig(largest=True), workers=1)
+    faces = FaceSet.load(tmp_path / "p")
+    by = {next(k for k, f in files.items() if r.origin.path.endswith(f)): r for r in faces}
+    assert set(by) == set(files)
+    imgs = to_tensor([read_crop(faces, by[k]) for k in files])
+    lms = torch.tensor([by[k].landmarks68 for k in files], dtype=torch.float32)
+    sface, dlib = load_judge("sface"), load_judge("dlib")
+    es, ed = sface.embed(imgs, lms), dlib.embed(imgs, lms)
+    s_same = lambda i, j: float(sface.score(es[i:i + 1], es[j:j + 1])[0]) >= SFACE_SAME_COSINE  # noqa: E731
+    d_same = lambda i, j: float(dlib.score(ed[i:i + 1], ed[j:j + 1])[0]) >= -DLIB_SAME_DISTANCE  # noqa: E731
+    assert s_same(0, 1) and not d_same(0, 1)  # the official fake keeps its source's identity for SFace only
+    assert s_same(2, 3) and not d_same(2, 3)  # SFace's false accept on a 1927 group-photo face
+
+
 def test_pairs_never_pair_one_person_with_sface(tmp_path, faces_dir):
     """Unlabelled photos, two of each person (neutral and smiling): SFace keeps every pair apart."""
     from reliableswap.commands.pairs import run_pairs
