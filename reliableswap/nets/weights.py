@@ -24,7 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import nn
 
 from reliableswap.checkpoints import CheckpointRefused, state_bytes, torch_load
-from reliableswap.faces.models import MissingWeightsError, weights_dir  # noqa: F401 (re-exported: the one weights folder rule)
+from reliableswap.faces.models import MissingWeightsError, remove_stale_parts, weights_dir  # noqa: F401 (re-exported: one weights folder rule)
 from reliableswap.nets import liveportrait
 from reliableswap.nets.bisenet import BiSeNet
 from reliableswap.nets.gfpgan import GFPGANv1Clean
@@ -262,31 +262,6 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
 def open_url(url: str, timeout: float = 60):
     """``urlopen`` that refuses an https→http redirect."""
     return urllib.request.build_opener(_NoDowngrade).open(url, timeout=timeout)
-
-
-def _part_owner(name: str) -> int | None:
-    """The process id in a download temp name ``.{file}.{pid}.{random}.part``."""
-    parts = name.split(".")
-    return int(parts[-3]) if name.startswith(".") and name.endswith(".part") and len(parts) >= 4 and parts[-3].isdigit() else None
-
-
-def remove_stale_parts(dest: Path) -> int:
-    """Remove the ``.part`` temps of downloads whose process is gone (a killed fetch); returns how many."""
-    n = 0
-    for p in dest.glob(".*.part"):
-        pid = _part_owner(p.name)
-        if pid is None or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # a live download
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
 
 
 def verify_file(wf: WeightFile, size: int, sha256: str) -> str | None:
