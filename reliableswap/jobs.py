@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -42,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reliableswap import __version__
-from triplets.jsonl import atomic_write_json, read_json_file, temp_owner
+from triplets.jsonl import atomic_write_json, pid_alive, read_json_file, remove_dead_temps, temp_owner  # noqa: F401 (pid_alive: re-exported)
 from triplets.records import RejectRecord, Summary
 
 
@@ -68,40 +67,9 @@ def reason_key(reason: str) -> str:
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` (on this host) still runs. A zombie does not: a killed worker whose
-    parent died stays one until something reaps it (for ever under a container init that does
-    not), and it writes nothing more."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no procfs (macOS): signal 0 is all there is
-        return True
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
-
-
 def remove_stale_temps(folder: Path) -> int:
     """Remove temp files/folders in ``folder`` (not below) whose writing process is gone."""
-    n = 0
-    if not folder.is_dir():
-        return 0
-    for p in folder.glob(".*.tmp"):
-        pid = temp_owner(p.name)
-        if pid is not None and pid_alive(pid):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        n += 1
-    return n
+    return remove_dead_temps(folder, ".*.tmp", temp_owner)
 
 
 @contextlib.contextmanager

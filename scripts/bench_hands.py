@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -23,17 +22,9 @@ from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.images import read_crop, to_tensor
 from triplets.records import FaceSet
 
+from bench_mesh import best  # this script's folder is on sys.path: one timing helper for the benches
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def best_of(fn, n: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -50,8 +41,8 @@ def main() -> None:
     n = len(crops)
     hl = HandLandmarker("cpu")
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "crops": n}
-    res["torch_palms_per_s"] = round(n / best_of(lambda: hl.palms(crops)), 1)
-    res["torch_masks_per_s"] = round(n / best_of(lambda: hl.masks(crops)), 1)  # palms + landmarks where found + masks
+    res["torch_palms_per_s"] = round(n / best(lambda: hl.palms(crops)), 1)
+    res["torch_masks_per_s"] = round(n / best(lambda: hl.masks(crops)), 1)  # palms + landmarks where found + masks
     hands = hl(crops)
     res["hands_found"] = int((hands.presence >= 0.7).sum())
     from ai_edge_litert.interpreter import Interpreter
@@ -68,10 +59,10 @@ def main() -> None:
             for i in range(len(x)):
                 it.set_tensor(idx, x[i:i + 1])
                 it.invoke()
-        res[f"tflite_{name}_per_s"] = round(n / best_of(run), 1)
+        res[f"tflite_{name}_per_s"] = round(n / best(run), 1)
         with torch.no_grad():
             net = hl.palm if name == "palm" else hl.landmark
-            res[f"torch_{name}_net_per_s"] = round(n / best_of(lambda net=net, x=xs[size]: net(torch.from_numpy(x).permute(0, 3, 1, 2))), 1)
+            res[f"torch_{name}_net_per_s"] = round(n / best(lambda net=net, x=xs[size]: net(torch.from_numpy(x).permute(0, 3, 1, 2))), 1)
     print(json.dumps(res, indent=1))
     out = ROOT / "bench_out" / "hands"
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 _UMASK = os.umask(0)
@@ -155,6 +155,44 @@ def temp_owner(name: str) -> int | None:
     if len(parts) >= 4 and name.startswith(".") and parts[-1] == "tmp" and parts[-3].isdigit():
         return int(parts[-3])
     return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) still runs. A zombie does not: a killed worker whose
+    parent died stays one until something reaps it (for ever under a container init that does
+    not), and it writes nothing more."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS): signal 0 is all there is
+        return True
+    return status[status.rindex(")") + 2:][:1] not in ("Z", "X")
+
+
+def remove_dead_temps(folder: Path, pattern: str, owner: Callable[[str], int | None], keep_unowned: bool = False) -> int:
+    """Remove the temp files/folders of ``folder`` (not below) matching ``pattern`` whose writing
+    process (``owner`` of the name) is gone; a name without an owner is removed too unless
+    ``keep_unowned``. Returns how many."""
+    n = 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(pattern):
+        pid = owner(p.name)
+        if (pid is None and keep_unowned) or (pid is not None and pid_alive(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 def dumps(record: Any) -> str:

