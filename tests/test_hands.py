@@ -18,7 +18,10 @@ import torch
 from reliableswap.faces import models as fmodels
 from reliableswap.faces.hands import MIN_PRESENCE, HandLandmarker, hand_mask
 from reliableswap.faces.models import WHEEL_MODELS, MissingWeightsError, wheel_model
-from reliableswap.images import load_rgb, to_tensor
+from reliableswap.geometry.grid import warp_backward
+from reliableswap.images import load_rgb, read_crop, to_tensor
+from reliableswap.recipes import TripletRecipe
+from reliableswap.synth.pipeline import Synthesizer
 from triplets.records import FaceSet
 
 HAND_OVER_FACE = "ffhq/ffhq_00005_512.png"  # a fist holding a microphone over the chin
@@ -81,14 +84,10 @@ def test_the_target_s_hand_stays_and_the_source_s_is_never_pasted(prepped, landm
     """The default (mesh) recipe with the shared photo of a fist over a chin: as the target, the
     fist is still there, untouched, in the fake; as the source, no pixel of its fist enters the
     blend mask of the fake it gives its identity to."""
-    from reliableswap.recipes import TripletRecipe
-    from reliableswap.synth.pipeline import Synthesizer
-
     faces = FaceSet.load(prepped[0])
     recs = list(faces)
     hand = next(r for r in recs if "ffhq_00005" in r.origin.path)
     others = [r for r in recs if "/london_set/" in r.origin.path][:3]
-    from reliableswap.images import read_crop
 
     def batch(rs):
         return (to_tensor([read_crop(faces, r) for r in rs]), torch.tensor([r.landmarks68 for r in rs], dtype=torch.float32),
@@ -100,7 +99,6 @@ def test_the_target_s_hand_stays_and_the_source_s_is_never_pasted(prepped, landm
     hands_b = landmarker.masks(ib)
     assert float(hands_b.mean()) > 0.02
     out = syn.render_mesh(ia, la, ib, lb, ma, mb)
-    from reliableswap.geometry.grid import warp_backward
 
     where = warp_backward(hands_b, out["flow"], "zeros") > 0.99
     background = warp_backward(ib, out["flow"], "border")

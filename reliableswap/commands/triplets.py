@@ -135,8 +135,8 @@ class ChunkReader:
 
     def batches(self, loaded: list, pin: bool) -> list[tuple]:
         """The readable pairs of ``loaded`` as device batches: uint8 crops (pinned when ``pin``),
-        landmarks, and the stored meshes when every face of the batch has one (else ``None``: the
-        synthesizer measures them on the crops)."""
+        landmarks, and the stored meshes and hands' masks when every face of the batch has them
+        (else ``None``: the synthesizer measures them on the crops)."""
         ok = [(i, v) for i, err, v in loaded if not err]
         batches = []
         for s in range(0, len(ok), self.batch):
@@ -145,17 +145,15 @@ class ChunkReader:
             ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
             la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
             lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
-            ma = mb = None
+            ma = mb = ha = hb = None
             if self.r.uses_mesh and all(v[2].mesh468 is not None and v[3].mesh468 is not None for _, v in part):
                 ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
                 mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
-            batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb))))
             if self.r.uses_mesh and self.r.masks.hands and all(v[2].hands is not None and v[3].hands is not None for _, v in part):
                 # hands stored by prep: their masks are drawn here instead of detected per pair
-                size = ua.shape[1:3]
-                ha = stored_hand_masks([v[2].hands for _, v in part], size)
-                hb = stored_hand_masks([v[3].hands for _, v in part], size)
-                batches[-1] = batches[-1] + (ha, hb)
+                ha = stored_hand_masks([v[2].hands for _, v in part], ua.shape[1:3])
+                hb = stored_hand_masks([v[3].hands for _, v in part], ua.shape[1:3])
+            batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb))))
         return batches
 
     def load(self, idx: list[int], pin: bool) -> tuple[list, list]:

@@ -76,7 +76,6 @@ class DlibDetector:
         return boxes[order], scores[order]
 
 
-YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 #: dlib-convention box from YuNet's 5 points (eye centres, nose, mouth corners), fitted on the
 #: shared faces against HOG's boxes (37 photos): centre at ``eyes + 0.53 (mouth − eyes)``, side
 #: ``(2.27 |mouth − eyes| + 2.37 |right eye − left eye|) / 2``.

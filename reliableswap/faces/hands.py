@@ -34,6 +34,7 @@ from kornia.geometry.transform import warp_affine
 
 from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.faces.tflite import TfliteNet
+from reliableswap.geometry.affine import apply_affine, invert_affine
 from reliableswap.geometry.raster import polygon_mask
 
 PALM_INPUT, LANDMARK_INPUT = 192, 224
@@ -95,10 +96,9 @@ class HandLandmarker:
         box = raw[..., :4] / PALM_INPUT
         cxy = box[..., :2] + a
         kps = raw[..., 4:].reshape(b, -1, 7, 2) / PALM_INPUT + a[None, :, None]
-        scale = side
         off = torch.tensor([(side - w) // 2, (side - h) // 2], device=self.device, dtype=torch.float32)
-        det = torch.cat([score[..., None], cxy * scale - off, box[..., 2:] * scale,
-                         (kps * scale - off).reshape(b, -1, 14)], -1)
+        det = torch.cat([score[..., None], cxy * side - off, box[..., 2:] * side,
+                         (kps * side - off).reshape(b, -1, 14)], -1)
         return [weighted_nms(d[d[:, 0] > MIN_PALM_SCORE], NMS_IOU)[: self.max_hands] for d in det]
 
     @torch.no_grad()
@@ -114,9 +114,7 @@ class HandLandmarker:
         crops = warp_affine(images.to(self.device, torch.float32)[idx], m, (LANDMARK_INPUT, LANDMARK_INPUT),
                             padding_mode="zeros", align_corners=False)
         lm, presence, _, _ = self.landmark(crops)
-        pts = lm.view(-1, 21, 3)[..., :2]
-        inv = torch.linalg.inv(torch.cat([m, m.new_tensor([0, 0, 1]).expand(len(m), 1, 3)], 1))[:, :2]
-        back = pts @ inv[:, :, :2].transpose(1, 2) + inv[:, :, 2].unsqueeze(1)
+        back = apply_affine(lm.view(-1, 21, 3)[..., :2], invert_affine(m))
         return Hands(idx, back, presence.view(-1), d[:, 0])
 
     def masks(self, images: torch.Tensor, feather: float = 0.02) -> torch.Tensor:

@@ -34,7 +34,6 @@ from reliableswap.faces.models import FACE_MESH_MODEL, wheel_model
 from reliableswap.faces.tflite import TfliteNet
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
-MESH_FILE = "face_landmark.tflite"
 INPUT = 192
 N_POINTS = 468
 ROI_SCALE = 1.5

