@@ -170,7 +170,7 @@ def test_the_source_s_teeth_never_land_on_the_fake_s_lips(real):
     labels_a = ms.region_map(a, imgs.shape[-1])[2]
     inside = ms.mouth_interior(imgs[ia], labels_a, dilate=0)
     lips = (r["labels"] == fm.LIPS_R)
-    teeth_like = ms.mouth_interior(r["face"], torch.where(lips, torch.full_like(r["labels"], fm.LIPS_R), r["labels"]), dilate=0) & lips
+    teeth_like = ms.mouth_interior(r["face"], r["labels"], dilate=0) & lips  # without the rule: 12.7 % on the shared faces
     assert float(inside.float().mean()) > 0
     assert float(teeth_like.sum()) <= 0.02 * float(lips.sum())
 
