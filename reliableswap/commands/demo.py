@@ -78,16 +78,13 @@ def eval_line(run: dict, where: Path) -> str:
             f"expression error {both('expr_err', '.4f')}, pose error {both('pose_err', '.2f')}°; {fid} → {where / 'summary.json'}")
 
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
-
 def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say: Callable[[str], None] = print,
              progress: bool = False) -> dict[str, dict]:
     """The whole chain on the default faces; returns each step's summary. Re-running resumes."""
     out = Path(out)
     faces = default_faces(cache)
     say(f"default faces in {faces}")
-    recipe = load_recipe(RECIPES / "cycle.toml" if (RECIPES / "cycle.toml").is_file() else None, TripletRecipe)
+    recipe = load_recipe("cycle", TripletRecipe)
     # every pair of the few default faces (the identity QC drops those whose fakes look like their attribute donor)
     recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "pairs.n": 24, "qc.enabled": True})
     s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2, progress=progress)}
@@ -102,9 +99,9 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     if c["written"]:
         s["eval"] = run_eval_triplets(out / "triplets", out / "eval", device="auto", progress=progress)
         say(eval_line(s["eval"]["details"]["runs"][str(out / "triplets")], out / "eval"))
-    if (RECIPES / "tiny.toml").is_file():  # a source checkout: show the third use, a short CPU fine-tune
-        tiny = load_recipe(RECIPES / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 50})
-        run = out / "finetune"
-        s["finetune"] = run_finetune(tiny, out / "triplets", run, faces=out / "prep", device="cpu", progress=progress,
-                                     resume=(run / "checkpoints" / "latest.json").is_file())
+    # the third use: a short CPU fine-tune
+    tiny = load_recipe("tiny", TrainRecipe).with_overrides({"train.steps": 50})
+    run = out / "finetune"
+    s["finetune"] = run_finetune(tiny, out / "triplets", run, faces=out / "prep", device="cpu", progress=progress,
+                                 resume=(run / "checkpoints" / "latest.json").is_file())
     return s

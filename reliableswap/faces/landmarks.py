@@ -1,4 +1,5 @@
-"""68-point landmarks (iBUG/Multi-PIE layout): dlib shape predictor, or FAN (face-alignment).
+"""68-point landmarks (iBUG/Multi-PIE layout): dlib shape predictor, or FAN (face-alignment's 2DFAN-4
+weights, run by the network written here).
 
 Both backends take an H×W×3 uint8 RGB image and N×4 boxes ``(x0, y0, x1, y1)`` and return
 N×68×2 float32 pixel ``(x, y)`` with integer values at pixel centres.
@@ -6,6 +7,7 @@ N×68×2 float32 pixel ``(x, y)`` with integer values at pixel centres.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +17,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 
 from reliableswap.checkpoints import state_bytes, torch_load
-from reliableswap.faces.models import MissingWeightsError, dlib_model
+from reliableswap.faces.models import MissingWeightsError, dlib_model, weights_dir
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
 
@@ -55,9 +57,89 @@ FAN_INPUT = 256
 FAN_HEATMAP = 64
 
 
-def fan_weights_path() -> Path:
-    """Where face-alignment caches 2DFAN-4: ``$TORCH_HOME/hub/checkpoints/2DFAN4-*.pth.tar``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / FAN_WEIGHTS
+class _ConvBlock(torch.nn.Module):
+    """FAN's residual block: three pre-activated 3×3 convs (out/2, out/4, out/4 channels) concatenated,
+    plus the input (through BN-ReLU-1×1 when the widths differ). State keys as face-alignment's."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        nn = torch.nn
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout // 2, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout // 2), nn.Conv2d(cout // 2, cout // 4, 3, padding=1, bias=False)
+        self.bn3, self.conv3 = nn.BatchNorm2d(cout // 4), nn.Conv2d(cout // 4, cout // 4, 3, padding=1, bias=False)
+        self.downsample = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, 1, bias=False))
+                           if cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.nn.functional.relu
+        a = self.conv1(relu(self.bn1(x)))
+        b = self.conv2(relu(self.bn2(a)))
+        c = self.conv3(relu(self.bn3(b)))
+        return torch.cat([a, b, c], 1) + (x if self.downsample is None else self.downsample(x))
+
+
+class _HourGlass(torch.nn.Module):
+    """Depth-``depth`` hourglass of :class:`_ConvBlock` (modules ``b1_L``, ``b2_L``, ``b3_L``, ``b2_plus_1``)."""
+
+    def __init__(self, depth: int, features: int):
+        super().__init__()
+        self.depth = depth
+        for level in range(depth, 0, -1):
+            for name in ("b1_", "b2_", "b3_") + (("b2_plus_",) if level == 1 else ()):
+                self.add_module(f"{name}{level}", _ConvBlock(features, features))
+
+    def _level(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        m = self._modules
+        low = m[f"b2_{level}"](torch.nn.functional.avg_pool2d(x, 2))
+        low = self._level(level - 1, low) if level > 1 else m["b2_plus_1"](low)
+        return m[f"b1_{level}"](x) + torch.nn.functional.interpolate(m[f"b3_{level}"](low), scale_factor=2.0, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._level(self.depth, x)
+
+
+class FanNet(torch.nn.Module):
+    """The FAN stacked-hourglass landmark network (Bulat & Tzimiropoulos 2017), written here so that
+    ``--landmarks fan`` needs only torch: it loads face-alignment's ``2DFAN4-*.pth.tar`` key for key.
+
+    Input B×3×256×256 in [0, 1]; returns the list of each stack's B×68×64×64 heatmaps."""
+
+    def __init__(self, stacks: int = 4, points: int = 68):
+        super().__init__()
+        nn = torch.nn
+        self.stacks = stacks
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, stride=2, padding=3), nn.BatchNorm2d(64)
+        self.conv2, self.conv3, self.conv4 = _ConvBlock(64, 128), _ConvBlock(128, 128), _ConvBlock(128, 256)
+        for i in range(stacks):
+            self.add_module(f"m{i}", _HourGlass(4, 256))
+            self.add_module(f"top_m_{i}", _ConvBlock(256, 256))
+            self.add_module(f"conv_last{i}", nn.Conv2d(256, 256, 1))
+            self.add_module(f"bn_end{i}", nn.BatchNorm2d(256))
+            self.add_module(f"l{i}", nn.Conv2d(256, points, 1))
+            if i < stacks - 1:
+                self.add_module(f"bl{i}", nn.Conv2d(256, 256, 1))
+                self.add_module(f"al{i}", nn.Conv2d(points, 256, 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        relu, m = torch.nn.functional.relu, self._modules
+        x = relu(self.bn1(self.conv1(x)))
+        x = self.conv4(self.conv3(torch.nn.functional.avg_pool2d(self.conv2(x), 2)))
+        outs = []
+        for i in range(self.stacks):
+            ll = relu(m[f"bn_end{i}"](m[f"conv_last{i}"](m[f"top_m_{i}"](m[f"m{i}"](x)))))
+            outs.append(m[f"l{i}"](ll))
+            if i < self.stacks - 1:
+                x = x + m[f"bl{i}"](ll) + m[f"al{i}"](outs[-1])
+        return outs
+
+
+def fan_weights_path(weights: str | os.PathLike | None = None) -> Path:
+    """Where 2DFAN-4 is: ``<weights dir>/fan/2DFAN4-*.pth.tar`` (``reliableswap weights fetch fan``),
+    else face-alignment's own cache ``$TORCH_HOME/hub/checkpoints/`` when it holds the file there;
+    the weights-dir path when neither has it."""
+    ours = weights_dir(weights) / "fan" / FAN_WEIGHTS
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / FAN_WEIGHTS
+    return hub if not ours.is_file() and hub.is_file() else ours
 
 
 def fan_crop_transforms(boxes: torch.Tensor, res: int = FAN_INPUT) -> torch.Tensor:
@@ -108,25 +190,22 @@ def decode_heatmaps(hm: torch.Tensor) -> torch.Tensor:
 class FanLandmarks:
     """FAN 2D (face-alignment's 2DFAN-4) run batched on our own crops, on any device.
 
-    Works only when the weights file is already in the torch hub cache; it never downloads.
+    Works only when the weights file is already on disk (:func:`fan_weights_path`); it never downloads.
     """
 
     name = "fan"
 
-    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
-        path = Path(weights) if weights else fan_weights_path()
+    def __init__(self, device: str | torch.device = "cpu", weights: str | os.PathLike | None = None):
+        """``weights``: the weights folder (default ``$RELIABLESWAP_WEIGHTS``, ``~/.cache/reliableswap/weights``)."""
+        path = fan_weights_path(weights)
         if not path.is_file():
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise MissingWeightsError(
-                f"FAN weights not found: {path} (face-alignment's 2DFAN-4, {FAN_WEIGHTS}). "
-                f"No download is attempted: copy the file there (it is published at {FAN_URL}), "
-                "or use --landmarks dlib."
+                f"FAN weights not found: {path} (face-alignment's 2DFAN-4): get it with `reliableswap weights fetch fan` "
+                f"(published at {FAN_URL}; face-alignment's cached copy in {hub} is used too), or use --landmarks dlib"
             )
-        try:
-            from face_alignment.models import FAN
-        except ImportError as e:  # pragma: no cover - install problem
-            raise MissingWeightsError(f"face-alignment is not installed ({e}); run make install") from None
         self.device = torch.device(device)
-        net = FAN(4)
+        net = FanNet(4)
         net.load_state_dict(torch_load(path, state_bytes(net)))
         self.net = net.to(self.device).eval()
 

