@@ -218,7 +218,7 @@ def triplets(
 ) -> None:
     """Synthesize ReliableSwap triplets (source, target, output_st, output_ts) for every pair. Resumable.
     Default geometry: MediaPipe's 468-point face mesh (stored by prep --landmarks mesh, else measured here);
-    recipes/tps.toml is the 2D landmark path, --flame (or a FLAME recipe) the FLAME one; summary.json says which."""
+    --recipe tps is the 2D landmark path, --flame (or a FLAME recipe) the FLAME one; summary.json says which."""
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.recipes import TripletRecipe, load_recipe
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
@@ -42,23 +41,32 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return kornia_ssim(a.float(), b.float(), 11).flatten(1).mean(1)
 
 
-def frechet_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, eps: float = 1e-6) -> float:
-    """FID between two sets of features, ``N×D`` and ``M×D``: ‖μx − μy‖² + tr(Σx + Σy − 2(ΣxΣy)^½),
-    in float64 with unbiased covariances (as pytorch-fid). A singular product (fewer samples than
-    dimensions) gets ``eps`` on both diagonals; the square root's imaginary round-off is dropped.
-    Values are comparable only at equal sample counts: FID is biased upwards for small sets."""
+def frechet_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> float:
+    """FID between two sets of features, ``N×D`` and ``M×D``: ‖μx − μy‖² + tr Σx + tr Σy − 2 tr(ΣxΣy)^½,
+    in float64 with unbiased covariances (as pytorch-fid).
+
+    tr(ΣxΣy)^½ is the sum of the square roots of ΣxΣy's eigenvalues, which are real and ≥ 0 (a
+    product of two PSD matrices). With fewer samples than dimensions (every small-sample FID) they
+    are the squared singular values of ``Xc·Ycᵀ / √((N−1)(M−1))`` (centred features), so the trace
+    is that N×M matrix's nuclear norm: exact, no ``sqrtm`` of a D×D matrix, no ε on the diagonals.
+    Otherwise it is computed from the symmetric ``Σx^½ Σy Σx^½`` (``eigh``). Both equal
+    ``scipy.linalg.sqrtm``'s trace to round-off where that is well conditioned (tested), and stay
+    exact where it is not. Values are comparable only at equal sample counts: FID is biased
+    upwards for small sets."""
     x, y = (np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, np.float64) for t in (x, y))
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"frechet_distance needs two N×D sets of at least 2 samples, got {x.shape} and {y.shape}")
     mu = x.mean(0) - y.mean(0)
-    cx, cy = (np.atleast_2d(np.cov(t, rowvar=False)) for t in (x, y))
-    with np.errstate(all="ignore"):
-        root = scipy.linalg.sqrtm(cx @ cy)
-    if not np.isfinite(root).all():
-        off = np.eye(len(cx)) * eps
-        root = scipy.linalg.sqrtm((cx + off) @ (cy + off))
-    root = root.real if np.iscomplexobj(root) else root
-    return float(mu @ mu + np.trace(cx) + np.trace(cy) - 2 * np.trace(root))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    nx, ny = len(x) - 1, len(y) - 1
+    if len(x) * len(y) <= x.shape[1] ** 2:
+        root_trace = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt(nx * ny)
+    else:
+        cx, cy = xc.T @ xc / nx, yc.T @ yc / ny
+        w, v = np.linalg.eigh(cx)
+        half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        root_trace = np.sqrt(np.clip(np.linalg.eigvalsh(half @ cy @ half), 0, None)).sum()
+    return float(mu @ mu + (xc * xc).sum() / nx + (yc * yc).sum() / ny - 2 * root_trace)
 
 
 def kernel_inception_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, subsets: int = 100,

@@ -131,7 +131,7 @@ class Job:
                  shared: str | None = None, resumable: bool = True, temp_dirs: tuple[str, ...] = (),
                  device: str | None = None, progress: bool = False, lock: str | bool = True, _attached: bool = False):
         self.command, self.out, self.settings, self.unit = command, Path(out), settings, unit
-        self.shared, self.resumable, self.device = shared, resumable, device
+        self.shared, self.resumable, self.device, self._attached = shared, resumable, device, _attached
         if not _attached:
             self._refuse_others_summary()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -276,8 +276,12 @@ class Job:
     # -- the end ----------------------------------------------------------------------------
     def finish(self, *, n_in: int, written: int, written_this_run: int, rejects: list[dict], skipped: int = 0,
                details: dict[str, Any] | None = None, wall: float | None = None) -> dict[str, Any]:
-        """Write ``rejects.jsonl`` and ``summary.json`` (one schema); return the summary."""
+        """Write ``rejects.jsonl`` and ``summary.json`` (one schema); return the summary. Temps of
+        dead writers are swept once more: a killed run's worker still exiting when this run started
+        was spared then."""
         self.close()
+        if not self._attached:
+            self.clean_temps()
         wall = self.wall if wall is None else wall
         RejectRecord.write(self.path("rejects.jsonl"), rejects)
         summary = Summary(

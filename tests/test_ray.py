@@ -87,7 +87,7 @@ def ray_address():
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: ray start ends the processes it started…
         try:
-            head.wait(10)
+            head.wait(2)
         except subprocess.TimeoutExpired:  # …taking its time (30 s): the rest of its group goes at once
             pass
         with contextlib.suppress(ProcessLookupError):

@@ -73,8 +73,9 @@ def _batchnorm(x, gamma, beta, mean, var, *, epsilon: float = 1e-5, momentum: fl
 
 def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     slope = slope.to(x.dtype)
-    if slope.dim() == 1 and x.dim() > 2 and slope.numel() == x.shape[1]:
-        slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
+    per_channel = x.dim() >= 2 and slope.numel() == x.shape[1] and (slope.dim() == 1 or slope.shape[1:].numel() == 1)
+    if per_channel or slope.numel() == 1:  # one slope per channel ([C], [C,1,1]) or one for all: the fused kernel
+        return F.prelu(x, slope.reshape(-1))
     return torch.where(x >= 0, x, x * slope)
 
 

@@ -201,7 +201,7 @@ class FaceShifter(nn.Module):
         rec = 0.5 * (((result - batch["target"].to(result)) ** 2).flatten(1).mean(1) * same).sum() / same.sum().clamp_min(1)
         loss = self.w["adv"] * adv + self.w["att"] * att + self.w["rec"] * rec
         logs = {"g/adv": float(adv.detach()), "g/att": float(att.detach()), "g/rec": float(rec.detach())}
-        if self.differentiable_identity:
+        if self.differentiable_identity and self.w["id"] > 0:  # weight 0: no identity pass, no backward through it
             idl = (1 - F.cosine_similarity(self.identity(result), self._cache["z_id"], dim=-1)).mean()
             loss = loss + self.w["id"] * idl
             logs["g/id"] = float(idl.detach())
