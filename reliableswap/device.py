@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from reliableswap.errors import UserError
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → CUDA when available, else the CPU; otherwise the torch device named, checked: a
@@ -15,14 +17,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, auto)") from None
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, auto)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+            raise UserError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: only cpu and cuda devices are supported")
+        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
     return dev
 
 
@@ -47,5 +49,5 @@ def check_batch_memory(batch: int, bytes_per_item: float, device: torch.device, 
     need, free = batch * bytes_per_item, available_memory(device)
     if need > share * free:
         fits = max(1, int(share * free // bytes_per_item))
-        raise ValueError(f"{flag} {batch} needs about {need / 2**30:.1f} GiB on {device} ({bytes_per_item / 2**20:.0f} MiB "
+        raise UserError(f"{flag} {batch} needs about {need / 2**30:.1f} GiB on {device} ({bytes_per_item / 2**20:.0f} MiB "
                          f"an item) but {free / 2**30:.1f} GiB is free: use {flag} {fits} or less")

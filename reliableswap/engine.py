@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from reliableswap.jobs import Job
+from reliableswap.errors import UserError
 
 #: Ray Data blocks at most: one unit a block up to this, then several (a retried block redoes its
 #: units, which rewrite their outputs atomically), so millions of inputs do not make millions of
@@ -46,7 +47,7 @@ from reliableswap.jobs import Job
 MAX_BLOCKS = 8192
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(UserError):
     """A Ray worker died more often than ``--ray-retries`` allows (or its node went away): the
     units written so far are kept, and a re-run resumes."""
 
@@ -114,7 +115,7 @@ def _ray():
         import ray
         import ray.data
     except ImportError:
-        raise ValueError(RAY_HINT) from None
+        raise UserError(RAY_HINT) from None
     return ray
 
 
@@ -196,11 +197,11 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         return
     host, port = _host_port(address)
     if not host or not port.isdigit():
-        raise ValueError(f"--ray-address {address}: not host:port (or ray://host:port, auto)")
+        raise UserError(f"--ray-address {address}: not host:port (or ray://host:port, auto)")
     try:
         conn = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
-        raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e})") from None
     with conn:  # Ray's GCS (and its client server) speak gRPC: an HTTP/2 server answers the preface with SETTINGS
         try:
             conn.sendall(HTTP2_PREFACE)
@@ -213,7 +214,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         except OSError:
             head = b""
     if len(head) < 9 or head[3] != 0x04:
-        raise ValueError(f"--ray-address {address}: something listens there but it is not a Ray cluster "
+        raise UserError(f"--ray-address {address}: something listens there but it is not a Ray cluster "
                          f"(no gRPC answer within {timeout:g} s)")
 
 
@@ -251,7 +252,7 @@ def private_token(create: bool) -> None:
             f.write(secrets.token_hex(32))  # Ray's own generator: 256 random bits as hex
         return
     if st.st_mode & 0o077:
-        raise ValueError(f"{path}: the Ray cluster token is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+        raise UserError(f"{path}: the Ray cluster token is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
                          f"`chmod 600 {path}`, and delete it to have a new one made if others may have read it")
 
 
@@ -275,7 +276,7 @@ def _connected(ray, opts: RayOptions, address: str) -> Iterator[dict[str, Any]]:
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
-            raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({' '.join(str(e).split())[:200]})") from None
+            raise UserError(f"--ray-address {address}: no Ray cluster answers there ({' '.join(str(e).split())[:200]})") from None
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the command's own bar counts units
@@ -296,9 +297,9 @@ def gpu_stage_gpus(device: str, info: dict[str, Any]) -> float:
     the cluster has GPUs. ``cuda:N`` is refused: Ray picks each actor's GPU."""
     device = str(device)
     if device.startswith("cuda:"):
-        raise ValueError(f"--device {device}: with --engine ray each worker gets a GPU of its own (use --device cuda or auto)")
+        raise UserError(f"--device {device}: with --engine ray each worker gets a GPU of its own (use --device cuda or auto)")
     if device == "cuda" and not info["gpus"]:
-        raise ValueError("--device cuda: the Ray cluster has no GPU")
+        raise UserError("--device cuda: the Ray cluster has no GPU")
     return 1.0 if device in ("auto", "cuda") and info["gpus"] else 0.0
 
 

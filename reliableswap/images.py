@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from triplets.imaging import DECODABLE, MAX_IMAGE_BYTES, MAX_SIDE, ImageRefused, check_size, check_tiles
 from triplets.jsonl import atomic_write_bytes
 from triplets.records import FaceRecord, FaceSet, read_inside
+from reliableswap.errors import UserError
 
 try:  # nvJPEG through torchvision, for CUDA tensors (optional: no CPU torchvision wheel exists here)
     from torchvision.io import encode_jpeg as _tv_encode_jpeg
@@ -41,7 +42,7 @@ MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 
-class InputError(Exception):
+class InputError(UserError):
     """An input that cannot be used. ``str(err)`` is a one-line reason."""
 
 

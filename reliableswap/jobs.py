@@ -43,23 +43,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from reliableswap import __version__
 from triplets.jsonl import atomic_write_json, pid_alive, read_json_file, remove_dead_temps, temp_owner  # noqa: F401 (pid_alive: re-exported)
 from triplets.records import RejectRecord, Summary
+from reliableswap.errors import NothingUsable, UserError  # noqa: F401 (NothingUsable: re-exported)
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserError):
     """The output folder holds a run made with other settings."""
 
 
-class FolderBusy(ValueError):
+class FolderBusy(UserError):
     """Another run of the same command is writing into the folder (its lock names it)."""
 
 
-class OutputError(OSError):
+class OutputError(UserError, OSError):
     """An output could not be written (disk full, no permission…): the run stops with this message,
     and nothing is recorded against the input, so a re-run after the cause is fixed completes."""
 
 
-class NothingUsable(RuntimeError):
-    """The run finished but produced nothing usable (the CLI exits with 1)."""
 
 
 def reason_key(reason: str) -> str:

@@ -28,6 +28,7 @@ from reliableswap.faces.ibug68 import five_points
 from reliableswap.geometry.affine import similarity_lstsq
 from reliableswap.images import to_uint8
 from reliableswap.nets.sface import load_sface
+from reliableswap.errors import UserError
 
 JUDGES = ("sface", "dlib")
 #: SFace's same-person cosine threshold (OpenCV Zoo's, 0.363; the shared faces' calibration in
@@ -96,7 +97,7 @@ class DlibJudge:
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         if landmarks is None:
-            raise ValueError("the dlib judge needs 68 landmarks per image")
+            raise UserError("the dlib judge needs 68 landmarks per image")
         ims, lm = to_uint8(images), landmarks.detach().cpu().numpy()
         return torch.from_numpy(np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, lm)]))
 
@@ -110,7 +111,7 @@ def load_judge(name: str = "sface", device: str | torch.device = "cpu") -> Judge
         return SFaceJudge(device)
     if name == "dlib":
         return DlibJudge(device)
-    raise ValueError(f"unknown identity judge {name!r} (one of {', '.join(JUDGES)})")
+    raise UserError(f"unknown identity judge {name!r} (one of {', '.join(JUDGES)})")
 
 
 def keep_leak_margin(judge: Judge, fake: torch.Tensor, identity: torch.Tensor, attribute: torch.Tensor) -> dict[str, np.ndarray]:

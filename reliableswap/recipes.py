@@ -29,6 +29,7 @@ from triplets.jsonl import MAX_DEPTH, UnreadableFile, nesting_depth, read_bounde
 
 from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, JudgeName, MaskBackend, OutputFormat,
                                   Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
+from reliableswap.errors import UserError
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
 CLASS_SPEC = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
@@ -60,7 +61,7 @@ def resolve_recipe(path: str | os.PathLike) -> Path:
     raise RecipeError(f"{path}: no such file, nor a built-in recipe ({', '.join(builtin_recipes())})")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; ``str(err)`` is one line naming the file and the key."""
 
 

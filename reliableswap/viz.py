@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from reliableswap.images import decode_checked, read_crop, read_folder_image, save_image
+from reliableswap.errors import UserError
 from triplets.records import FaceSet, ManifestRecord, resolve_inside
 from triplets.webdataset import iter_shard
 
@@ -53,7 +54,7 @@ def faces_sheet(faces: FaceSet, out: Path, n: int = 16, tile: int = 192) -> Path
         p = r.pose
         tiles.append(_label(img, [r.id[:26], f"yaw {p.yaw:.0f} pitch {p.pitch:.0f} roll {p.roll:.0f}"]))
     if not tiles:
-        raise ValueError("no faces to show")
+        raise UserError("no faces to show")
     return save_image(out, grid(tiles, min(4, len(tiles))))
 
 
@@ -72,7 +73,7 @@ def triplets_sheet(folder: Path, out: Path, n: int = 16, tile: int = 192) -> Pat
     """One row per triplet: source, target, output_st, output_ts, with its qc figures."""
     recs = ManifestRecord.read(folder / ManifestRecord.FILE)[:n]
     if not recs:
-        raise ValueError("no triplets to show")
+        raise UserError("no triplets to show")
     keys = ("source", "target", "output_st", "output_ts")
     tiles = []
     shards: dict[str, dict[str, dict]] = {}  # each shard read once: key → sample

@@ -286,3 +286,39 @@ def test_every_record_says_where_it_was_read(tmp_path):
     m = tr.ManifestRecord(pair={"index": 0, "a": "a", "b": "b"}, folder="00000000")
     tr.ManifestRecord.write(tmp_path / "manifest.jsonl", [m])
     assert tr.ManifestRecord.read(tmp_path / "manifest.jsonl")[0].where == f"{tmp_path / 'manifest.jsonl'}:1"
+
+
+def test_a_value_error_from_numpy_is_an_internal_error_not_bad_input(tmp_path, monkeypatch, capsys):
+    """A ValueError raised by numpy inside a command is a bug: "internal error", exit 3, never
+    blamed on the user's input. The same place raising a UserError is one line and exit 2; the
+    operating system refusing a file is exit 2 too."""
+    import numpy as np
+
+    from reliableswap import cli
+    from reliableswap.errors import UserError
+    from reliableswap.testing.faces import write_synthetic_prep
+
+    prep = write_synthetic_prep(tmp_path / "prep", 3)
+    args = ["pairs", str(prep), "--out", str(tmp_path / "p.jsonl")]
+
+    def numpy_bug(*a, **k):
+        return np.reshape(np.arange(3), (2, 2))  # numpy: "cannot reshape array of size 3 into shape (2,2)"
+
+    monkeypatch.setattr("reliableswap.commands.pairs.make_pairs", numpy_bug)
+    assert cli.main(args) == 3
+    out = capsys.readouterr().err
+    assert "internal error: ValueError: cannot reshape" in out and "--debug" in out and "Traceback" not in out
+
+    def user_mistake(*a, **k):
+        raise UserError("faces.jsonl:2: size: too small")
+
+    monkeypatch.setattr("reliableswap.commands.pairs.make_pairs", user_mistake)
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: faces.jsonl:2: size: too small"
+
+    def refused(*a, **k):
+        open(tmp_path / "no" / "such" / "file")
+
+    monkeypatch.setattr("reliableswap.commands.pairs.make_pairs", refused)
+    assert cli.main(args) == 2
+    assert "error: [Errno 2] No such file or directory" in capsys.readouterr().err

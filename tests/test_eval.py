@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reliableswap.errors import UserError
 from reliableswap import evaluation as ev
 from reliableswap.faces.pose import MEAN_FACE_68
 
@@ -142,7 +143,7 @@ def test_fid_inception_reads_the_published_layout(tmp_path):
     assert ts is not None and "TorchScript" in why and not hasattr(ts, "fc")
     with torch.no_grad():
         assert ts(x[:1]).shape == (1, 2048)
-    with pytest.raises(FileNotFoundError, match="--inception"):
+    with pytest.raises(UserError, match="--inception"):
         fid_network(tmp_path / "nope.pth", torch.device("cpu"))
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from reliableswap.errors import UserError
 from reliableswap.train.losses import CycleSupervision
 from reliableswap.train.swapper import SwapperAdapter
 from triplets.layout import TYPE_TABLE
@@ -119,7 +120,7 @@ def test_arcface_checkpoint_loads_strictly(tmp_path):
     ref = torch.nn.functional.normalize(net(x * 2 - 1), dim=-1)
     assert torch.allclose(enc(x), ref, atol=1e-5)
     assert not any(p.requires_grad for p in enc.parameters())
-    with pytest.raises(FileNotFoundError, match="backbone.pth"):
+    with pytest.raises(UserError, match="backbone.pth"):
         load_arcface(tmp_path / "missing" / "backbone.pth")
 
 

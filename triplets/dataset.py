@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from triplets.layout import DEFAULT_REC_CODE, FILES, SAME, TYPE_TABLE, VANILLA
+from triplets.errors import UserError
 from triplets.official import read_triplet_pickle
 from triplets.imaging import MAX_IMAGE_BYTES, decode_rgb
 from triplets.jsonl import read_bounded
@@ -87,7 +88,7 @@ class TripletDataset(Dataset):
             self.folders = folders
             self._n = len(folders)
         if self._n == 0:
-            raise ValueError(f"no triplets found in {path}")
+            raise UserError(f"no triplets found in {path}")
 
     def __len__(self) -> int:
         return self._n * len(self.codes)

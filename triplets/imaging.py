@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from triplets.errors import UserError
 
 #: Formats whose header size is what Pillow decodes (first frame/page only).
 DECODABLE = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
@@ -22,7 +23,7 @@ MAX_SIDE = 4096
 MAX_IMAGE_BYTES = 96 << 20
 
 
-class ImageRefused(ValueError):
+class ImageRefused(UserError):
     """An image that is not decoded; ``str(err)`` is one line."""
 
 

@@ -11,6 +11,7 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+from triplets.errors import UserError
 
 
 _UMASK = os.umask(0)
@@ -22,7 +23,7 @@ MAX_SUMMARY_BYTES = 16 << 20
 MAX_DEPTH = 64
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(UserError):
     """A file a command reads that is not what it should be; ``str(err)`` is one line naming it."""
 
 

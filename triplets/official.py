@@ -18,25 +18,35 @@ import os
 import pickle
 from pathlib import Path
 
+from triplets.errors import UserError
 from triplets.jsonl import atomic_write_bytes
 
 TRIPLET_PICKLE = "triplet.pickle"
 VANILLA_PICKLE = "vanilla.pickle"
 
 
+class ListPickleRefused(UserError, pickle.UnpicklingError):
+    """An official list pickle that is not a plain list (or names code to load)."""
+
+
 class _NoGlobals(pickle.Unpickler):
     """Lists, tuples, strings and numbers only: any global is refused."""
 
     def find_class(self, module, name):  # noqa: D102
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a list pickle")
+        raise ListPickleRefused(f"refusing to load {module}.{name} from a list pickle")
 
 
 def load_list_pickle(path: str | os.PathLike) -> list:
     """A pickled list of plain values (no globals admitted)."""
     with open(path, "rb") as f:
-        items = _NoGlobals(f).load()
+        try:
+            items = _NoGlobals(f).load()
+        except ListPickleRefused as e:
+            raise ListPickleRefused(f"{path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+            raise ListPickleRefused(f"{path}: not a readable list pickle ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(items, list):
-        raise pickle.UnpicklingError(f"{path}: expected a pickled list, got {type(items).__name__}")
+        raise ListPickleRefused(f"{path}: expected a pickled list, got {type(items).__name__}")
     return items
 
 
@@ -58,5 +68,5 @@ def read_triplet_pickle(path: str | os.PathLike) -> list[Path]:
 def read_vanilla_pickle(path: str | os.PathLike) -> list[tuple[str, float]]:
     items = load_list_pickle(path)
     if not all(isinstance(t, tuple) and len(t) == 2 for t in items):
-        raise pickle.UnpicklingError(f"{path}: expected (path, quality) tuples")
+        raise ListPickleRefused(f"{path}: expected (path, quality) tuples")
     return [(str(p), float(q)) for p, q in items]

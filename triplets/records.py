@@ -27,6 +27,7 @@ from triplets.jsonl import MAX_SUMMARY_BYTES, UnreadableFile, atomic_write_bytes
 from triplets.layout import FILES
 from triplets.schema import (EMBEDDINGS_SCHEMA, FACES_SCHEMA, FLAME_SCHEMA, FLOWS_SCHEMA, MANIFEST_SCHEMA, PAIRS_SCHEMA,
                              REJECTS_SCHEMA, SUMMARY_SCHEMA)
+from triplets.errors import UserError
 
 #: Ids: letters, digits, ``._-``; no leading dot; 1–120 characters. Safe as a file name, also
 #: two of them joined (a flow's key ``{a}__{b}``).
@@ -53,7 +54,7 @@ Point = tuple[Finite, Finite]
 Vec3 = tuple[Finite, Finite, Finite]
 
 
-class ContractError(ValueError):
+class ContractError(UserError):
     """A record that breaks its contract; ``str(err)`` is one line ``file:line: field: problem``."""
 
     def __init__(self, where: str, field: str, problem: str):

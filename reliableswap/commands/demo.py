@@ -27,12 +27,13 @@ from reliableswap.commands.triplets import run_triplets
 from reliableswap.images import save_image
 from reliableswap.recipes import TrainRecipe, TripletRecipe, load_recipe
 from triplets.jsonl import atomic_write_bytes
+from reliableswap.errors import UserError
 
 INSIGHTFACE_WHEEL = "insightface==2.1"
 INSIGHTFACE_MEMBER = "insightface/data/images/t1.jpg"
 
 
-class DemoFacesError(RuntimeError):
+class DemoFacesError(UserError, RuntimeError):
     pass
 
 

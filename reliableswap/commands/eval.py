@@ -37,6 +37,7 @@ from reliableswap.train.swapper import BUILTIN_SWAPPERS, SwapperAdapter, load_cl
 from reliableswap.viz import _label, grid
 from triplets.jsonl import atomic_write_bytes, read_json_file
 from triplets.records import ContractError, FaceSet, ManifestRecord, PairRecord, resolve_inside
+from reliableswap.errors import UserError
 
 PER_PAIR = ("id_cos", "top1", "top5", "pose_err", "expr_err")
 
@@ -57,7 +58,7 @@ def load_run_swapper(run: Path, device: torch.device, swapper: str | None = None
         latest = read_json_file(run / "checkpoints" / "latest.json")
         weights = str(latest["weights"])
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{run}: not a finetune run folder ({Path(e.filename).name} missing)") from None
+        raise UserError(f"{run}: not a finetune run folder ({Path(e.filename).name} missing)") from None
     except (KeyError, TypeError) as e:
         raise ContractError(str(run / "checkpoints" / "latest.json"), "weights", f"not a checkpoint pointer ({type(e).__name__})") from None
     if recipe is None:
@@ -74,7 +75,7 @@ def load_run_swapper(run: Path, device: torch.device, swapper: str | None = None
             raise ContractError(where, "details.recipe.identity.checkpoint",
                                 "names a file outside the run folder, which a run folder may not choose: pass --recipe YOUR_RECIPE.toml")
     elif swapper is not None and swapper != recipe.model.swapper:
-        raise ValueError(f"--swapper {swapper} and --recipe's model.swapper {recipe.model.swapper} differ: give one")
+        raise UserError(f"--swapper {swapper} and --recipe's model.swapper {recipe.model.swapper} differ: give one")
     model, _ = build_swapper(recipe, device)
     model.model.load_state_dict(load_weights(resolve_inside(run / "checkpoints", weights, str(run / "checkpoints" / "latest.json"), "weights")))
     return model.eval(), f"{recipe.name} ({recipe.model.swapper}) at step {latest.get('step')}"
@@ -95,15 +96,15 @@ def open_swapper(checkpoint: Path | None, spec: str | None, weights: Path | None
     ``spec`` or the user's ``recipe``'s, never one its files name) or a class (``spec``, with its
     weights, range ``"0,1"``/``"-1,1"`` and input side, 0 = the crops')."""
     if checkpoint is None and spec is None:
-        raise ValueError("give one of --checkpoint RUN or --swapper module:Class")
+        raise UserError("give one of --checkpoint RUN or --swapper module:Class")
     if checkpoint is not None:
         return load_run_swapper(checkpoint, device, spec, recipe)
     if recipe is not None:
-        raise ValueError("--recipe goes with --checkpoint RUN (it builds that run's swapper)")
+        raise UserError("--recipe goes with --checkpoint RUN (it builds that run's swapper)")
     try:
         vr = tuple(float(v) for v in value_range.split(","))
     except ValueError:
-        raise ValueError(f"--value-range: expected 0,1 or -1,1, got {value_range!r}") from None
+        raise UserError(f"--value-range: expected 0,1 or -1,1, got {value_range!r}") from None
     return load_class_swapper(spec, weights, vr, input_size or None, device)
 
 
@@ -127,7 +128,7 @@ def fid_network(inception: Path | None, device: torch.device, weights: Path | No
     if path.is_file():
         return W.load_module(wf, path, device), str(path)
     if inception is not None:
-        raise FileNotFoundError(f"--inception {path}: no such file")
+        raise UserError(f"--inception {path}: no such file")
     try:
         ts = fid_torchscript_path()
     except MissingWeightsError as e:
@@ -299,7 +300,7 @@ def measure_triplets(folder: Path, limit: int | None = None, fidnet: torch.nn.Mo
         first = f" ({len(bad)} lines refused, the first: {bad[0]})" if bad else ""
         raise NothingUsable(f"{folder}: no usable triplet in {ManifestRecord.FILE}{first}")
     if any(r.folder is None for r in recs):
-        raise ValueError(f"{folder}: eval triplets reads folder-layout runs (this one wrote shards)")
+        raise UserError(f"{folder}: eval triplets reads folder-layout runs (this one wrote shards)")
     det = DlibDetector()
     checker = None
     out, rejects = [], bad_records(bad)

@@ -13,6 +13,7 @@ from reliableswap.jobs import Job, SettingsMismatch, take_lock
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.loop import Trainer
 from reliableswap.train.losses import CycleSupervision
+from reliableswap.errors import UserError
 
 
 #: What a run writes in its folder (``--overwrite`` removes these, nothing else).
@@ -46,7 +47,7 @@ def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os
     check_batch_memory(recipe.data.batch, train_bytes_per_sample(recipe), resolve_device(device), flag="[data] batch")
     used = [n for n in RUN_FILES if (run / n).exists()]
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
+        raise UserError("--resume and --overwrite exclude each other")
     if used and not resume:
         if not overwrite:
             raise SettingsMismatch(f"{run} already holds a run ({', '.join(used)}): pass --resume to continue it, "

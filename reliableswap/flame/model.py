@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from triplets.jsonl import UnreadableFile, read_bounded
+from reliableswap.errors import UserError
 
 ENV_VAR = "RELIABLESWAP_FLAME"
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """The file asks for a global this loader does not admit."""
 
 
@@ -47,7 +48,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 MAX_MODEL_BYTES = 1 << 30
 
 
-class FlameFileError(ValueError):
+class FlameFileError(UserError):
     """The file is not a usable FLAME model or embedding."""
 
 

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from triplets.jsonl import UnreadableFile, read_bounded
+from reliableswap.errors import UserError
 
 #: Largest .onnx file read (SFace int8: 10.7 MB; fp32: 37 MB).
 MAX_ONNX_BYTES = 512 << 20
 
 
-class OnnxError(ValueError):
+class OnnxError(UserError):
     """A model file that cannot be run; ``str(err)`` is one line naming it."""
 
 

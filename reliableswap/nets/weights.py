@@ -33,9 +33,10 @@ from reliableswap.nets.gpen import FullGenerator
 from reliableswap.nets.inception import FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3
 from reliableswap.nets.lia import Generator
 from triplets.jsonl import file_sha256
+from reliableswap.errors import UserError
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weight file that cannot be used; ``str(err)`` is one line naming the file and the problem."""
 
 

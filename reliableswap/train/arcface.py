@@ -23,6 +23,7 @@ from reliableswap.checkpoints import torch_load
 from reliableswap.faces.embed import DlibEmbedder
 from reliableswap.judge import SFaceJudge
 from reliableswap.faces.models import dlib_model
+from reliableswap.errors import UserError
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
@@ -110,14 +111,14 @@ def load_arcface(path: str | os.PathLike, crop: float = 0.75, device: str | torc
     """Load an insightface arcface_torch iresnet checkpoint (frozen, eval mode)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"ArcFace checkpoint {path} not found: download an insightface arcface_torch backbone "
             "(e.g. ms1mv3_arcface_r100_fp16/backbone.pth from the insightface model zoo) and pass its path")
     sd = _clean_state(torch_load(path, ARCFACE_MAX_BYTES))
     counts = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
     depth = next((d for d, c in DEPTHS.items() if tuple(counts) == c), None)
     if depth is None:
-        raise ValueError(f"{path}: not an arcface_torch iresnet (blocks per stage {counts})")
+        raise UserError(f"{path}: not an arcface_torch iresnet (blocks per stage {counts})")
     net = IResNet(DEPTHS[depth], num_features=sd["fc.weight"].shape[0])
     net.load_state_dict(sd, strict=True)
     return ArcFaceEncoder(net, crop).to(device).requires_grad_(False).eval()

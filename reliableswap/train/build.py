@@ -4,15 +4,17 @@ encoder, the swapper (reference FaceShifter or the user's ``package.module:Class
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from reliableswap.checkpoints import torch_load
-
+from reliableswap.checkpoints import CheckpointRefused, torch_load
 from reliableswap.choices import Condition, IdentityKind
+from reliableswap.errors import UserError
 from reliableswap.recipes import IdentitySection, TrainRecipe
 from reliableswap.train.aei import FaceShifter
 from reliableswap.train.arcface import DlibEncoder, SFaceEncoder, load_arcface
@@ -26,7 +28,7 @@ def build_identity(cfg: IdentitySection, device: torch.device) -> tuple[Callable
     if cfg.kind == IdentityKind.sface:
         return SFaceEncoder(device), 128, True
     if not cfg.checkpoint:
-        raise ValueError("identity.kind = arcface needs identity.checkpoint (an insightface arcface_torch backbone.pth)")
+        raise UserError("identity.kind = arcface needs identity.checkpoint (an insightface arcface_torch backbone.pth)")
     enc = load_arcface(cfg.checkpoint, device=device)
     return enc, enc.net.fc.out_features, True
 
@@ -63,10 +65,13 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Swapper weights from ``.safetensors`` or a torch file (``weights_only`` loading)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    sd = torch_load(path)
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        sd = torch_load(path)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise CheckpointRefused(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:160]})") from None
     for key in ("state_dict", "model", "generator"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, default_collate
 from triplets.dataset import TripletDataset
 from triplets.layout import FILES, SAME, VANILLA
 from triplets.records import FaceSet, ManifestRecord, resolve_inside
+from reliableswap.errors import UserError
 
 
 def split_triplets(triplets: Path, holdout: int, run: Path) -> tuple[Path, Path | None]:
@@ -39,7 +40,7 @@ class FacePairs(Dataset):
         self.paths = [faces.image_path(f) for f in faces]
         self.labels = [f.identity or f.id for f in faces]
         if len(self.paths) < 2:
-            raise ValueError(f"{folder}: need at least two faces for vanilla pairs")
+            raise UserError(f"{folder}: need at least two faces for vanilla pairs")
         self.size, self.same_rate, self.seed = image_size, same_rate, seed
 
     def __len__(self) -> int:

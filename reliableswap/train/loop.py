@@ -32,6 +32,7 @@ from torch.utils.data import default_collate
 
 from reliableswap.checkpoints import state_bytes, torch_load
 from reliableswap.device import resolve_device
+from reliableswap.errors import UserError
 from reliableswap.images import encode_image, to_uint8
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.build import build_swapper, load_weights, parameters_of
@@ -273,7 +274,7 @@ class Trainer:
     def resume(self) -> int:
         """Load ``latest.json``'s weights and optimizer state (its paths stay inside ``checkpoints/``)."""
         if not self.latest.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run / 'checkpoints'}")
+            raise UserError(f"--resume: no checkpoint in {self.run / 'checkpoints'}")
         where = str(self.latest)
         try:
             meta = read_json_file(self.latest)

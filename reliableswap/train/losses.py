@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from triplets.layout import SAME
+from reliableswap.errors import UserError
 
 CYCLE_CODES = (2, 3, 4, 5)
 
@@ -49,9 +50,9 @@ class CycleSupervision(nn.Module):
         self.w_cycle, self.w_perceptual, self.w_identity, self.w_same = w_cycle, w_perceptual, w_identity, w_same
         self.register_buffer("rec_code", torch.tensor(sorted(set(rec_code) & set(CYCLE_CODES)), dtype=torch.long), persistent=False)
         if w_perceptual and features is None:
-            raise ValueError("w_perceptual > 0 needs a feature extractor")
+            raise UserError("w_perceptual > 0 needs a feature extractor")
         if w_identity and identity is None:
-            raise ValueError("w_identity > 0 needs an identity model")
+            raise UserError("w_identity > 0 needs an identity model")
         self.features = _freeze(features)
         self.identity = _freeze(identity)
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reliableswap.errors import UserError
 
 
 class Swapper(Protocol):
@@ -32,11 +33,11 @@ def load_class(spec: str) -> type:
     """``"package.module:Class"`` → the class (a clear error when it cannot be imported)."""
     mod, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"swapper {spec!r}: expected 'package.module:Class'")
+        raise UserError(f"swapper {spec!r}: expected 'package.module:Class'")
     try:
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import swapper class {spec!r}: {e}") from e
+        raise UserError(f"cannot import swapper class {spec!r}: {e}") from e
 
 
 class SwapperAdapter(nn.Module):
@@ -54,11 +55,11 @@ class SwapperAdapter(nn.Module):
                  condition: str = "pair", identity: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         if tuple(value_range) not in ((0.0, 1.0), (-1.0, 1.0)):
-            raise ValueError(f"value_range must be (0, 1) or (-1, 1), got {value_range}")
+            raise UserError(f"value_range must be (0, 1) or (-1, 1), got {value_range}")
         if condition not in ("pair", "identity"):
-            raise ValueError("condition must be 'pair' or 'identity'")
+            raise UserError("condition must be 'pair' or 'identity'")
         if condition == "identity" and identity is None:
-            raise ValueError("condition='identity' needs an identity encoder")
+            raise UserError("condition='identity' needs an identity encoder")
         self.model = model
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
         self.input_size, self.condition, self.identity = input_size, condition, identity
