@@ -164,7 +164,7 @@ def iter_video_frames(path: str | os.PathLike, every: int = 1, max_pixels: int =
             or it holds no frame.
     """
     if every < 1:
-        raise ValueError("every must be >= 1")
+        raise UserError("every must be >= 1")
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise InputError("cannot open video (unsupported codec or not a video)")

@@ -99,7 +99,7 @@ class DlibJudge:
         if landmarks is None:
             raise UserError("the dlib judge needs 68 landmarks per image")
         ims, lm = to_uint8(images), landmarks.detach().cpu().numpy()
-        return torch.from_numpy(np.concatenate([self.embedder(im, l[None]) for im, l in zip(ims, lm)]))
+        return torch.from_numpy(np.concatenate([self.embedder(im, pts[None]) for im, pts in zip(ims, lm)]))
 
     def score(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -(a.float() - b.float()).norm(dim=-1)

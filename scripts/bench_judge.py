@@ -23,9 +23,9 @@ import torch
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.images import read_crop, to_tensor
 from reliableswap.judge import DlibJudge, SFaceJudge, equal_error_rate, load_judge
+from triplets.records import FaceSet
 
 JUDGE_CLASSES = {"dlib": DlibJudge, "sface": SFaceJudge}
-from triplets.records import FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {"none", "-", "identity", "", "solvay_1927_group", "skimage_cameraman"}

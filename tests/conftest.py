@@ -20,9 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FACES = Path(os.environ.get("RELIABLESWAP_FACES", ROOT.parent / "shared" / "data" / "faces"))
 
 
+def pytest_sessionstart(session) -> None:
+    """In CI (``CI=true``) the shared faces must be there: a run that skipped every real-face test
+    would pass green while testing nothing."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not (FACES / "MANIFEST.tsv").is_file():
+        pytest.exit(f"CI=true but the shared face fixtures are missing: {FACES} (set RELIABLESWAP_FACES)", returncode=4)
+
+
 def need_faces() -> Path:
     if not (FACES / "MANIFEST.tsv").is_file():
-        pytest.skip(f"shared face fixtures not found at {FACES} (set RELIABLESWAP_FACES)")
+        pytest.skip(f"shared face fixtures not found at {FACES} (set RELIABLESWAP_FACES); outside CI the real-face tests skip")
     return FACES
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
+from reliableswap.errors import UserError
 from reliableswap.faces.ibug68 import LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, RIGHT_EYE, five_points
 from reliableswap.geometry.affine import affine_scale, compose_affine, resize_affine, similarity_lstsq
 
@@ -71,7 +72,7 @@ def align_transform(landmarks: torch.Tensor, size: int, mode: str = "ffhq") -> t
         return ffhq_transform(landmarks, size)
     if mode == "arcface":
         return arcface_transform(landmarks, size)
-    raise ValueError(f"unknown alignment {mode!r} (one of {ALIGN_MODES})")
+    raise UserError(f"unknown alignment {mode!r} (one of {ALIGN_MODES})")
 
 
 def template_points(mode: str, size: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import cv2
 import dlib
 import numpy as np
 
+from reliableswap.errors import UserError
 from reliableswap.faces.models import YUNET_MODEL, dlib_model, wheel_model
 
 
@@ -42,7 +43,7 @@ class DlibDetector:
 
     def __init__(self, kind: str = "hog", passes: tuple[DetectPass, ...] = DEFAULT_PASSES):
         if kind not in ("hog", "cnn"):
-            raise ValueError(f"unknown detector {kind!r} (hog or cnn)")
+            raise UserError(f"unknown detector {kind!r} (hog or cnn)")
         self.kind = kind
         self.passes = passes
         if kind == "hog":
@@ -108,7 +109,7 @@ class YuNetDetector:
         try:
             self._det = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score, nms, 5000)
         except cv2.error as e:
-            raise ValueError(f"{path}: OpenCV cannot read it as YuNet ({' '.join(str(e).split())[:160]})") from None
+            raise UserError(f"{path}: OpenCV cannot read it as YuNet ({' '.join(str(e).split())[:160]})") from None
         self.max_side = max_side
         self.points = np.zeros((0, 5, 2))
 

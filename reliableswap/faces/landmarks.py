@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from kornia.geometry.transform import warp_affine
 
+from reliableswap.errors import UserError
 from reliableswap.checkpoints import state_bytes, torch_load
 from reliableswap.faces.models import MissingWeightsError, dlib_model, weights_dir
 from reliableswap.geometry.affine import apply_affine, invert_affine
@@ -229,4 +230,4 @@ def make_landmarker(name: str, device: str | torch.device = "cpu") -> Landmarker
         return DlibLandmarks()
     if name == "fan":
         return FanLandmarks(device)
-    raise ValueError(f"unknown landmark backend {name!r} (dlib or fan)")
+    raise UserError(f"unknown landmark backend {name!r} (dlib or fan)")

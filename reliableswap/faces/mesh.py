@@ -27,6 +27,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 from torch import nn
 
+from reliableswap.errors import UserError
 from reliableswap.faces.ibug68 import LEFT_EYE as LEFT_EYE68
 from reliableswap.faces.ibug68 import RIGHT_EYE as RIGHT_EYE68
 from reliableswap.faces.mesh_topology import MEAN, MESH_TO_68, TRIANGLES
@@ -110,15 +111,15 @@ class FaceMesh(nn.Module):
         self.net = TfliteNet(path or mesh_model_path())
         shape = self.net.shapes[self.net.input_ids[0]]
         if tuple(shape[1:]) != (INPUT, INPUT, 3):
-            raise ValueError(f"{self.net.path}: input {shape} is not 1×{INPUT}×{INPUT}×3 (not MediaPipe's face mesh)")
+            raise UserError(f"{self.net.path}: input {shape} is not 1×{INPUT}×{INPUT}×3 (not MediaPipe's face mesh)")
         try:  # a graph whose bytes were changed may parse and still not run: try it once here
             with torch.no_grad():
                 outs = self.net(torch.zeros(1, 3, INPUT, INPUT))
             ok = all(torch.isfinite(o).all() for o in outs)
         except Exception as e:  # noqa: BLE001 — whatever a doctored graph makes the ops raise
-            raise ValueError(f"{self.net.path}: the graph does not run ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+            raise UserError(f"{self.net.path}: the graph does not run ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
         if not ok:
-            raise ValueError(f"{self.net.path}: the graph gives NaN or infinite values on a blank image (a corrupt model file)")
+            raise UserError(f"{self.net.path}: the graph gives NaN or infinite values on a blank image (a corrupt model file)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         coords, flag = self.net(x)

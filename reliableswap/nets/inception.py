@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reliableswap.errors import UserError
 from reliableswap.checkpoints import check_archive
 from reliableswap.faces.models import FID_MODEL, check_pinned, wheel_model
 
@@ -188,7 +189,7 @@ def load_fid_torchscript(path: str | Path | None = None, device: str | torch.dev
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = torchscript_state(torch.jit.load(str(path), map_location="cpu"))
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{path}: not FID's Inception as TorchScript ({' '.join(str(e).split())[:160]})") from None
+        raise UserError(f"{path}: not FID's Inception as TorchScript ({' '.join(str(e).split())[:160]})") from None
     model = FIDInceptionV3(fc=False)
     model.load_state_dict(sd, strict=False)  # num_batches_tracked: torch's own counters
     return model.eval().requires_grad_(False).to(device)
@@ -204,13 +205,13 @@ def torchscript_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     ours = FIDInceptionV3(fc=False).state_dict()
     names = [k[: -len(".conv.weight")] for k in ours if k.endswith(".conv.weight")]
     if len(convs) != len(names):
-        raise ValueError(f"{len(convs)} convolutions, FID's Inception has {len(names)}")
+        raise UserError(f"{len(convs)} convolutions, FID's Inception has {len(names)}")
     sd: dict[str, torch.Tensor] = {}
     for theirs, name in zip(convs, names):
         w = src[f"{theirs}.weight"]
         need = tuple(ours[f"{name}.conv.weight"].shape)
         if tuple(w.shape) != need:
-            raise ValueError(f"{theirs}: shape {tuple(w.shape)}, FID's Inception needs {need} at {name}")
+            raise UserError(f"{theirs}: shape {tuple(w.shape)}, FID's Inception needs {need} at {name}")
         sd[f"{name}.conv.weight"] = w
         sd[f"{name}.bn.weight"] = torch.ones_like(src[f"{theirs}.beta"])
         sd[f"{name}.bn.bias"] = src[f"{theirs}.beta"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from kornia.color import rgb_to_lab
 
+from reliableswap.errors import UserError
 from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.hands import HandLandmarker
@@ -81,7 +82,7 @@ class Synthesizer:
         self.r = recipe
         self.flame = flame
         if recipe.uses_flame and flame is None:
-            raise ValueError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
+            raise UserError("this recipe uses FLAME (reenact backend or reshape method 'flame'): pass --flame PATH")
         check_models(recipe, load=False)  # a missing model file stops the run here; networks load when first needed
         root, amp = weights_dir(recipe.weights.dir), recipe.weights.amp
         steps = dict(recipe.learned)  # the steps that run a network from the user's weight files

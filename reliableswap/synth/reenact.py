@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from reliableswap.errors import UserError
 from reliableswap.faces.ibug68 import GROUPS, RIGID
 from reliableswap.geometry.affine import apply_affine, similarity_lstsq
 from reliableswap.geometry.grid import border_points, warp_backward
@@ -76,8 +77,8 @@ def load_reenactor(spec: str | None, identity_layout: float = 1.0) -> Reenactor:
         return TPSReenactor(identity_layout=identity_layout)
     mod, _, cls = spec.partition(":")
     if not cls:
-        raise ValueError(f"reenactor {spec!r}: expected 'module:Class'")
+        raise UserError(f"reenactor {spec!r}: expected 'module:Class'")
     try:
         return getattr(importlib.import_module(mod), cls)()
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"[reenact] backend {spec!r}: cannot import it ({e})") from None
+        raise UserError(f"[reenact] backend {spec!r}: cannot import it ({e})") from None
