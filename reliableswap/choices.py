@@ -106,3 +106,8 @@ class IdentityKind(Choice):
 class Condition(Choice):
     pair = "pair"  # swapper(source, target)
     identity = "identity"  # G(target, identity(source)), SimSwap-style
+
+
+class OccluderKind(Choice):
+    hands = "hands"  # real hands cut out of the prep folder's faces (stored by prep --landmarks mesh)
+    objects = "objects"  # procedural bars, discs and cups textured from the data's own backgrounds

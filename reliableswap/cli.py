@@ -20,7 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reliableswap.choices import Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OutputFormat, Rasterizer, Strategy
+from reliableswap.choices import (Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OccluderKind, OutputFormat, Rasterizer,
+                                  Strategy)
 from reliableswap.errors import NothingUsable, UserError
 
 app = typer.Typer(
@@ -268,11 +269,13 @@ def inspect(
     folder: Annotated[Path, typer.Argument(help="A prep output (faces.jsonl), a triplets output or a flows output (manifest.jsonl).")],
     sheet: Annotated[Path, typer.Option(help="PNG contact sheet to write.")],
     n: Annotated[int, typer.Option(help="How many rows/faces to show.", min=1, max=1000)] = 16,
+    occluders: Annotated[Optional[list[OccluderKind]], typer.Option("--occluders", help="Triplets: show training samples with these occluders pasted (as [augment] occluders does): source | target | reference | mask. Repeat the flag for both.")] = None,
+    faces: Annotated[Optional[Path], typer.Option("--faces", help="With --occluders hands: the prep folder whose stored hands are cut out.")] = None,
 ) -> None:
-    """Render a contact sheet (prep: faces with landmarks; triplets: source, target, st, ts + qc per row; flows: previews)."""
+    """Render a contact sheet (prep: faces with landmarks; triplets: source, target, st, ts + qc per row, or with --occluders the augmented training samples; flows: previews)."""
     from reliableswap.commands.inspect import run_inspect
 
-    say(f"wrote {run_inspect(folder, sheet, n)}")
+    say(f"wrote {run_inspect(folder, sheet, n, occluders=occluders, faces=faces)}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure a swapper (identity, pose, expression, reconstruction) or a triplet folder (QC report).")

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from triplets.jsonl import MAX_DEPTH, UnreadableFile, nesting_depth, read_bounded
 
-from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, JudgeName, MaskBackend, OutputFormat,
-                                  Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, JudgeName, MaskBackend, OccluderKind,
+                                  OutputFormat, Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
 from reliableswap.errors import UserError
 
 #: ``package.module:Class`` (a user's class, imported at start-up).
@@ -289,6 +289,14 @@ class DataSection(Section):
     holdout: int = Field(8, ge=0)  # triplet folders kept out of training for the cycle-L1 evaluation
 
 
+class AugmentSection(Section):
+    """Occlusion augmentation: an occluder pasted onto the target and the same pixels onto its
+    reference (:mod:`triplets.occlusion`), so the swapper learns to keep what lies in front of a face."""
+
+    occluders: list[OccluderKind] = Field(default_factory=list)  # [] = off
+    rate: float = Field(0.3, ge=0, le=1)  # share of samples that get one
+
+
 class LossSection(Section):
     cycle: float = Field(1.0, ge=0)  # pixel L1 on types 2–5 (official: 0.05 next to FaceShifter's losses)
     same: float = Field(0.0, ge=0)  # L1 on type 1
@@ -327,6 +335,7 @@ class TrainRecipe(Recipe):
     model: ModelSection = Field(default_factory=ModelSection)
     identity: IdentitySection = Field(default_factory=IdentitySection)
     data: DataSection = Field(default_factory=DataSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
     loss: LossSection = Field(default_factory=LossSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)

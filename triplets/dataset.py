@@ -7,6 +7,8 @@ all of 2–5 (``use_real=True``). Optional mixing: ``vanilla_rate`` of the sampl
 (type 0, source and target from two different folders, no reference), and ``same_rate`` of the
 samples are same-identity reconstructions (type 1: source = target = reference). ``rec_code``
 picks which types carry a reference; the others get a zero reference and ``has_reference`` False.
+With ``occlusion`` (:mod:`triplets.occlusion`), an occluder is pasted onto the target and, when the
+sample has one, onto its reference (the same pixels in one frame), and ``"occluder_mask"`` is returned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from triplets.errors import UserError
 from triplets.official import read_triplet_pickle
 from triplets.imaging import MAX_IMAGE_BYTES, decode_rgb
 from triplets.jsonl import read_bounded
+from triplets.occlusion import Occlusion
 from triplets.records import ManifestRecord, read_inside, resolve_inside
 from triplets.webdataset import iter_shard
 
@@ -66,17 +69,23 @@ class TripletDataset(Dataset):
         image_size: resize to this side (None keeps the stored size).
         value_range: ``(0, 1)`` or ``(-1, 1)``.
         seed: the random choices of index ``i`` depend only on ``(seed, i)``: deterministic.
+        occlusion: an :class:`triplets.occlusion.Occlusion`; each sample then also has
+            ``"occluder_mask"`` (1×H×W, 0 where nothing was pasted) and ``"occluder"`` (its kind, ""
+            for none). Its colours are mapped to ``value_range``, so it goes with a ``transform``
+            that keeps that range. Its draws use their own generator: the samples' other choices
+            are those without it.
     """
 
     def __init__(self, path: str | Path, use_real: bool = False, rec_code: Sequence[int] = DEFAULT_REC_CODE,
                  same_rate: float = 0.0, vanilla_rate: float = 0.0, image_size: int | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0), seed: int = 0,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, occlusion: Occlusion | None = None):
         path = Path(path)
         self.codes = (2, 3, 4, 5) if use_real else (4, 5)
         self.rec_code = set(rec_code)
         self.same_rate, self.vanilla_rate = float(same_rate), float(vanilla_rate)
         self.image_size, self.value_range, self.seed, self.transform = image_size, value_range, seed, transform
+        self.occlusion = occlusion
         folders = _folders_from(path)
         self._mem: list[dict[str, bytes]] | None = None
         if folders is None:
@@ -93,7 +102,13 @@ class TripletDataset(Dataset):
     def __len__(self) -> int:
         return self._n * len(self.codes)
 
-    def _image(self, i: int, key: str) -> torch.Tensor:
+    def real_image(self, rng: np.random.Generator) -> torch.Tensor:
+        """A real face crop (the source or target of a random triplet), 3×H×W in [0, 1] at the
+        dataset's size, untransformed (textures for procedural occluders)."""
+        i = int(rng.integers(self._n))
+        return self._image(i, "source" if rng.random() < 0.5 else "target", raw=True)
+
+    def _image(self, i: int, key: str, raw: bool = False) -> torch.Tensor:
         if self._mem is not None:
             data = self._mem[i][FILES[key]]
         else:
@@ -102,6 +117,8 @@ class TripletDataset(Dataset):
         if self.image_size and img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)
+        if raw:
+            return t
         lo, hi = self.value_range
         t = t * (hi - lo) + lo
         return self.transform(t) if self.transform else t
@@ -127,6 +144,12 @@ class TripletDataset(Dataset):
             ks, kt, kr = TYPE_TABLE[code]
             s, t, ref = self._image(folder, ks), self._image(folder, kt), self._image(folder, kr)
         has_ref = ref is not None and code in self.rec_code
+        extra = {}
+        if self.occlusion is not None:
+            t, occluded_ref, mask, kind = self.occlusion(np.random.default_rng([self.seed, index, 7]), t,
+                                                         ref if has_ref else None, self.value_range)
+            ref = occluded_ref if has_ref else ref
+            extra = {"occluder_mask": mask, "occluder": kind}
         if not has_ref:
             ref = torch.zeros_like(t)
         return {
@@ -134,4 +157,5 @@ class TripletDataset(Dataset):
             "type_code": torch.tensor(code, dtype=torch.int64),
             "same": torch.tensor(code == SAME),
             "has_reference": torch.tensor(has_ref),
+            **extra,
         }

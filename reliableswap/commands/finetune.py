@@ -77,7 +77,9 @@ def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os
             "train_triplets": trainer.tri._n, "heldout_triplets": trainer.held._n if trainer.held else 0,
             "vanilla_faces": len(trainer.faces.paths) if trainer.faces else 0,
             "eval": {"cycle_l1_start": res["eval_start"], "cycle_l1_end": res["eval_end"],
-                     "note": None if trainer.held is not None else "no held-out split (shards, or holdout = 0)"},
+                     "note": None if trainer.held is not None else "no held-out split (shards, or holdout = 0)"}
+            | ({"occluder_l1_start": res["occluder_start"], "occluder_l1_end": res["occluder_end"]}
+               if trainer.held_occluded is not None else {}),
             "samples_per_s": round(res["ran"] * bs * world / res["wall"], 2) if res["wall"] > 0 and res["ran"] else None,
             **trainer.info,
         }

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import cv2
 
+from reliableswap.choices import OccluderKind
+from reliableswap.errors import UserError
 from reliableswap.images import MAX_SIDE, read_folder_image, save_image
 from reliableswap.viz import faces_sheet, grid, triplets_sheet
 from triplets.records import ContractError, FaceSet, FlowRecord
 from triplets.schema import FLOWS_SCHEMA
-from reliableswap.errors import UserError
 
 
 def flows_sheet(folder: Path, out: Path, n: int = 16, width: int = 768) -> Path:
@@ -28,9 +29,42 @@ def flows_sheet(folder: Path, out: Path, n: int = 16, width: int = 768) -> Path:
     return save_image(out, grid(rows, 1))
 
 
-def run_inspect(folder: str | os.PathLike, sheet: str | os.PathLike, n: int = 16) -> Path:
-    """Render ``sheet`` for ``folder`` (what it holds decides which sheet)."""
+def occlusion_sheet(folder: Path, out: Path, n: int, occluders: list[OccluderKind], faces: Path | None, seed: int = 0) -> Path:
+    """What ``[augment] occluders`` feeds a trainer: per row source | target | reference | mask of
+    one training sample of the triplet folder, each with an occluder (hands cut out of ``faces``,
+    procedural objects), pasted at one place onto the target and its reference."""
+    import numpy as np
+    import torch
+
+    from reliableswap.faces.hands import HandCutouts
+    from reliableswap.images import to_uint8
+    from triplets import TripletDataset
+    from triplets.occlusion import ObjectOccluders, Occlusion
+
+    ds = TripletDataset(folder, use_real=True, seed=seed)
+    sources = []
+    if OccluderKind.hands in occluders:
+        if faces is None:
+            raise UserError("--occluders hands cuts real hands out of a prep folder: pass --faces PREP")
+        sources.append(HandCutouts(FaceSet.load(faces, flame=False)))
+    if OccluderKind.objects in occluders:
+        sources.append(ObjectOccluders(ds.real_image))
+    ds.occlusion = Occlusion(sources, 1.0)
+    picks = np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False)
+    rows = []
+    for i in sorted(int(k) for k in picks):
+        it = ds[i]
+        rows.append(torch.cat([it["source"], it["target"], it["reference"], it["occluder_mask"].expand(3, -1, -1)], -1))
+    return save_image(out, to_uint8(torch.cat(rows, -2)[None])[0])
+
+
+def run_inspect(folder: str | os.PathLike, sheet: str | os.PathLike, n: int = 16,
+                occluders: list[OccluderKind] | None = None, faces: str | os.PathLike | None = None) -> Path:
+    """Render ``sheet`` for ``folder`` (what it holds decides which sheet; ``occluders``: a triplet
+    folder's training samples with occlusion augmentation instead)."""
     folder, sheet = Path(folder), Path(sheet)
+    if occluders:
+        return occlusion_sheet(folder, sheet, n, occluders, Path(faces) if faces else None)
     man = folder / "manifest.jsonl"
     if man.is_file():
         with man.open("rb") as f:

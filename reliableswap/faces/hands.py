@@ -32,10 +32,14 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import warp_affine
 
+from reliableswap.errors import UserError
 from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.faces.tflite import TfliteNet
 from reliableswap.geometry.affine import apply_affine, invert_affine
 from reliableswap.geometry.raster import polygon_mask
+from reliableswap.images import read_crop, to_tensor
+from triplets.occlusion import Occluder
+from triplets.records import FaceSet
 
 PALM_INPUT, LANDMARK_INPUT = 192, 224
 #: MediaPipe's palm-detection anchors: (stride, anchors per cell).
@@ -194,3 +198,47 @@ def hand_mask(landmarks: torch.Tensor, image: torch.Tensor, batch: int, size: tu
 
 
 __all__ = ["BONES", "HandLandmarker", "Hands", "hand_mask", "palm_anchors", "roi_matrices", "weighted_nms"]
+
+
+class HandCutouts:
+    """Real hands cut out of prepped faces, for occlusion augmentation (a
+    :class:`triplets.occlusion.OccluderSource`): every hand stored in ``faces.jsonl`` (``prep
+    --landmarks mesh``), its mask (:func:`hand_mask`, the bones and palm) and the crop's pixels
+    under it, cut to the mask's box. ``sample`` scales one to the target crop (with the size ratio
+    it had on its own crop, ±20 %) and mirrors it half the time.
+
+    Args:
+        faces: a prep folder's faces (only records with ``hands`` are read; at most ``limit`` hands).
+    """
+
+    def __init__(self, faces: FaceSet, limit: int = 256):
+        self.cutouts: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # rgb 3×h×w, alpha 1×h×w, crop size
+        for face in faces.faces:
+            if not face.hands or len(self.cutouts) >= limit:
+                continue
+            img = to_tensor(read_crop(faces, face))[0]
+            size = face.size
+            for hand in face.hands[: limit - len(self.cutouts)]:
+                pts = torch.tensor(hand, dtype=torch.float32)[None]
+                alpha = hand_mask(pts, torch.zeros(1, dtype=torch.long), 1, (size, size))[0]
+                ys, xs = torch.nonzero(alpha[0] > 0.02, as_tuple=True)
+                if len(ys) < 16:
+                    continue
+                y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                self.cutouts.append((img[:, y0:y1, x0:x1].clone(), alpha[:, y0:y1, x0:x1].clone(), size))
+        if not self.cutouts:
+            raise UserError(f"{faces.folder}: no stored hands to cut out (faces.jsonl has none: run prep --landmarks mesh "
+                            "on photos with hands, or use only the \"objects\" occluders)")
+
+    def __len__(self) -> int:
+        return len(self.cutouts)
+
+    def sample(self, rng, size: int) -> Occluder:
+        rgb, alpha, src = self.cutouts[int(rng.integers(len(self.cutouts)))]
+        scale = size / src * float(rng.uniform(0.8, 1.2))
+        h, w = max(4, round(rgb.shape[1] * scale)), max(4, round(rgb.shape[2] * scale))
+        rgb = F.interpolate(rgb[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        alpha = F.interpolate(alpha[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        if rng.random() < 0.5:
+            rgb, alpha = rgb.flip(-1), alpha.flip(-1)
+        return Occluder(rgb=rgb, alpha=alpha, kind="hand")

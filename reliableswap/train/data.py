@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from reliableswap.errors import UserError
 from triplets.dataset import TripletDataset
 from triplets.layout import FILES, SAME, VANILLA
+from triplets.occlusion import Occlusion
 from triplets.records import FaceSet, ManifestRecord, resolve_inside
-from reliableswap.errors import UserError
 
 
 def split_triplets(triplets: Path, holdout: int, run: Path) -> tuple[Path, Path | None]:
@@ -35,7 +36,8 @@ class FacePairs(Dataset):
     """Vanilla pairs (type 0: two different faces, no reference) and, with ``same_rate``, same-face
     reconstructions (type 1) from a ``prep`` folder's crops. Deterministic per ``(seed, index)``."""
 
-    def __init__(self, folder: Path, image_size: int, same_rate: float = 0.0, seed: int = 0):
+    def __init__(self, folder: Path, image_size: int, same_rate: float = 0.0, seed: int = 0, occlusion: Occlusion | None = None):
+        self.occlusion = occlusion
         faces = FaceSet.load(folder, flame=False)
         self.paths = [faces.image_path(f) for f in faces]
         self.labels = [f.identity or f.id for f in faces]
@@ -66,8 +68,14 @@ class FacePairs(Dataset):
                     break
                 b = (a + 1 + int(rng.integers(n - 1))) % n
             s, ref, code = self._img(b), torch.zeros_like(t), VANILLA
+        extra = {}
+        if self.occlusion is not None:  # as TripletDataset: onto the target and (type 1) its reference
+            t, occ_ref, mask, kind = self.occlusion(np.random.default_rng([self.seed, index, 7]), t,
+                                                    ref if code == SAME else None, (0.0, 1.0))
+            ref = occ_ref if code == SAME else ref
+            extra = {"occluder_mask": mask, "occluder": kind}
         return {"source": s, "target": t, "reference": ref, "type_code": torch.tensor(code, dtype=torch.int64),
-                "same": torch.tensor(code == SAME), "has_reference": torch.tensor(code == SAME)}
+                "same": torch.tensor(code == SAME), "has_reference": torch.tensor(code == SAME), **extra}
 
 
 class Mixture:

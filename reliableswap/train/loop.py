@@ -31,8 +31,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import default_collate
 
 from reliableswap.checkpoints import state_bytes, torch_load
+from reliableswap.choices import OccluderKind
 from reliableswap.device import resolve_device
 from reliableswap.errors import UserError
+from reliableswap.faces.hands import HandCutouts
 from reliableswap.images import encode_image, to_uint8
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.build import build_swapper, load_weights, parameters_of
@@ -40,7 +42,8 @@ from reliableswap.train.data import FacePairs, Mixture, split_triplets
 from reliableswap.train.losses import CycleSupervision
 from triplets.dataset import TripletDataset
 from triplets.jsonl import atomic_write_bytes, atomic_write_json, open_regular, read_json_file
-from triplets.records import ContractError, resolve_inside
+from triplets.occlusion import ObjectOccluders, Occlusion
+from triplets.records import ContractError, FaceSet, resolve_inside
 
 
 def init_distributed() -> tuple[int, int]:
@@ -95,6 +98,26 @@ def evaluate(swapper, data: TripletDataset | None, device: torch.device, batch: 
         n += out.shape[0]
     swapper.train(was)
     return tot / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_occluded(swapper, data: TripletDataset | None, device: torch.device, batch: int) -> float | None:
+    """Mean L1 inside the pasted occluders (result vs the reference, which carries the same
+    occluder) over held-out triplets that each got one: does the swapper keep what lies in front
+    of the face?"""
+    if data is None:
+        return None
+    was = swapper.training
+    swapper.eval()
+    tot, area = 0.0, 0.0
+    for i in range(0, len(data), batch):
+        b = default_collate([data[j] for j in range(i, min(i + batch, len(data)))])
+        out = swapper(b["source"].to(device), b["target"].to(device)).float()
+        m = b["occluder_mask"].to(device)
+        tot += float(((out - b["reference"].to(device)).abs() * m).sum())
+        area += float(m.sum()) * out.shape[1]
+    swapper.train(was)
+    return tot / area if area else None
 
 
 def sample_grid(path: Path, batch: dict, result: torch.Tensor, n: int = 4) -> None:
@@ -226,8 +249,28 @@ class Trainer:
         self.tri = TripletDataset(train_src, use_real=r.data.use_real, rec_code=r.data.rec_code, same_rate=r.data.same_rate,
                                   vanilla_rate=0.0 if faces else r.data.vanilla_rate, image_size=size, seed=r.train.seed)
         self.held = TripletDataset(held_src, use_real=False, image_size=size) if held_src else None
-        self.faces = FacePairs(Path(faces), size, r.data.same_rate, r.train.seed) if faces else None
+        occ = self._occlusion(faces)
+        self.tri.occlusion = occ
+        # the held-out triplets once more, each with an occluder (fixed seed): the pixel error inside it
+        self.held_occluded = (TripletDataset(held_src, use_real=False, image_size=size, occlusion=Occlusion(occ.sources, 1.0))
+                              if occ is not None and held_src else None)
+        self.faces = FacePairs(Path(faces), size, r.data.same_rate, r.train.seed, occlusion=occ) if faces else None
         self.mix = Mixture(self.tri, self.faces, r.data.vanilla_rate, r.train.seed)
+
+    def _occlusion(self, faces: Path | None) -> Occlusion | None:
+        """The recipe's ``[augment]``: hands cut out of the prep folder, procedural objects textured
+        from the triplets' real faces."""
+        kinds = self.r.augment.occluders
+        if not kinds:  # (rate 0 with occluders named: no augmentation, but the occluded held-out evaluation: a baseline)
+            return None
+        sources = []
+        if OccluderKind.hands in kinds:
+            if faces is None:
+                raise UserError('[augment] occluders = ["hands"] cuts real hands out of a prep folder: pass --faces PREP')
+            sources.append(HandCutouts(FaceSet.load(faces, flame=False)))
+        if OccluderKind.objects in kinds:
+            sources.append(ObjectOccluders(self.tri.real_image))
+        return Occlusion(sources, self.r.augment.rate)
 
     def _model(self, checkpoint: Path | None, supervision: CycleSupervision | None) -> None:
         r, dev = self.r, self.dev
@@ -310,7 +353,7 @@ class Trainer:
         r, dev = self.r, self.dev
         torch.manual_seed(r.train.seed * 1_000_003 + step * 1009 + self.rank)
         batch = self.mix.batch(step, self.rank, r.data.batch)
-        bdev = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        bdev = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         logs: dict[str, Any] = {"step": step}
         with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp):
             result = self.swapper(bdev["source"], bdev["target"])
@@ -351,13 +394,17 @@ class Trainer:
     def evaluate(self) -> float | None:
         return evaluate(self.swapper, self.held, self.dev, self.r.data.batch)
 
+    def evaluate_occluded(self) -> float | None:
+        return evaluate_occluded(self.swapper, self.held_occluded, self.dev, self.r.data.batch)
+
     def fit(self, start: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Steps ``start+1 … train.steps`` with logging, samples, evaluation and checkpoints."""
         r, main = self.r, self.main
         metrics = Metrics(self.run, start, main)
         eval_start = self.evaluate() if start == 0 else None
+        occ_start = self.evaluate_occluded() if start == 0 else None
         if main and eval_start is not None:
-            metrics.log({"step": 0, "eval/cycle_l1": eval_start})
+            metrics.log({"step": 0, "eval/cycle_l1": eval_start} | ({"eval/occluder_l1": occ_start} if occ_start is not None else {}))
         skipped = 0
         t0 = time.perf_counter()
         self.swapper.train()
@@ -385,10 +432,11 @@ class Trainer:
                 progress(step, r.train.steps)
         wall = time.perf_counter() - t0
         eval_end = self.evaluate()
+        occ_end = self.evaluate_occluded()
         if main:
-            metrics.log({"step": step, "eval/cycle_l1": eval_end})
+            metrics.log({"step": step, "eval/cycle_l1": eval_end} | ({"eval/occluder_l1": occ_end} if occ_end is not None else {}))
         return {"step": step, "ran": max(step - start, 0), "skipped": skipped, "wall": wall,
-                "eval_start": eval_start, "eval_end": eval_end}
+                "eval_start": eval_start, "eval_end": eval_end, "occluder_start": occ_start, "occluder_end": occ_end}
 
     def close(self) -> None:
         if self.backend:
