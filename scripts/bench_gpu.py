@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import best, sync  # noqa: E402
 from bench_triplets import blend_bench  # noqa: E402
 
 from reliableswap.commands.finetune import run_finetune  # noqa: E402
@@ -50,21 +51,8 @@ from triplets.records import FaceSet, PairRecord  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best(fn, reps, warmup=True)
 
 
 def random_pairs(faces: FaceSet, n: int, seed: int = 0) -> list[PairRecord]:

@@ -22,7 +22,7 @@ from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.images import read_crop, to_tensor
 from triplets.records import FaceSet
 
-from bench_mesh import best  # this script's folder is on sys.path: one timing helper for the benches
+from _bench import best  # this script's folder is on sys.path: one timing helper for the benches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import best  # this script's folder is on sys.path
 from kornia.geometry.transform import warp_affine
 
 from reliableswap.faces import mesh as fm
@@ -26,15 +26,6 @@ from reliableswap.images import load_rgb
 from triplets.records import FaceRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def best(f, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:

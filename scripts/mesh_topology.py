@@ -1,4 +1,4 @@
-"""Derive the face-mesh tables in ``reliableswap/faces/mesh_topology.py`` from real faces.
+"""Derive the face-mesh tables in ``reliableswap/faces/mesh_topology.json`` from real faces.
 
 For every face of a prep folder the 468-point mesh is measured (``FaceMesh``); the meshes are
 aligned by 3D similarity (Procrustes, iterated to their mean), and the mean frontal face gives:
@@ -19,6 +19,7 @@ come from ``prep`` of the shared faces: 57 faces). Deterministic for the same fo
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from scipy.spatial import Delaunay
 from reliableswap.faces import mesh as fm
 from triplets.records import FaceRecord
 
-OUT = Path(__file__).resolve().parents[1] / "reliableswap" / "faces" / "mesh_topology.py"
+OUT = Path(__file__).resolve().parents[1] / "reliableswap" / "faces" / "mesh_topology.json"
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -121,25 +122,12 @@ def main(folder: str) -> None:
         missing = [(a, b) for a, b in zip(ring, ring[1:] + ring[:1]) if tuple(sorted((a, b))) not in edges]
         if missing:
             raise SystemExit(f"{name}: ring edges {missing} are not triangle edges (the opening would be crossed)")
-    lines = [
-        '"""Face-mesh tables derived by ``scripts/mesh_topology.py`` (generated: do not edit by hand).',
-        "",
-        "MEAN: canonical frontal 468×3 mesh (interocular 1, origin between the eyes, z smaller = nearer);",
-        "TRIANGLES: its triangulation inside the face outline; MESH_TO_68: vertex nearest each iBUG-68 point.",
-        '"""',
-        "",
-        f"MESH_TO_68 = {to68.tolist()}",
-        "",
-        "MEAN = [",
-        *[f"    ({p[0]:.4f}, {p[1]:.4f}, {p[2]:.4f})," for p in mean],
-        "]",
-        "",
-        "TRIANGLES = [",
-        *["    " + " ".join(f"({a}, {b}, {c})," for a, b, c in tri[i:i + 8]) for i in range(0, len(tri), 8)],
-        "]",
-        "",
-    ]
-    OUT.write_text("\n".join(lines))
+    # one row a line, 4 decimals (the tables reliableswap/faces/mesh_topology.py reads)
+    rows = [f"[{p[0]:.4f}, {p[1]:.4f}, {p[2]:.4f}]" for p in mean]
+    tris = [f"[{a}, {b}, {c}]" for a, b, c in tri]
+    text = ('{\n "mesh_to_68": ' + json.dumps(to68.tolist()) + ',\n "mean": [\n' + ",\n".join("  " + r for r in rows)
+            + '\n ],\n "triangles": [\n' + ",\n".join("  " + t for t in tris) + "\n ]\n}\n")
+    OUT.write_text(text)
     err = d.mean(0)[np.arange(68), to68]
     print(f"{len(recs)} faces; {len(tri)} triangles; 68-point agreement: mean {err.mean():.3f}, max {err.max():.3f} interocular")
 
