@@ -36,20 +36,13 @@ def occlusion_sheet(folder: Path, out: Path, n: int, occluders: list[OccluderKin
     import numpy as np
     import torch
 
-    from reliableswap.faces.hands import HandCutouts
+    from reliableswap.faces.hands import occluder_sources
     from reliableswap.images import to_uint8
     from triplets import TripletDataset
-    from triplets.occlusion import ObjectOccluders, Occlusion
+    from triplets.occlusion import Occlusion
 
     ds = TripletDataset(folder, use_real=True, seed=seed)
-    sources = []
-    if OccluderKind.hands in occluders:
-        if faces is None:
-            raise UserError("--occluders hands cuts real hands out of a prep folder: pass --faces PREP")
-        sources.append(HandCutouts(FaceSet.load(faces, flame=False)))
-    if OccluderKind.objects in occluders:
-        sources.append(ObjectOccluders(ds.real_image))
-    ds.occlusion = Occlusion(sources, 1.0)
+    ds.occlusion = Occlusion(occluder_sources(occluders, faces, ds.real_image, "--occluders"), 1.0)
     picks = np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False)
     rows = []
     for i in sorted(int(k) for k in picks):

@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import warp_affine
 
+from reliableswap.choices import OccluderKind
 from reliableswap.errors import UserError
 from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.faces.tflite import TfliteNet
 from reliableswap.geometry.affine import apply_affine, invert_affine
 from reliableswap.geometry.raster import polygon_mask
 from reliableswap.images import read_crop, to_tensor
-from triplets.occlusion import Occluder
+from triplets.occlusion import ObjectOccluders, Occluder
 from triplets.records import FaceSet
 
 PALM_INPUT, LANDMARK_INPUT = 192, 224
@@ -242,3 +243,17 @@ class HandCutouts:
         if rng.random() < 0.5:
             rgb, alpha = rgb.flip(-1), alpha.flip(-1)
         return Occluder(rgb=rgb, alpha=alpha, kind="hand")
+
+
+def occluder_sources(kinds, faces, textures, named_by: str) -> list:
+    """The occluder sources ``kinds`` (:class:`reliableswap.choices.OccluderKind` values) name: hands
+    cut out of the prep folder ``faces``, procedural objects textured by ``textures`` (``rng →``
+    a real crop). ``named_by``: the recipe key or flag that asked, for the one-line error."""
+    sources = []
+    if OccluderKind.hands in kinds:
+        if faces is None:
+            raise UserError(f"{named_by} hands cuts real hands out of a prep folder: pass --faces PREP")
+        sources.append(HandCutouts(FaceSet.load(faces, flame=False)))
+    if OccluderKind.objects in kinds:
+        sources.append(ObjectOccluders(textures))
+    return sources

@@ -31,10 +31,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import default_collate
 
 from reliableswap.checkpoints import state_bytes, torch_load
-from reliableswap.choices import OccluderKind
 from reliableswap.device import resolve_device
 from reliableswap.errors import UserError
-from reliableswap.faces.hands import HandCutouts
+from reliableswap.faces.hands import occluder_sources
 from reliableswap.images import encode_image, to_uint8
 from reliableswap.recipes import TrainRecipe
 from reliableswap.train.build import build_swapper, load_weights, parameters_of
@@ -42,8 +41,8 @@ from reliableswap.train.data import FacePairs, Mixture, split_triplets
 from reliableswap.train.losses import CycleSupervision
 from triplets.dataset import TripletDataset
 from triplets.jsonl import atomic_write_bytes, atomic_write_json, open_regular, read_json_file
-from triplets.occlusion import ObjectOccluders, Occlusion
-from triplets.records import ContractError, FaceSet, resolve_inside
+from triplets.occlusion import Occlusion
+from triplets.records import ContractError, resolve_inside
 
 
 def init_distributed() -> tuple[int, int]:
@@ -84,40 +83,26 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def evaluate(swapper, data: TripletDataset | None, device: torch.device, batch: int) -> float | None:
-    """Mean cycle L1 (result vs the real face) over held-out triplets (types 4 and 5)."""
+def evaluate(swapper, data: TripletDataset | None, device: torch.device, batch: int, occluded: bool = False) -> float | None:
+    """Mean cycle L1 (result vs the real face) over held-out triplets (types 4 and 5); ``occluded``:
+    only inside the occluders pasted onto them (the reference carries the same occluder): does the
+    swapper keep what lies in front of the face?"""
     if data is None:
         return None
     was = swapper.training
     swapper.eval()
-    tot, n = 0.0, 0
+    tot, n = 0.0, 0.0
     for i in range(0, len(data), batch):
         b = default_collate([data[j] for j in range(i, min(i + batch, len(data)))])
         out = swapper(b["source"].to(device), b["target"].to(device)).float()
-        tot += float((out - b["reference"].to(device)).abs().flatten(1).mean(1).sum())
-        n += out.shape[0]
+        err = (out - b["reference"].to(device)).abs()
+        if occluded:
+            m = b["occluder_mask"].to(device)
+            tot, n = tot + float((err * m).sum()), n + float(m.sum()) * out.shape[1]
+        else:
+            tot, n = tot + float(err.flatten(1).mean(1).sum()), n + out.shape[0]
     swapper.train(was)
-    return tot / max(n, 1)
-
-
-@torch.no_grad()
-def evaluate_occluded(swapper, data: TripletDataset | None, device: torch.device, batch: int) -> float | None:
-    """Mean L1 inside the pasted occluders (result vs the reference, which carries the same
-    occluder) over held-out triplets that each got one: does the swapper keep what lies in front
-    of the face?"""
-    if data is None:
-        return None
-    was = swapper.training
-    swapper.eval()
-    tot, area = 0.0, 0.0
-    for i in range(0, len(data), batch):
-        b = default_collate([data[j] for j in range(i, min(i + batch, len(data)))])
-        out = swapper(b["source"].to(device), b["target"].to(device)).float()
-        m = b["occluder_mask"].to(device)
-        tot += float(((out - b["reference"].to(device)).abs() * m).sum())
-        area += float(m.sum()) * out.shape[1]
-    swapper.train(was)
-    return tot / area if area else None
+    return tot / n if n else None
 
 
 def sample_grid(path: Path, batch: dict, result: torch.Tensor, n: int = 4) -> None:
@@ -263,14 +248,7 @@ class Trainer:
         kinds = self.r.augment.occluders
         if not kinds:  # (rate 0 with occluders named: no augmentation, but the occluded held-out evaluation: a baseline)
             return None
-        sources = []
-        if OccluderKind.hands in kinds:
-            if faces is None:
-                raise UserError('[augment] occluders = ["hands"] cuts real hands out of a prep folder: pass --faces PREP')
-            sources.append(HandCutouts(FaceSet.load(faces, flame=False)))
-        if OccluderKind.objects in kinds:
-            sources.append(ObjectOccluders(self.tri.real_image))
-        return Occlusion(sources, self.r.augment.rate)
+        return Occlusion(occluder_sources(kinds, faces, self.tri.real_image, "[augment] occluders ="), self.r.augment.rate)
 
     def _model(self, checkpoint: Path | None, supervision: CycleSupervision | None) -> None:
         r, dev = self.r, self.dev
@@ -395,7 +373,7 @@ class Trainer:
         return evaluate(self.swapper, self.held, self.dev, self.r.data.batch)
 
     def evaluate_occluded(self) -> float | None:
-        return evaluate_occluded(self.swapper, self.held_occluded, self.dev, self.r.data.batch)
+        return evaluate(self.swapper, self.held_occluded, self.dev, self.r.data.batch, occluded=True)
 
     def fit(self, start: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Steps ``start+1 … train.steps`` with logging, samples, evaluation and checkpoints."""
