@@ -95,13 +95,12 @@ def test_alignment_and_fan_on_cuda(faces, tmp_path, monkeypatch):
     imgs, lms = faces
     m = align_transform(lms.double(), 128, "ffhq")
     _close(warp_faces(imgs.to(CUDA), m.to(CUDA).float(), 128), warp_faces(imgs, m.float(), 128), 1e-4, 1e-2)
-    fa = pytest.importorskip("face_alignment.models")
-    from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks
+    from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, FanNet
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(fa.FAN(4).state_dict(), tmp_path / "hub" / "checkpoints" / FAN_WEIGHTS)  # random weights: plumbing only
+    torch.save(FanNet(4).state_dict(), tmp_path / "hub" / "checkpoints" / FAN_WEIGHTS)  # random weights: plumbing only
     rgb = (imgs[0].permute(1, 2, 0) * 255).byte().numpy()
     boxes = np.array([[60.0, 60.0, 196.0, 210.0], [70.0, 50.0, 190.0, 200.0]])
     gpu, cpu = FanLandmarks("cuda"), FanLandmarks("cpu")

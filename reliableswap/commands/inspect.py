@@ -7,11 +7,16 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
+import torch
 
 from reliableswap.choices import OccluderKind
 from reliableswap.errors import UserError
-from reliableswap.images import MAX_SIDE, read_folder_image, save_image
+from reliableswap.faces.hands import occluder_sources
+from reliableswap.images import MAX_SIDE, read_folder_image, save_image, to_uint8
 from reliableswap.viz import faces_sheet, grid, triplets_sheet
+from triplets.dataset import TripletDataset
+from triplets.occlusion import Occlusion
 from triplets.records import ContractError, FaceSet, FlowRecord
 from triplets.schema import FLOWS_SCHEMA
 
@@ -33,14 +38,6 @@ def occlusion_sheet(folder: Path, out: Path, n: int, occluders: list[OccluderKin
     """What ``[augment] occluders`` feeds a trainer: per row source | target | reference | mask of
     one training sample of the triplet folder, each with an occluder (hands cut out of ``faces``,
     procedural objects), pasted at one place onto the target and its reference."""
-    import numpy as np
-    import torch
-
-    from reliableswap.faces.hands import occluder_sources
-    from reliableswap.images import to_uint8
-    from triplets import TripletDataset
-    from triplets.occlusion import Occlusion
-
     ds = TripletDataset(folder, use_real=True, seed=seed)
     ds.occlusion = Occlusion(occluder_sources(occluders, faces, ds.real_image, "--occluders"), 1.0)
     picks = np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False)
