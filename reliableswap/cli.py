@@ -455,7 +455,7 @@ def demo(
               f"with pose error and SFace identity keep/leak) and {out / 'prep_sheet.png'} (aligned faces, landmarks, pose). "
               f"Triplet folders in {out / 'triplets'}, records in manifest.jsonl, counts and timings in summary.json; "
               f"the tiny fine-tune's metrics and samples in {out / 'finetune'}. FLAME flows need a FLAME file: "
-              f"see README (reliableswap fit / flows / triplets --flame).")
+              f"see docs/flame.md (reliableswap fit / flows / triplets --flame).")
 
 
 def exit_code(e: BaseException) -> int | None:
