@@ -358,9 +358,8 @@ _TO_HELP = "Weights folder (files go to <dir>/<backend>/); default $RELIABLESWAP
 @weights_app.command("list")
 def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HELP)] = None) -> None:
     """Every model file the project can use, with its terms, pinned hash and state: dlib's (installed with face_recognition_models), the wheel-shipped ones (source wheel) and each learned backend's (the step it serves)."""
-    from reliableswap.faces.models import DLIB_FILES, DLIB_PINS, WHEEL_MODELS, MissingWeightsError, dlib_models_dir, wheel_model
+    from reliableswap.faces.models import DLIB_FILES, DLIB_PINS, WHEEL_MODELS, MissingWeightsError, dlib_models_dir, pinned_ok, wheel_model
     from reliableswap.nets.weights import BACKENDS, file_path, weights_dir
-    from triplets.jsonl import file_sha256
 
     root = weights_dir(to)
     print("dlib  [installed with the face_recognition_models package: detector, 68/5 points, 128-D descriptor]")
@@ -368,8 +367,7 @@ def weights_list(to: Annotated[Optional[Path], typer.Option("--to", help=_TO_HEL
         size, sha, terms = DLIB_PINS[name]
         try:
             p = dlib_models_dir() / file
-            state = "missing" if not p.is_file() else (
-                f"present: {p}" if p.stat().st_size == size and file_sha256(p) == sha else f"wrong hash: {p}")
+            state = "missing" if not p.is_file() else (f"present: {p}" if pinned_ok(p, size, sha) else f"wrong hash: {p}")
         except MissingWeightsError:
             state = "missing: pip install face_recognition_models"
         print(f"    {file}  ({state})  {terms}  sha256 {sha[:16]}…")

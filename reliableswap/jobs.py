@@ -59,8 +59,6 @@ class OutputError(UserError, OSError):
     and nothing is recorded against the input, so a re-run after the cause is fixed completes."""
 
 
-
-
 def reason_key(reason: str) -> str:
     """Group reject reasons for summaries: drop details in parentheses and after a colon."""
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()

@@ -146,10 +146,8 @@ class TripletDataset(Dataset):
         has_ref = ref is not None and code in self.rec_code
         extra = {}
         if self.occlusion is not None:
-            t, occluded_ref, mask, kind = self.occlusion(np.random.default_rng([self.seed, index, 7]), t,
-                                                         ref if has_ref else None, self.value_range)
+            t, occluded_ref, extra = self.occlusion.apply(self.seed, index, t, ref if has_ref else None, self.value_range)
             ref = occluded_ref if has_ref else ref
-            extra = {"occluder_mask": mask, "occluder": kind}
         if not has_ref:
             ref = torch.zeros_like(t)
         return {

@@ -128,13 +128,17 @@ class Occlusion:
             raise ValueError("an occlusion rate above 0 needs at least one occluder source")
         self.sources, self.rate = list(sources), float(rate)
 
-    def __call__(self, rng: np.random.Generator, target: torch.Tensor, reference: torch.Tensor | None,
-                 value_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, str]:
-        """``(target, reference, mask 1×H×W, kind)``; kind "" and an empty mask when nothing is pasted."""
+    def apply(self, seed: int, index: int, target: torch.Tensor, reference: torch.Tensor | None,
+              value_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Sample ``index`` of a dataset seeded ``seed``: ``(target, reference, extra)``, ``extra``
+        the sample's ``occluder_mask`` (1×H×W, zeros when nothing is pasted) and ``occluder`` (its
+        kind, "" for none). The draws use their own generator (``[seed, index, 7]``), so a
+        dataset's other choices for the sample are those it makes without occlusion."""
+        rng = np.random.default_rng([seed, index, 7])
         size = target.shape[-1]
         if not self.sources or rng.random() >= self.rate:
-            return target, reference, torch.zeros(1, *target.shape[-2:], dtype=target.dtype), ""
+            return target, reference, {"occluder_mask": torch.zeros(1, *target.shape[-2:], dtype=target.dtype), "occluder": ""}
         occ = self.sources[int(rng.integers(len(self.sources)))].sample(rng, size)
         top, left = place(rng, size, *occ.alpha.shape[-2:])
         imgs, mask = paste([target] if reference is None else [target, reference], occ, top, left, value_range)
-        return imgs[0], (imgs[1] if reference is not None else None), mask, occ.kind
+        return imgs[0], (imgs[1] if reference is not None else None), {"occluder_mask": mask, "occluder": occ.kind}

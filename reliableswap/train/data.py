@@ -70,10 +70,8 @@ class FacePairs(Dataset):
             s, ref, code = self._img(b), torch.zeros_like(t), VANILLA
         extra = {}
         if self.occlusion is not None:  # as TripletDataset: onto the target and (type 1) its reference
-            t, occ_ref, mask, kind = self.occlusion(np.random.default_rng([self.seed, index, 7]), t,
-                                                    ref if code == SAME else None, (0.0, 1.0))
+            t, occ_ref, extra = self.occlusion.apply(self.seed, index, t, ref if code == SAME else None, (0.0, 1.0))
             ref = occ_ref if code == SAME else ref
-            extra = {"occluder_mask": mask, "occluder": kind}
         return {"source": s, "target": t, "reference": ref, "type_code": torch.tensor(code, dtype=torch.int64),
                 "same": torch.tensor(code == SAME), "has_reference": torch.tensor(code == SAME), **extra}
 
