@@ -10,6 +10,8 @@ uncompressed), or more than the caller expects (the architecture's own size), be
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -60,10 +62,44 @@ def check_archive(path: str | os.PathLike, expected_bytes: int | None = None) ->
                                 f"needs {expected_bytes / 2**20:.0f} MiB")
 
 
+def first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text.split(". ")[0][:160] if text else type(e).__name__).rstrip(".")
+
+
 def torch_load(path: str | os.PathLike, expected_bytes: int | None = None, **kw: Any) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` after :func:`check_archive`."""
+    """``torch.load(path, map_location="cpu", weights_only=True)`` after :func:`check_archive`; a
+    file holding pickled objects other than tensors and containers, or not a torch file at all, is
+    refused (:class:`CheckpointRefused`, one line naming it)."""
     check_archive(path, expected_bytes)
-    return torch.load(path, map_location=kw.pop("map_location", "cpu"), weights_only=True, **kw)
+    try:
+        return torch.load(path, map_location=kw.pop("map_location", "cpu"), weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        text = " ".join(str(e).split())
+        found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text) or \
+            re.search(r"source\. (.+?)(?: Check the documentation|$)", text)
+        what = found.group(1).strip().rstrip(".")[:160] if found else first_sentence(e)
+        raise CheckpointRefused(f"{path}: refused: it holds pickled objects that are not plain tensors ({what})") from None
+    except OSError:
+        raise  # the file itself could not be read: the operating system's one line
+    except Exception as e:  # noqa: BLE001 — torch.load parsing untrusted bytes fails in many ways (IndexError, KeyError, struct…)
+        raise CheckpointRefused(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_sentence(e)})") from None
+
+
+def check_state(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: str | os.PathLike,
+                error: type[Exception] = CheckpointRefused) -> None:
+    """``error`` on the first missing, unexpected or wrongly shaped key of ``sd`` against ``model``."""
+    want = model.state_dict()
+    for k, t in want.items():
+        if k not in sd and k.endswith("num_batches_tracked"):
+            continue  # a training counter (files converted from TensorFlow lack it; torch fills it on load)
+        if k not in sd:
+            raise error(f"{path}: key {k!r} missing ({len(set(want) - set(sd))} of {len(want)} expected keys missing): not this architecture")
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise error(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the architecture needs {tuple(t.shape)}")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise error(f"{path}: unexpected key {extra[0]!r} ({len(extra)} keys the architecture does not have)")
 
 
 def state_bytes(model: torch.nn.Module) -> int:

@@ -99,3 +99,21 @@ def test_the_network_equals_face_alignment_s_key_for_key():
     assert len(got) == len(want) == 4 and got[-1].shape == (2, 68, 64, 64)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max())), float((g - w).abs().max())
+
+
+def test_a_junk_or_foreign_fan_file_is_refused_in_one_line(tmp_path):
+    """Whatever the weights folder's FAN file holds — random bytes, another network's state dict —
+    it is refused naming the file (a UserError: exit 2 at the CLI), never a library traceback."""
+    from reliableswap.errors import UserError
+
+    path = tmp_path / "fan" / FAN_WEIGHTS
+    path.parent.mkdir()
+    rng = np.random.default_rng(0)
+    for n in (7, 64, 600, 5000):  # bytes that torch.load fails on in different ways (pickle opcodes, indexes, text)
+        path.write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        with pytest.raises(UserError, match=rf"{FAN_WEIGHTS}: (refused|not a readable checkpoint)") as e:
+            FanLandmarks("cpu", tmp_path)
+        assert "\n" not in str(e.value)
+    torch.save({"conv1.weight": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match=r"key 'conv1.weight' has shape \(3,\), the architecture needs \(64, 3, 7, 7\)"):
+        FanLandmarks("cpu", tmp_path)

@@ -17,7 +17,7 @@ import torch
 from kornia.geometry.transform import warp_affine
 
 from reliableswap.errors import UserError
-from reliableswap.checkpoints import state_bytes, torch_load
+from reliableswap.checkpoints import CheckpointRefused, check_state, state_bytes, torch_load
 from reliableswap.faces.models import MissingWeightsError, dlib_model, weights_dir
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
@@ -207,7 +207,11 @@ class FanLandmarks:
             )
         self.device = torch.device(device)
         net = FanNet(4)
-        net.load_state_dict(torch_load(path, state_bytes(net)))
+        sd = torch_load(path, state_bytes(net))  # a bad or doctored file is refused in one line
+        if not isinstance(sd, dict):
+            raise CheckpointRefused(f"{path}: holds a {type(sd).__name__}, expected 2DFAN-4's state dict")
+        check_state(sd, net, path)
+        net.load_state_dict(sd)
         self.net = net.to(self.device).eval()
 
     @torch.no_grad()

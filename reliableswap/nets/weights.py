@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import hashlib
-import pickle
-import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -23,7 +21,8 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from torch import nn
 
-from reliableswap.checkpoints import CheckpointRefused, state_bytes, torch_load
+from reliableswap.checkpoints import CheckpointRefused, first_sentence, state_bytes, torch_load
+from reliableswap.checkpoints import check_state as check_state_against
 from reliableswap.faces.landmarks import FAN_URL, FAN_WEIGHTS, FanNet
 from reliableswap.faces.models import MissingWeightsError, remove_stale_parts, weights_dir  # noqa: F401 (re-exported: one weights folder rule)
 from reliableswap.nets import liveportrait
@@ -132,11 +131,6 @@ def require(backend: str, root: Path, step: str | None = None) -> dict[str, Path
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def _first_sentence(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text.split(". ")[0][:160] if text else type(e).__name__).rstrip(".")
-
-
 def read_checkpoint(path: Path, expected_bytes: int | None = None) -> dict:
     """The file's top-level mapping, read without running pickled code: ``.safetensors`` through
     safetensors, anything else through ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS`."""
@@ -146,16 +140,10 @@ def read_checkpoint(path: Path, expected_bytes: int | None = None) -> dict:
             return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch_load(path, expected_bytes)
-    except pickle.UnpicklingError as e:
-        text = " ".join(str(e).split())
-        found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text) or \
-            re.search(r"source\. (.+?)(?: Check the documentation|$)", text)
-        what = found.group(1).strip().rstrip(".")[:160] if found else _first_sentence(e)
-        raise WeightsError(f"{path}: refused: it holds pickled objects that are not plain tensors ({what})") from None
     except CheckpointRefused as e:
         raise WeightsError(str(e)) from None
     except (OSError, RuntimeError, ValueError, EOFError) as e:
-        raise WeightsError(f"{path}: not a readable checkpoint ({_first_sentence(e)})") from None
+        raise WeightsError(f"{path}: not a readable checkpoint ({first_sentence(e)})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
     return obj
@@ -186,17 +174,7 @@ def state_dict_of(obj: dict, entry: str | tuple[str, ...] | None, path: Path) ->
 
 def check_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
     """:class:`WeightsError` on the first missing, unexpected or wrongly shaped key."""
-    want = model.state_dict()
-    for k, t in want.items():
-        if k not in sd and k.endswith("num_batches_tracked"):
-            continue  # a training counter (files converted from TensorFlow lack it; torch fills it on load)
-        if k not in sd:
-            raise WeightsError(f"{path}: key {k!r} missing ({len(set(want) - set(sd))} of {len(want)} expected keys missing): not this architecture")
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise WeightsError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the architecture needs {tuple(t.shape)}")
-    extra = sorted(set(sd) - set(want))
-    if extra:
-        raise WeightsError(f"{path}: unexpected key {extra[0]!r} ({len(extra)} keys the architecture does not have)")
+    check_state_against(sd, model, path, WeightsError)
 
 
 def checked_state(wf: WeightFile, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ encoder, the swapper (reference FaceShifter or the user's ``package.module:Class
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from reliableswap.checkpoints import CheckpointRefused, torch_load
+from reliableswap.checkpoints import CheckpointRefused, first_sentence, torch_load
 from reliableswap.choices import Condition, IdentityKind
 from reliableswap.errors import UserError
 from reliableswap.recipes import IdentitySection, TrainRecipe
@@ -70,8 +69,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         sd = torch_load(path)
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise CheckpointRefused(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:160]})") from None
+    except SafetensorError as e:  # (torch_load refuses a bad torch file itself)
+        raise CheckpointRefused(f"{path}: not a readable safetensors file ({first_sentence(e)})") from None
     for key in ("state_dict", "model", "generator"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
