@@ -108,6 +108,12 @@ class Condition(Choice):
     identity = "identity"  # G(target, identity(source)), SimSwap-style
 
 
+class GlassesRule(Choice):
+    off = "off"  # no glasses masks: a source's frame comes along with its face, a target's is painted over
+    fill = "fill"  # the identity donor's frame is filled with its own skin around it (never pasted)
+    keep = "keep"  # fill, and the attribute donor's frame stays in front of the new face
+
+
 class OccluderKind(Choice):
     hands = "hands"  # real hands cut out of the prep folder's faces (stored by prep --landmarks mesh)
     objects = "objects"  # procedural bars, discs and cups textured from the data's own backgrounds

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from triplets.jsonl import MAX_DEPTH, UnreadableFile, nesting_depth, read_bounded
 
-from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, JpegEncoder, JudgeName, MaskBackend, OccluderKind,
+from reliableswap.choices import (Appearance, BlendMethod, Condition, IdentityKind, GlassesRule, JpegEncoder, JudgeName, MaskBackend, OccluderKind,
                                   OutputFormat, Rasterizer, ReshapeMethod, RestoreBackend, Strategy)
 from reliableswap.errors import UserError
 
@@ -103,6 +103,7 @@ class MasksSection(Section):
     backend: MaskBackend = MaskBackend.geometry
     blur: float = Field(2.0, ge=0, le=32)  # bisenet: softening of the parsed regions, pixels
     hands: bool = True  # mesh recipes: MediaPipe hand masks (`weights fetch hands`); a target's hand stays, a source's is never pasted
+    glasses: GlassesRule = GlassesRule.fill  # mesh recipes: glasses frames from the mesh and the crop's edges (fill: a source's frame is filled with its skin | keep: also a target's frame stays in front | off)
 
 
 class RestoreSection(Section):

@@ -257,6 +257,29 @@ Mesh468 = Annotated[list[tuple[Finite, Finite, Finite]], Len(468, 468)]
 Hand21 = Annotated[list[Point], Len(21, 21)]
 
 
+#: The occluder masks prep stores, in the order of their PNG's channels (R, G, B).
+OCCLUDER_CHANNELS = ("hands", "glasses", "hair")
+Fraction = Annotated[Finite, Field(ge=0, le=1)]
+
+
+class OccluderArea(Sub):
+    """The fraction of the crop each stored occluder mask covers (values > 0.5)."""
+
+    hands: Fraction
+    glasses: Fraction
+    hair: Fraction
+
+
+class Occluders(Sub):
+    """What covers a face in its crop (``prep --landmarks mesh``): ``mask`` is an RGB PNG beside
+    ``faces.jsonl``, one soft mask (0-255) per channel in :data:`OCCLUDER_CHANNELS` order, at the
+    crop's size; ``sources`` names what found each one."""
+
+    mask: RelPath
+    area: OccluderArea
+    sources: dict[Literal["hands", "glasses", "hair"], Annotated[str, StringConstraints(max_length=200)]]
+
+
 class FaceRecord(Record):
     """One aligned face (``faces.jsonl``, written by ``prep`` only)."""
 
@@ -278,6 +301,7 @@ class FaceRecord(Record):
     embedding: Annotated[list[Finite], Len(128, 128)] | None = None
     mesh468: Mesh468 | None = None  # prep --landmarks mesh
     hands: Annotated[list[Hand21], Len(0, 8)] | None = None  # prep --landmarks mesh: 21 points per hand found on the crop
+    occluders: Occluders | None = None  # prep --landmarks mesh: hands, glasses and hair masks (a PNG)
 
     @model_validator(mode="after")
     def _landmarks_near_crop(self) -> "FaceRecord":

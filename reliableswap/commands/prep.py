@@ -39,11 +39,13 @@ from reliableswap.faces.landmarks import FanLandmarks
 from reliableswap.faces.hands import HandLandmarker
 from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
-from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image
+from reliableswap.faces.occluders import encode_masks
+from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image, to_tensor
+from reliableswap.synth.occluders import SOURCES, crop_occluders
 from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
-from triplets.records import FaceRecord
+from triplets.records import OCCLUDER_CHANNELS, FaceRecord
 
 
 @dataclass(frozen=True)
@@ -194,12 +196,24 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
         if reason:
             res.rejects.append(reject(unit.display, reason, frame=frame))
             return
+        masks = None
+        if cfg.landmarks == LandmarkBackend.mesh:  # what covers each face, stored once for every later command
+            t = time.perf_counter()
+            masks = encode_masks(crop_occluders(to_tensor(crops), torch.tensor([r["mesh468"] for r in recs]),
+                                                [r["hands"] for r in recs])).numpy()
+            timings["occluders"] += time.perf_counter() - t
         t = time.perf_counter()
         for k, (r, crop) in enumerate(zip(recs, crops)):
             fid = unit.key + (f"_f{frame:06d}" if frame is not None else "") + f"_{k}"
             rel = f"{crop_dir}/{fid}{cfg.ext.value}"
             with writing(out / rel):  # an output failure stops the run; the input is not to blame
                 save_image(out / rel, crop)
+            if masks is not None:
+                rel_m = f"occluders/{crop_dir.removeprefix('faces').strip('/')}/{fid}.png".replace("//", "/")
+                with writing(out / rel_m):
+                    save_image(out / rel_m, masks[k])
+                r["occluders"] = {"mask": rel_m, "sources": SOURCES,
+                                  "area": {c: round(float((masks[k][..., j] > 127).mean()), 5) for j, c in enumerate(OCCLUDER_CHANNELS)}}
             res.faces.append(FaceRecord(
                 id=fid, image=rel, align=cfg.align.value, size=cfg.size, identity=identity,
                 origin={"path": unit.display, "frame": frame, "face_index": k,

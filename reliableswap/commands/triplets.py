@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -29,18 +29,21 @@ from reliableswap import engine
 from reliableswap.choices import JpegEncoder, OutputFormat
 from reliableswap.device import check_batch_memory, resolve_device
 from reliableswap.engine import RayOptions
-from reliableswap.faces.hands import hand_mask
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.layer import load_flame
-from reliableswap.images import encode_image, encode_jpegs, gpu_jpeg_available, read_crop, to_uint8, to_uint8_tensor
+from reliableswap.images import decode_checked, encode_image, encode_jpegs, gpu_jpeg_available, read_crop, to_uint8, to_uint8_tensor
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.recipes import TripletRecipe
+from reliableswap.choices import GlassesRule
+from reliableswap.faces.occluders import decode_masks
+from reliableswap.synth.occluders import stored_hand_masks
 from reliableswap.synth.pipeline import Synthesizer, check_models
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from triplets.jsonl import atomic_dir, atomic_write_bytes, file_sha256
 from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
-from triplets.records import FaceSet, ManifestRecord, PairRecord
+from triplets.imaging import MAX_IMAGE_BYTES
+from triplets.records import FaceRecord, FaceSet, ManifestRecord, PairRecord, read_inside
 from triplets.schema import MANIFEST_SCHEMA
 from triplets.webdataset import write_shard
 from reliableswap.errors import UserError
@@ -112,6 +115,36 @@ def chunk_size(recipe: TripletRecipe, batch: int) -> int:
     return recipe.output.shard_size if recipe.output.format == OutputFormat.webdataset else batch
 
 
+class LoadedPair(NamedTuple):
+    """One pair as the read stage hands it on: both crops (S×S×3 uint8), both records, and the
+    glasses masks prep stored (S×S float, or None)."""
+
+    crop_a: np.ndarray
+    crop_b: np.ndarray
+    face_a: FaceRecord
+    face_b: FaceRecord
+    glasses_a: np.ndarray | None = None
+    glasses_b: np.ndarray | None = None
+
+
+class HostBatch(NamedTuple):
+    """A batch ready for the device: ``part`` (pair index, :class:`LoadedPair`) per row, uint8 crops
+    B×S×S×3, landmarks B×68×2, and what prep stored when every face of the batch has it (else
+    None: the synthesizer measures it): meshes B×468×3, hand and glasses masks B×1×S×S."""
+
+    part: list
+    ua: torch.Tensor
+    ub: torch.Tensor
+    la: torch.Tensor
+    lb: torch.Tensor
+    ma: torch.Tensor | None = None
+    mb: torch.Tensor | None = None
+    ha: torch.Tensor | None = None
+    hb: torch.Tensor | None = None
+    ga: torch.Tensor | None = None
+    gb: torch.Tensor | None = None
+
+
 class ChunkReader:
     """Decodes the pairs of a chunk (thread pool, shared crop cache) and stacks them into the
     device batches: the *read* stage, in the local pipeline's prefetch thread or in Ray read actors."""
@@ -129,32 +162,35 @@ class ChunkReader:
     def chunk_pairs(self, k: int) -> list[int]:
         return list(range(k * self.chunk, min(len(self.pairs), (k + 1) * self.chunk)))
 
-    def read(self, idx: list[int]) -> list[tuple[int, str | None, tuple | None]]:
-        """``(pair index, reason to skip or None, (crop a, crop b, record a, record b))`` per pair."""
+    def read(self, idx: list[int]) -> list[tuple[int, str | None, LoadedPair | None]]:
+        """``(pair index, reason to skip or None, the pair)`` per pair."""
         with self.job.stage("decode"):
             return [(i, err, v) for i, (err, v) in zip(idx, self.pool.map(self._load, idx))]
 
-    def batches(self, loaded: list, pin: bool) -> list[tuple]:
-        """The readable pairs of ``loaded`` as device batches: uint8 crops (pinned when ``pin``),
-        landmarks, and the stored meshes and hands' masks when every face of the batch has them
-        (else ``None``: the synthesizer measures them on the crops)."""
+    def batches(self, loaded: list, pin: bool) -> list[HostBatch]:
+        """The readable pairs of ``loaded`` as device batches (tensors pinned when ``pin``)."""
         ok = [(i, v) for i, err, v in loaded if not err]
         batches = []
         for s in range(0, len(ok), self.batch):
             part = ok[s:s + self.batch]
-            ua = torch.from_numpy(np.stack([v[0] for _, v in part]))
-            ub = torch.from_numpy(np.stack([v[1] for _, v in part]))
-            la = torch.from_numpy(np.asarray([v[2].landmarks68 for _, v in part], np.float32))
-            lb = torch.from_numpy(np.asarray([v[3].landmarks68 for _, v in part], np.float32))
-            ma = mb = ha = hb = None
-            if self.r.uses_mesh and all(v[2].mesh468 is not None and v[3].mesh468 is not None for _, v in part):
-                ma = torch.from_numpy(np.asarray([v[2].mesh468 for _, v in part], np.float32))
-                mb = torch.from_numpy(np.asarray([v[3].mesh468 for _, v in part], np.float32))
-            if self.r.uses_mesh and self.r.masks.hands and all(v[2].hands is not None and v[3].hands is not None for _, v in part):
+            rows = [v for _, v in part]
+            ua = torch.from_numpy(np.stack([v.crop_a for v in rows]))
+            ub = torch.from_numpy(np.stack([v.crop_b for v in rows]))
+            la = torch.from_numpy(np.asarray([v.face_a.landmarks68 for v in rows], np.float32))
+            lb = torch.from_numpy(np.asarray([v.face_b.landmarks68 for v in rows], np.float32))
+            ma = mb = ha = hb = ga = gb = None
+            if self.r.uses_mesh and all(v.face_a.mesh468 is not None and v.face_b.mesh468 is not None for v in rows):
+                ma = torch.from_numpy(np.asarray([v.face_a.mesh468 for v in rows], np.float32))
+                mb = torch.from_numpy(np.asarray([v.face_b.mesh468 for v in rows], np.float32))
+            if self.r.uses_mesh and self.r.masks.hands and all(v.face_a.hands is not None and v.face_b.hands is not None for v in rows):
                 # hands stored by prep: their masks are drawn here instead of detected per pair
-                ha = stored_hand_masks([v[2].hands for _, v in part], ua.shape[1:3])
-                hb = stored_hand_masks([v[3].hands for _, v in part], ua.shape[1:3])
-            batches.append((part, *(t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb))))
+                ha = stored_hand_masks([v.face_a.hands for v in rows], ua.shape[1:3])
+                hb = stored_hand_masks([v.face_b.hands for v in rows], ua.shape[1:3])
+            if all(v.glasses_a is not None and v.glasses_b is not None for v in rows):
+                ga = torch.from_numpy(np.stack([v.glasses_a for v in rows]))[:, None]
+                gb = torch.from_numpy(np.stack([v.glasses_b for v in rows]))[:, None]
+            tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb))
+            batches.append(HostBatch(part, *tensors))
         return batches
 
     def load(self, idx: list[int], pin: bool) -> tuple[list, list]:
@@ -173,9 +209,21 @@ class ChunkReader:
             ia, ib = self.crop(pair.a), self.crop(pair.b)
             if ia.shape != ib.shape:
                 raise UserError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
-            return None, (ia, ib, self.faces[pair.a], self.faces[pair.b])
+            fa, fb = self.faces[pair.a], self.faces[pair.b]
+            ga = gb = None
+            if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off and fa.occluders and fb.occluders:
+                ga, gb = self.glasses(fa), self.glasses(fb)
+            return None, LoadedPair(ia, ib, fa, fb, ga, gb)
         except Exception as e:  # missing file, bad crop: skip the pair with a reason
             return f"{type(e).__name__}: {e}".splitlines()[0], None
+
+    def glasses(self, face: FaceRecord) -> np.ndarray:
+        """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]): read inside the prep
+        folder, bounded, the crop's size."""
+        rel = face.occluders.mask
+        data = read_inside(self.faces.folder, rel, face.where, "occluders.mask", MAX_IMAGE_BYTES)
+        pixels = decode_checked(data, (face.size, face.size), name=rel)
+        return decode_masks(torch.from_numpy(pixels))[1].numpy()
 
 
 class TripletRun:
@@ -228,8 +276,8 @@ class TripletRun:
         then record it; returns the unit record (the Ray engine's render stage)."""
         for i, err, v in loaded:
             if not err:
-                self.crop.put(self.pairs[i].a, v[0])
-                self.crop.put(self.pairs[i].b, v[1])
+                self.crop.put(self.pairs[i].a, v.crop_a)
+                self.crop.put(self.pairs[i].b, v.crop_b)
         with self.job.stage("decode"):
             batches = self.reader.batches(loaded, self.device.type == "cuda")
         record, writes = self.render_chunk(k, (loaded, batches))
@@ -251,10 +299,12 @@ class TripletRun:
         records: list[dict] = []
         writes: list = []
         samples: list = []
-        for part, *host in batches:
+        for hb in batches:
+            part = hb.part
             with self.job.stage("synth"):
-                res, tensors = self._synthesize(part, *host)
+                res, tensors = self._synthesize(hb)
                 finite = (torch.isfinite(res["fake_st"]).flatten(1).all(1) & torch.isfinite(res["fake_ts"]).flatten(1).all(1)).cpu().numpy()
+                left = (res["glasses_left_st"] | res["glasses_left_ts"]).cpu().numpy() if "glasses_left_st" in res else None
             qc = [dict() for _ in part]
             if self.checker is not None:
                 with self.job.stage("qc"):
@@ -264,6 +314,9 @@ class TripletRun:
                 pair = self.pairs[i]
                 if not finite[j]:
                     rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
+                elif left is not None and left[j]:
+                    rejects.append(reject(f"pair {i}", "an identity donor's glasses frame is still visible in its fake "
+                                          "(the fill could not clean it)", pair=pair.to_json()))
                 elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
                     worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
                     why = "; a fake looks more like its attribute donor" if margin == 0 else ""
@@ -344,30 +397,31 @@ class TripletRun:
         with self.job.stage("write"):
             write_shard(self.job.out / f"shard-{k:06d}.tar", members)
 
-    def _synthesize(self, part: list, ua: torch.Tensor, ub: torch.Tensor, la: torch.Tensor, lb: torch.Tensor,
-                    ma: torch.Tensor | None, mb: torch.Tensor | None, ha: torch.Tensor | None = None,
-                    hb: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """Upload a ready batch (uint8 crops, landmarks, meshes or None, stored hands' masks or None)
-        and render both fakes."""
+    def _synthesize(self, batch: HostBatch) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Upload a ready batch and render both fakes; returns the fakes and the device crops and
+        landmarks ``(ia, ib, la, lb)``."""
         dev = self.device
-        if ha is not None:
-            ha, hb = ha.to(dev, non_blocking=True), hb.to(dev, non_blocking=True)
-        if ma is not None:
-            ma, mb = ma.to(dev, non_blocking=True), mb.to(dev, non_blocking=True)
-        ia = ua.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        ib = ub.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        la, lb = la.to(dev, non_blocking=True), lb.to(dev, non_blocking=True)
+
+        def up(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dev, non_blocking=True)
+
+        part = batch.part
+        ia = up(batch.ua).permute(0, 3, 1, 2).float().div_(255.0)
+        ib = up(batch.ub).permute(0, 3, 1, 2).float().div_(255.0)
+        la, lb = up(batch.la), up(batch.lb)
         pa = pb = None
         if self.flame is not None:
-            ids = [v[2].id for _, v in part] + [v[3].id for _, v in part]
+            ids = [v.face_a.id for _, v in part] + [v.face_b.id for _, v in part]
             params, n_fit = params_for_faces(self.flame, self.faces, ids, FitConfig(), max(len(ids), 16))
             self.fitted_on_the_fly += n_fit
             pa, pb = params[:len(part)], params[len(part):]
-        return self.synth.cycle(ia, la, ib, lb, pa, pb, ma, mb, ha, hb), (ia, ib, la, lb)
+        res = self.synth.cycle(ia, la, ib, lb, pa, pb, up(batch.ma), up(batch.mb), up(batch.ha), up(batch.hb),
+                               up(batch.ga), up(batch.gb))
+        return res, (ia, ib, la, lb)
 
     def _qc(self, part: list, res: dict[str, torch.Tensor], ia, ib, la, lb) -> list[dict]:
-        emb_a = self._embeddings([v[2] for _, v in part], ia, la)
-        emb_b = self._embeddings([v[3] for _, v in part], ib, lb)
+        emb_a = self._embeddings([v.face_a for _, v in part], ia, la)
+        emb_b = self._embeddings([v.face_b for _, v in part], ib, lb)
         q_st = self.checker(res["fake_st"], res["landmarks_st"], emb_a, emb_b, lb, ib, res["mask_st"], res["flow_st"], res.get("mesh_st"))
         q_ts = self.checker(res["fake_ts"], res["landmarks_ts"], emb_b, emb_a, la, ia, res["mask_ts"], res["flow_ts"], res.get("mesh_ts"))
         return [{f"{k}_{d}": round(float(q[k][j]), 4) for d, q in (("st", q_st), ("ts", q_ts)) for k in q} for j in range(len(part))]
@@ -378,14 +432,6 @@ class TripletRun:
         if self.checker.judge.name == "dlib" and all(r.embedding is not None for r in recs):
             return torch.tensor([r.embedding for r in recs], dtype=torch.float32)
         return self.checker.embed(imgs, lm)
-
-
-def stored_hand_masks(hands: list[list], size: tuple[int, int]) -> torch.Tensor:
-    """B×1×H×W hand masks drawn from the hands prep stored (per face: a list of 21×2 point lists)."""
-    pts = [torch.tensor(h, dtype=torch.float32) for hs in hands for h in hs]
-    image = torch.tensor([i for i, hs in enumerate(hands) for _ in hs], dtype=torch.long)
-    lm = torch.stack(pts) if pts else torch.zeros(0, 21, 2)
-    return hand_mask(lm, image, len(hands), size)
 
 
 def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:

@@ -114,13 +114,15 @@ def face_labels(p2f: torch.Tensor) -> torch.Tensor:
 
 def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, mesh_b: torch.Tensor,
                 mesh_ab: torch.Tensor, backend: str = "auto", occlusion_tol: float = 0.03,
-                occluded_a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                occluded_a: torch.Tensor | None = None, fill_a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Texture ``M_ab`` from a (its mouth opening from b).
 
     Args:
         img_a, img_b: B×3×S×S in [0, 1]; mesh_a, mesh_b, mesh_ab: B×468×3 (pixels, z smaller nearer).
         occlusion_tol: depth tolerance, a fraction of the face width, for a's visibility test.
         occluded_a: B×1×S×S soft mask of what covers a's face in a's image (a hand), or None.
+        fill_a: B×1×S×S soft mask of thin occluders on a's face (glasses frames), or None: the
+            pixels that would sample them (> 0.5) take a's face around them instead (``filled``).
     Returns:
         dict: ``face`` B×3×S×S (zeros off the mesh), ``covered`` B×1×S×S bool, ``labels`` B×1×S×S,
         ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, filled from their neighbours),
@@ -156,8 +158,17 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     into_mouth = covered & ~mouth & (sample_at_nearest(inside_a, xy_a).nan_to_num(0, 0, 0) > 0.5)
     if bool(into_mouth.any()):
         face_a = fill_inside_box(face_a, into_mouth, covered & ~mouth & ~into_mouth)
+    filled = None
+    if fill_a is not None and bool((fill_a > 0.5).any()):
+        # a's glasses frame never comes along: its pixels take a's skin around them
+        on_frame = warp_backward(fill_a.to(img_a.dtype), off_a.to(img_a.dtype), "zeros") > 0.5
+        filled = covered & ~mouth & on_frame
+        if bool(filled.any()):
+            face_a = fill_inside_box(face_a, filled, covered & ~mouth & ~filled & ~into_mouth)
     face = torch.where(mouth, face_b, face_a) * covered
     out = {"face": face, "covered": covered, "labels": labels, "hidden": hidden, "into_mouth": into_mouth}
+    if filled is not None:
+        out["filled"] = filled
     if occluded_a is not None:
         out["occluded"] = warp_backward(occluded_a.to(img_a.dtype), off_a.to(img_a.dtype), "zeros") * (covered & ~mouth)
     return out

@@ -11,10 +11,11 @@ import torch
 from kornia.color import rgb_to_lab
 
 from reliableswap.errors import UserError
-from reliableswap.choices import Appearance, BlendMethod, ReshapeMethod
+from reliableswap.choices import Appearance, BlendMethod, GlassesRule, ReshapeMethod
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.hands import HandLandmarker
 from reliableswap.faces.models import WHEEL_MODELS, wheel_model
+from reliableswap.faces.occluders import MIN_RAYS, glasses_mask, glasses_score
 from reliableswap.faces.ibug68 import INNER, MIRROR68
 from reliableswap.faces.masks import face_mask
 from reliableswap.faces.pose import head_pose
@@ -121,23 +122,34 @@ class Synthesizer:
     @torch.no_grad()
     def render_mesh(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
                     mesh_id: torch.Tensor, mesh_attr: torch.Tensor, hands_id: torch.Tensor | None = None,
-                    hands_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    hands_attr: torch.Tensor | None = None, glasses_id: torch.Tensor | None = None,
+                    glasses_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The mesh path of :meth:`render` (see ``reliableswap.synth.meshswap``); adds ``mesh``
         (B×468×3, the fake's face mesh) and ``kept`` (B, fraction of the reshape displacement kept
         to stay fold-free) to the outputs. ``hands_id``/``hands_attr``: B×1×S×S hand masks of the
         two crops (measured here with ``[masks] hands`` when None): the attribute face's hand stays
         in the fake, the identity face's hand is never pasted into it (``source_hand`` B×1×S×S:
-        where the render would have shown it, left out of the mask)."""
+        where the render would have shown it, left out of the mask). ``glasses_id``/``glasses_attr``:
+        B×1×S×S glasses-frame masks (measured here with ``[masks] glasses`` when None): the
+        identity face's frame is replaced by its skin around it (``source_glasses`` B×1×S×S bool:
+        the pixels filled), and with ``keep`` the attribute face's frame stays in front of the new
+        face. ``glasses_left`` (B bool): the identity face wore glasses, the attribute face does
+        not, and the fake still reads as wearing them (:func:`glasses_score`): the caller rejects it."""
         r = self.r
         h, w = img_attr.shape[-2:]
         if r.masks.hands:
             hands_id = self.hand_masks(img_id) if hands_id is None else hands_id
             hands_attr = self.hand_masks(img_attr) if hands_attr is None else hands_attr
+        if r.masks.glasses != GlassesRule.off:
+            glasses_id = glasses_mask(img_id, mesh_id)[0] if glasses_id is None else glasses_id
+            glasses_attr = glasses_mask(img_attr, mesh_attr)[0] if glasses_attr is None else glasses_attr
         if r.reenact.mirror:
             flip = mirror_flags(lm_id, lm_attr)
             img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id, flip)
             if hands_id is not None:
                 hands_id = torch.where(flip.view(-1, 1, 1, 1), hands_id.flip(-1), hands_id)
+            if glasses_id is not None:
+                glasses_id = torch.where(flip.view(-1, 1, 1, 1), glasses_id.flip(-1), glasses_id)
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
@@ -147,7 +159,8 @@ class Synthesizer:
             flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
-        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=hands_id)
+        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=hands_id,
+                                      fill_a=glasses_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
         if self.restorer is not None:
             face = torch.where(covered, self.restorer(torch.where(covered, face, background)), face)
@@ -176,18 +189,29 @@ class Synthesizer:
         if hands_attr is not None:  # hands are real occluders, over any feature: b's stays, a's never comes
             hand_b = warp_backward(hands_attr, flow, "zeros") if mesh_reshape else hands_attr
             mask = mask * (1 - torch.maximum(hand_b, rend["occluded"]))
+        frame_b = None
+        if glasses_attr is not None and r.masks.glasses == GlassesRule.keep:  # b's frame stays in front of a's eyes
+            frame_b = warp_backward(glasses_attr, flow, "zeros") if mesh_reshape else glasses_attr
+            mask = mask * (1 - frame_b)
         if self.parser is not None:
             mask = mask * (1 - self.keep_target(face, background))  # face is composited on the background above
         if r.blend.method == BlendMethod.multiband:
             fake = blend.multiband_blend(face, background, mask, r.blend.levels)
         else:
             fake = blend.poisson_blend(face, background, mask)
+        if frame_b is not None:  # a frame is a few pixels wide: the blend's low bands would wash it out, so it goes on last
+            fake = fake * (1 - frame_b) + background * frame_b
         lm_out = fm.mesh_to_68(mesh_ab).to(lm_attr.dtype)
         if r.reshape.enabled and r.reshape.method == ReshapeMethod.tps:
             fake, flow, lm_out = reshape(fake, lm_out, lm_id, r.reshape.strength)
         out = {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
         if hands_id is not None:
             out["source_hand"] = rend["occluded"]  # where the render sampled the identity face's hand
+        if glasses_id is not None:
+            out["source_glasses"] = rend.get("filled", torch.zeros_like(covered))  # where a's frame was filled
+            # the fill could not clean it: the fake still reads as wearing glasses that only a wore
+            only_a = (glasses_id.flatten(1).amax(1) > 0) & (glasses_attr.flatten(1).amax(1) == 0)
+            out["glasses_left"] = only_a & (glasses_score(fake, mesh_ab) >= MIN_RAYS) if bool(only_a.any()) else only_a
         return out
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -199,7 +223,8 @@ class Synthesizer:
     @torch.no_grad()
     def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
                p_id=None, p_attr=None, mesh_id: torch.Tensor | None = None, mesh_attr: torch.Tensor | None = None,
-               hands_id: torch.Tensor | None = None, hands_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               hands_id: torch.Tensor | None = None, hands_attr: torch.Tensor | None = None,
+               glasses_id: torch.Tensor | None = None, glasses_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
 
         Args:
@@ -207,7 +232,8 @@ class Synthesizer:
             p_id, p_attr: FLAME parameters of both (``FlameParams``, B rows) for FLAME recipes;
             mesh_id, mesh_attr: B×468×3 face meshes for mesh recipes (measured here when None);
             hands_id, hands_attr: B×1×S×S hand masks for mesh recipes with ``[masks] hands``
-            (measured here when None).
+            (measured here when None); glasses_id, glasses_attr: B×1×S×S glasses-frame masks for
+            mesh recipes with ``[masks] glasses`` (measured here when None).
         Returns:
             dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
@@ -219,7 +245,8 @@ class Synthesizer:
         if self.r.uses_mesh:
             mesh_id = self.measure_mesh(img_id, lm_id) if mesh_id is None else mesh_id
             mesh_attr = self.measure_mesh(img_attr, lm_attr) if mesh_attr is None else mesh_attr
-            return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr, hands_id, hands_attr))
+            return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr, hands_id, hands_attr,
+                                                  glasses_id, glasses_attr))
         h, w = img_attr.shape[-2:]
         zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         flame_shape = self.r.reshape.enabled and self.r.reshape.method == ReshapeMethod.flame
@@ -261,11 +288,13 @@ class Synthesizer:
         return _finite({"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow})
 
     def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None, mesh_a=None, mesh_b=None,
-              hands_a=None, hands_b=None) -> dict[str, torch.Tensor]:
+              hands_a=None, hands_b=None, glasses_a=None, glasses_b=None) -> dict[str, torch.Tensor]:
         """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a).
         ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only); ``mesh_a``, ``mesh_b``: stored
         B×468×3 meshes (mesh recipes; measured when None); ``hands_a``, ``hands_b``: B×1×S×S masks
-        of the hands prep stored (mesh recipes with ``[masks] hands``; detected when None)."""
+        of the hands prep stored (mesh recipes with ``[masks] hands``; detected when None);
+        ``glasses_a``, ``glasses_b``: B×1×S×S glasses-frame masks prep stored (``[masks] glasses``;
+        measured when None)."""
         p_id = p_attr = None
         if p_a is not None:
             p_id, p_attr = FlameParams.cat([p_a, p_b]), FlameParams.cat([p_b, p_a])
@@ -279,8 +308,13 @@ class Synthesizer:
         if self.r.uses_mesh and self.r.masks.hands:  # each crop's hands found once for both directions
             h = self.hand_masks(torch.cat([img_a, img_b])) if hands_a is None else torch.cat([hands_a, hands_b]).to(img_a.dtype)
             h_id, h_attr = h, torch.cat([h[img_a.shape[0]:], h[:img_a.shape[0]]])
+        g_id = g_attr = None
+        if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off:  # each crop's frames found once for both directions
+            g = glasses_mask(torch.cat([img_a, img_b]), torch.cat([mesh_a, mesh_b]))[0] if glasses_a is None \
+                else torch.cat([glasses_a, glasses_b]).to(img_a.dtype)
+            g_id, g_attr = g, torch.cat([g[img_a.shape[0]:], g[:img_a.shape[0]]])
         out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
-                          p_id, p_attr, m_id, m_attr, h_id, h_attr)
+                          p_id, p_attr, m_id, m_attr, h_id, h_attr, g_id, g_attr)
         n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}
 
