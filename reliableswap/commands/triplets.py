@@ -219,7 +219,9 @@ class ChunkReader:
 
     def glasses(self, face: FaceRecord) -> np.ndarray:
         """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]): read inside the prep
-        folder, bounded, the crop's size."""
+        folder, bounded, the crop's size; a face without glasses (most) reads nothing."""
+        if face.occluders.area.glasses == 0:
+            return np.zeros((face.size, face.size), np.float32)
         rel = face.occluders.mask
         data = read_inside(self.faces.folder, rel, face.where, "occluders.mask", MAX_IMAGE_BYTES)
         pixels = decode_checked(data, (face.size, face.size), name=rel)
