@@ -92,7 +92,7 @@ def prep(
     embed: Annotated[bool, typer.Option("--embed", help="Store dlib's 128-D face descriptor per face.")] = False,
     identity_from_folder: Annotated[bool, typer.Option("--identity-from-folder", help="Identity label = the image's parent folder; crops grouped by identity and the official trainer's vanilla.pickle written.")] = False,
     ext: Annotated[CropExt, typer.Option(help="Crop file format.")] = CropExt.png,
-    device: Annotated[str, typer.Option(help="Torch device for alignment and FAN: cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="Torch device for alignment, FAN, the mesh and hands: auto, cpu, cuda, cuda:1 ...")] = "auto",
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model file: also fit FLAME per face (as `reliableswap fit`).")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Reject images (and video frames) larger than this many pixels, read from the header before decoding.", min=1)] = 64_000_000,
     engine: EngineOpt = Engine.local,
@@ -132,7 +132,7 @@ def fit(
     n_shape: Annotated[int, typer.Option("--n-shape", help="Shape coefficients fitted.", min=1, max=300)] = 100,
     n_expr: Annotated[int, typer.Option("--n-expr", help="Expression coefficients fitted.", min=1, max=100)] = 50,
     max_rmse: Annotated[float, typer.Option("--max-rmse", help="Faces whose fit stays above this RMSE (px) get no parameters.", min=0)] = 8.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
 ) -> None:
     """Fit FLAME (shape, expression, global/jaw pose, weak-perspective camera) to every face's landmarks;
     write flame.jsonl (one record per face id), fit.summary.json, fit.rejects.jsonl. Resumable."""
@@ -140,7 +140,7 @@ def fit(
     from reliableswap.flame.fit import FitConfig
 
     cfg = FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations)
-    s = run_fit(folder, flame, embedding, cfg, batch, device, max_rmse, progress=True)
+    s = run_fit(folder, flame, embedding=embedding, cfg=cfg, batch=batch, device=device, max_rmse=max_rmse, progress=True)
     d = s["details"]
     say(f"FLAME: {_counts(s)}; RMSE {d['rmse_px']}; {d['fit_faces_per_s']} faces/s")
     say(f"wrote {folder / 'flame.jsonl'}, {folder / 'fit.summary.json'}, {folder / 'fit.rejects.jsonl'}")
@@ -154,7 +154,7 @@ def flows(
     flame: Annotated[Optional[Path], typer.Option("--flame", help=_FLAME_HELP)] = None,
     embedding: Annotated[Optional[Path], typer.Option("--embedding", help=_EMB_HELP)] = None,
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=4096)] = 8,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     previews: Annotated[bool, typer.Option("--previews/--no-previews", help="Write a preview PNG per pair.")] = True,
     rasterizer: Annotated[Rasterizer, typer.Option(help="auto: pytorch3d when it imports, else torch.")] = Rasterizer.auto,
     max_rmse: Annotated[float, typer.Option("--max-rmse", help="Pairs with a face fitted above this RMSE (px) are rejected.", min=0)] = 8.0,
@@ -167,7 +167,7 @@ def flows(
     shape in b's pose and expression (FlowFace++), with previews. Resumable."""
     from reliableswap.commands.flows import run_flows
 
-    s = run_flows(folder, pairs_file, out, flame, embedding, batch, device, previews, backend=rasterizer, max_rmse=max_rmse,
+    s = run_flows(folder, pairs_file, out, flame, embedding=embedding, batch=batch, device=device, previews=previews, backend=rasterizer, max_rmse=max_rmse,
                   progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries))
     say(f"flows: {_counts(s)}; rasterizer {s['details']['rasterizer']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
@@ -231,7 +231,7 @@ def triplets(
         over |= {"flame.model": str(flame), "reenact.backend": "flame", "reshape.method": "flame"}
     r = load_recipe(recipe, TripletRecipe).with_overrides(over)
     ray = _ray_options(engine, ray_address, ray_workers, ray_retries)
-    s = run_triplets(folder, pairs_file, out, r, device, batch, shard_index, num_shards, progress=True, ray=ray)
+    s = run_triplets(folder, pairs_file, out, r, device=device, batch=batch, shard_index=shard_index, num_shards=num_shards, progress=True, ray=ray)
     say(f"triplets: {_counts(s)}; {s['throughput']['per_s']} triplets/s on {s['device']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
     _require_output(s, "triplet", out / "rejects.jsonl")
@@ -255,7 +255,7 @@ def finetune(
     from reliableswap.recipes import TrainRecipe, load_recipe
 
     r = load_recipe(recipe, TrainRecipe).with_overrides({"train.steps": steps, "model.swapper": swapper})
-    s = run_finetune(r, triplets_dir, out, faces, resume, checkpoint, device, progress=True, overwrite=overwrite)
+    s = run_finetune(r, triplets_dir, out, faces=faces, resume=resume, checkpoint=checkpoint, device=device, progress=True, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return
     d = s["details"]
@@ -275,7 +275,7 @@ def inspect(
     """Render a contact sheet (prep: faces with landmarks; triplets: source, target, st, ts + qc per row, or with --occluders the augmented training samples; flows: previews)."""
     from reliableswap.commands.inspect import run_inspect
 
-    say(f"wrote {run_inspect(folder, sheet, n, occluders=occluders, faces=faces)}")
+    say(f"wrote {run_inspect(folder, sheet, n=n, occluders=occluders, faces=faces)}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure a swapper (identity, pose, expression, reconstruction) or a triplet folder (QC report).")
@@ -306,7 +306,7 @@ def eval_swapper(
 
     trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
     model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
-    s = run_eval_swapper(model, name, faces, pairs_file, out, device, batch, arcface, progress=True, inception=inception,
+    s = run_eval_swapper(model, name, faces, pairs_file, out, device=device, batch=batch, arcface=arcface, progress=True, inception=inception,
                          judge=judge.value)
     d = s["details"]
     fid = f"FID {d['fid']}, KID {d.get('kid')}" if d["fid"] is not None else f"FID {d['fid_note']}"
@@ -329,7 +329,7 @@ def eval_triplets(
     """QC report of a triplet folder (and --compare: a second one beside it, one row each): identity keep/leak/margin, expression and pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off or another judge), the fakes' face-detection rate, and FID/KID of the fakes against the real faces; with histograms."""
     from reliableswap.commands.eval import run_eval_triplets
 
-    s = run_eval_triplets(folder, out, compare, limit, progress=True, inception=inception, device=device, judge=judge.value)
+    s = run_eval_triplets(folder, out, compare=compare, limit=limit, progress=True, inception=inception, device=device, judge=judge.value)
     def both(agg: dict, key: str, fmt: str) -> str:
         return " / ".join(format(agg[f"{key}_{d}"]["mean"], fmt) if f"{key}_{d}" in agg else "–" for d in ("st", "ts"))
 

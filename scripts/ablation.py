@@ -102,7 +102,7 @@ def main() -> None:
     run_pairs(train, out / "train_pairs.jsonl", PairsSection(n=4 * len(train_recs), max_yaw_diff=30.0))
     run_pairs(heldout, out / "heldout_pairs.jsonl", PairsSection(strategy="random", n=4 * len(held_recs), max_yaw_diff=180.0, seed=1))
     if not (out / "triplets" / "summary.json").is_file():
-        run_triplets(train, out / "train_pairs.jsonl", out / "triplets", TripletRecipe(), dev, 16)
+        run_triplets(train, out / "train_pairs.jsonl", out / "triplets", TripletRecipe(), device=dev, batch=16)
     base = load_recipe(ROOT / "recipes" / ("faceshifter.toml" if a.gpu else "tiny.toml"), TrainRecipe)
     size = 256 if a.gpu else 128
     base = base.with_overrides({"model.size": size, "data.image_size": size, "train.steps": a.steps, "data.holdout": 0,
@@ -115,7 +115,7 @@ def main() -> None:
             run = out / "runs" / f"{name}-seed{seed}"
             run_finetune(r, out / "triplets", run, faces=train, device=dev, overwrite=True)
             model, label = load_run_swapper(run, resolve_device(dev))
-            ev = run_eval_swapper(model, label, heldout, out / "heldout_pairs.jsonl", out / "eval" / f"{name}-seed{seed}", dev, 8)
+            ev = run_eval_swapper(model, label, heldout, out / "heldout_pairs.jsonl", out / "eval" / f"{name}-seed{seed}", device=dev, batch=8)
             d = ev["details"]
             row = {"variant": name, "seed": seed, **{k: d[k] for k in METRICS}, "recon_psnr": d["reconstruction"]["psnr_db"],
                    "recon_ssim": d["reconstruction"]["ssim"]}

@@ -149,7 +149,7 @@ def bench_triplets(prep: Path, work: Path, n: int, batch: int, profile: bool, gp
         shutil.rmtree(out, ignore_errors=True)
         recipe = TripletRecipe().with_overrides({"output.format": fmt, "output.encoder": enc, "output.shard_size": 1024})
         t = time.perf_counter()
-        s = run_triplets(prep, work / f"pairs_{dev}.jsonl", out, recipe, dev, batch if dev == gpu else 16)
+        s = run_triplets(prep, work / f"pairs_{dev}.jsonl", out, recipe, device=dev, batch=batch if dev == gpu else 16)
         res[name] = {"pairs": sub, "per_s": s["throughput"]["per_s"], "wall_incl_setup_s": round(time.perf_counter() - t, 2),
                      "encoder": s["details"]["jpeg_encoder"], "rejected": s["counts"]["rejected_by_reason"],
                      "stages_s": s["timings"]["stages_s"]}

@@ -93,7 +93,7 @@ def recipe_by_judges(prep: Path, out: Path, n: int) -> dict:
         if dst.exists():
             import shutil
             shutil.rmtree(dst)
-        s = run_triplets(prep, out / "pairs.jsonl", dst, r, "cpu", 8)
+        s = run_triplets(prep, out / "pairs.jsonl", dst, r, device="cpu", batch=8)
         q = s["details"]["qc"]
         res[judge] = {"triplets": s["counts"]["written"], "triplets_per_s": s["throughput"]["per_s"],
                       "positive_margin_rate_both": q.get("positive_id_margin_rate"),

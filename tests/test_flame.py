@@ -298,7 +298,7 @@ def test_flame_triplets_end_to_end(prepped, tmp_path):
     assert (out["fake_st"] - img).abs().mean() < 0.01
 
     PairRecord.write(tmp_path / "pairs.jsonl", make_pairs(fs.faces, PairsSection(n=4, strategy="random", max_yaw_diff=90.0)))
-    s = run_triplets(src, tmp_path / "pairs.jsonl", tmp_path / "tri", recipe, "cpu", batch=4)
+    s = run_triplets(src, tmp_path / "pairs.jsonl", tmp_path / "tri", recipe, device="cpu", batch=4)
     syn = s["details"]["synthesis"]
     assert s["counts"]["written"] == 4 and syn["geometry"].startswith("FLAME 3D")
     assert syn["reenact"] == "flame" and syn["reshape"] == "flame"

@@ -174,7 +174,7 @@ def test_pairs_qc_and_eval_use_the_judge(prepped, tmp_path):
     assert cache and all(c["judge"] == "sface" for c in cache)
     assert run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=6, seed=2, max_yaw_diff=30))["details"]["descriptors_computed"] == 0
     r = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe).with_overrides({"qc.enabled": True})
-    t = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "tri", r, "cpu", 6)
+    t = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "tri", r, device="cpu", batch=6)
     man = [json.loads(x) for x in (tmp_path / "tri" / "manifest.jsonl").read_text().splitlines()]
     assert man and all(m["judge"] == "sface" for m in man)
     for m in man:
@@ -206,7 +206,7 @@ def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped
 
     monkeypatch.setattr(Synthesizer, "cycle", leaky)
     r = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe).with_overrides({"qc.enabled": True})
-    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, "cpu", 2)
+    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, device="cpu", batch=2)
     assert s["counts"]["written"] == 0 and s["counts"]["rejected"] == 2
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
     assert all(x.startswith("identity margin below --min-id-margin 0.0 (sface: -") and

@@ -217,7 +217,7 @@ def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
     out, _ = prepped
     run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=10, seed=3))
     recipe = TripletRecipe().with_overrides({"qc.enabled": True})
-    s = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "trip", recipe, "cpu", 5)
+    s = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "trip", recipe, device="cpu", batch=5)
     # the default QC drops pairs whose fake looks more like its attribute donor (SFace), and only
     # those; the default recipe's fakes carry their identity donor's identity, so it drops few
     assert s["counts"]["written"] + s["counts"]["rejected"] == 10 and s["counts"]["written"] >= 9
@@ -227,7 +227,7 @@ def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
     assert qc["id_margin_st"]["mean"] > 0.25 and qc["id_margin_ts"]["mean"] > 0.25
     assert qc["fold_st"]["min"] > 0 and qc["fold_ts"]["min"] > 0
     assert qc["pose_err_st"]["mean"] < 8 and qc["mouth_err_st"]["mean"] < 0.15
-    assert run_inspect(tmp_path / "trip", tmp_path / "sheet.png", 4).is_file()
+    assert run_inspect(tmp_path / "trip", tmp_path / "sheet.png", n=4).is_file()
 
 
 def test_pairs_compute_missing_descriptors_and_never_pair_one_person(prepped, tmp_path):

@@ -130,7 +130,7 @@ def local_triplets(prepped, pairs_12, tmp_path_factory):
     scripts/bench_ray.py, BENCHMARKS.md "Ray engine")."""
     dst = tmp_path_factory.mktemp("raylocal") / "t"
     with one_thread():
-        summary = run_triplets(prepped[0], pairs_12, dst, QC_ALL, "cpu", batch=2)
+        summary = run_triplets(prepped[0], pairs_12, dst, QC_ALL, device="cpu", batch=2)
     assert summary["counts"]["written"] >= 10
     return dst, summary
 
@@ -139,7 +139,7 @@ def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_tr
     """Same seed, same inputs: every JPEG, the manifest (QC figures included) and the rejects are
     byte-identical; the summary counts the same and says where it ran."""
     local, ls = local_triplets
-    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, "cpu",
+    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, device="cpu",
                      batch=2, ray=RayOptions(address=ray_address))
     assert _files(tmp_path / "t", "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
     for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
@@ -150,7 +150,7 @@ def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_tr
     assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
     assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
     assert _temps(tmp_path / "t") == []
-    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, "cpu",
+    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, device="cpu",
                          batch=2, ray=RayOptions(address=ray_address))
     assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
 
@@ -190,7 +190,7 @@ def test_ray_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets,
     local, ls = local_triplets
     out = tmp_path / "t"
     victims, n_at_kill, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, "cpu",
+        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu",
                              batch=2, ray=RayOptions(address=ray_address, workers=1, retries=2)), out)
     if "error" in res:
         raise res["error"]
@@ -209,14 +209,14 @@ def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(
     out = tmp_path / "t"
     recipe = QC_ALL
     victims, _, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, recipe, "cpu", batch=2,
+        lambda: run_triplets(prepped[0], pairs_12, out, recipe, device="cpu", batch=2,
                              ray=RayOptions(address=ray_address, workers=1, retries=0)), out)
     err = res.get("error")
     assert len(victims) == 1
     assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
     kept = len(list((out / ".triplets" / "units").glob("*.json")))
     assert 1 <= kept < ls["details"]["chunks"]
-    s = run_triplets(prepped[0], pairs_12, out, recipe, "cpu", batch=2, ray=RayOptions(address=ray_address))
+    s = run_triplets(prepped[0], pairs_12, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
     assert _files(out, "*.jpg") == _files(local, "*.jpg") and _temps(out) == []
 
@@ -228,7 +228,7 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_add
     out.mkdir()
     (out / "00000005").write_text("in the way")
     with pytest.raises(OSError) as e:
-        run_triplets(prepped[0], pairs_12, out, TripletRecipe(), "cpu", batch=2, ray=RayOptions(address=ray_address))
+        run_triplets(prepped[0], pairs_12, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
     assert "00000005" in str(e.value)
 

@@ -89,14 +89,14 @@ def run_demo(out: str | os.PathLike, cache: str | os.PathLike | None = None, say
     # every pair of the few default faces (the identity QC drops those whose fakes look like their attribute donor)
     recipe = recipe.with_overrides({"pairs.max_yaw_diff": 25.0, "pairs.n": 24, "qc.enabled": True})
     s = {"prep": run_prep([faces], out / "prep", PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2, progress=progress)}
-    say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', 16)}")
+    say(f"prep: {s['prep']['counts']['written']} faces → {run_inspect(out / 'prep', out / 'prep_sheet.png', n=16)}")
     s["pairs"] = run_pairs(out / "prep", out / "pairs.jsonl", recipe.pairs, progress=progress, judge=recipe.identity.judge.value)
-    s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, "auto", 8, progress=progress)
+    s["triplets"] = run_triplets(out / "prep", out / "pairs.jsonl", out / "triplets", recipe, device="auto", batch=8, progress=progress)
     c = s["triplets"]["counts"]
     dropped = sum(n for k, n in c["rejected_by_reason"].items() if k.startswith("identity margin"))
     note = (f" ({dropped} of {c['in']} pairs dropped by the identity QC: a fake looked more like its attribute donor to "
             f"SFace; {out / 'triplets' / 'rejects.jsonl'})") if dropped else ""
-    say(f"triplets: {c['written']}{note} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', 8)}")
+    say(f"triplets: {c['written']}{note} → {run_inspect(out / 'triplets', out / 'triplets_sheet.png', n=8)}")
     if c["written"]:
         s["eval"] = run_eval_triplets(out / "triplets", out / "eval", device="auto", progress=progress)
         say(eval_line(s["eval"]["details"]["runs"][str(out / "triplets")], out / "eval"))

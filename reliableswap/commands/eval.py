@@ -156,13 +156,13 @@ def _identity(faces: FaceSet, fid: str) -> str:
     return faces[fid].identity or fid
 
 
-def run_eval_swapper(swapper: SwapperAdapter, name: str, faces_dir: str | os.PathLike, pairs_path: str | os.PathLike,
-                     out: str | os.PathLike, device: str = "auto", batch: int = 8, arcface: Path | None = None,
+def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLike, pairs: str | os.PathLike,
+                     out: str | os.PathLike, *, device: str = "auto", batch: int = 8, arcface: Path | None = None,
                      sheet_rows: int = 12, progress: bool = False, inception: Path | None = None,
                      weights: Path | None = None, judge: str = "sface") -> dict:
     """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure.
     FID (swaps against the real targets) when FID's Inception weights are found (:func:`fid_network`)."""
-    faces_dir, out = Path(faces_dir), Path(out)
+    faces_dir, pairs_path, out = Path(faces), Path(pairs), Path(out)  # the paths; ``faces``/``pairs`` below hold the records
     dev = resolve_device(device)
     faces = FaceSet.load(faces_dir, strict=False)
     pairs, bad = PairRecord.read_valid(pairs_path)
@@ -389,13 +389,13 @@ def _aggregate(rows: list[dict]) -> dict:
             "detection_rate": round(float(np.mean([r["detected_st"] for r in rows] + [r["detected_ts"] for r in rows])), 4)}
 
 
-def run_eval_triplets(folder: str | os.PathLike, out: str | os.PathLike, compare: str | os.PathLike | None = None,
+def run_eval_triplets(triplets: str | os.PathLike, out: str | os.PathLike, *, compare: str | os.PathLike | None = None,
                       limit: int | None = None, progress: bool = False, inception: Path | None = None,
                       device: str = "auto", judge: str = "sface") -> dict:
     """QC report of a triplet folder (and, ``compare``, of a second one beside it), with each run's
     FID of its fakes against its real faces when FID's Inception weights are found (:func:`fid_network`).
     Identity figures are the ``judge``'s: a run measured by another judge (or not at all) is measured here."""
-    folders = [Path(folder)] + ([Path(compare)] if compare else [])
+    folders = [Path(triplets)] + ([Path(compare)] if compare else [])
     settings = {"folders": [str(f) for f in folders], "limit": limit, "judge": judge}
     fidnet, fid_from = fid_network(inception, resolve_device(device))
     with Job("eval-triplets", out, settings, "triplets", progress=progress, resumable=False) as job:

@@ -33,17 +33,17 @@ def train_bytes_per_sample(recipe: TrainRecipe) -> int:
     return TENSORS_PER_SAMPLE * 3 * 4 * side * side
 
 
-def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, run: str | os.PathLike, faces: str | os.PathLike | None = None,
+def run_finetune(recipe: TrainRecipe, triplets: str | os.PathLike, out: str | os.PathLike, *, faces: str | os.PathLike | None = None,
                  resume: bool = False, checkpoint: str | os.PathLike | None = None, device: str = "auto",
                  progress: bool = False, supervision: CycleSupervision | None = None, overwrite: bool = False) -> dict:
-    """Fine-tune; returns the summary (also ``RUN/summary.json`` from rank 0).
+    """Fine-tune into the run folder ``out``; returns the summary (also ``OUT/summary.json`` from rank 0).
 
     The recipe (all but ``train.steps``, which a resumed run may extend) is pinned in the run
     folder: resuming with another recipe is refused, and so is starting afresh in a folder that
     already holds a run (pass ``resume`` to continue it, ``overwrite`` to remove the old run's
     files first, or use another folder).
     """
-    run = Path(run)
+    run = Path(out)
     check_batch_memory(recipe.data.batch, train_bytes_per_sample(recipe), resolve_device(device), flag="[data] batch")
     used = [n for n in RUN_FILES if (run / n).exists()]
     if resume and overwrite:

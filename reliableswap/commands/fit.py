@@ -30,11 +30,12 @@ def flame_settings(model: str | os.PathLike | None, embedding: str | os.PathLike
             "fit": asdict(cfg)}
 
 
-def run_fit(folder: str | os.PathLike, model: str | os.PathLike | None, embedding: str | os.PathLike | None = None,
-            cfg: FitConfig = FitConfig(), batch: int = 128, device: str = "cpu", max_rmse: float = 8.0,
+def run_fit(faces: str | os.PathLike, flame: str | os.PathLike | None, *, embedding: str | os.PathLike | None = None,
+            cfg: FitConfig = FitConfig(), batch: int = 128, device: str = "auto", max_rmse: float = 8.0,
             progress: bool = False) -> dict:
-    """Fit FLAME to every face of ``folder``; returns the summary (also ``fit.summary.json``)."""
-    folder = Path(folder)
+    """Fit the FLAME model file ``flame`` to every face of the prep folder ``faces``; returns the
+    summary (also ``fit.summary.json``)."""
+    folder, model = Path(faces), flame  # the paths; ``faces``/``flame`` below hold the records and the model
     device = str(resolve_device(device))
     faces = FaceSet.load(folder, flame=False, strict=False)
     settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}

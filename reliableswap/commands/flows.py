@@ -54,14 +54,15 @@ def preview(img_b: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, mask: torch
     return encode_image(np.concatenate([img_b, over, warped], 1), ".png")
 
 
-def run_flows(folder: str | os.PathLike, pairs_file: str | os.PathLike, out: str | os.PathLike,
-              model: str | os.PathLike | None, embedding: str | os.PathLike | None = None, batch: int = 8,
-              device: str = "cpu", previews: bool = True, cfg: FitConfig = FitConfig(),
+def run_flows(faces: str | os.PathLike, pairs: str | os.PathLike, out: str | os.PathLike,
+              flame: str | os.PathLike | None, *, embedding: str | os.PathLike | None = None, batch: int = 8,
+              device: str = "auto", previews: bool = True, cfg: FitConfig = FitConfig(),
               backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False,
               ray: RayOptions | None = None) -> dict:
-    """Shape flows for every pair of ``pairs_file``; returns the summary (also ``OUT/summary.json``).
-    ``ray``: run the batches on a Ray cluster (:mod:`reliableswap.engine`); the folder is the same."""
-    folder, out = Path(folder), Path(out)
+    """Shape flows for every pair of the pairs file ``pairs`` over the prep folder ``faces`` with
+    the FLAME model file ``flame``; returns the summary (also ``OUT/summary.json``). ``ray``: run
+    the batches on a Ray cluster (:mod:`reliableswap.engine`); the folder is the same."""
+    folder, pairs_file, model, out = Path(faces), pairs, flame, Path(out)  # the paths; the names below hold what they hold
     device = str(resolve_device(device)) if ray is None else str(device)
     faces = FaceSet.load(folder, strict=False)
     pairs, bad_pairs = PairRecord.read_valid(pairs_file)

@@ -48,7 +48,7 @@ def occlusion_sheet(folder: Path, out: Path, n: int, occluders: list[OccluderKin
     return save_image(out, to_uint8(torch.cat(rows, -2)[None])[0])
 
 
-def run_inspect(folder: str | os.PathLike, sheet: str | os.PathLike, n: int = 16,
+def run_inspect(folder: str | os.PathLike, sheet: str | os.PathLike, *, n: int = 16,
                 occluders: list[OccluderKind] | None = None, faces: str | os.PathLike | None = None) -> Path:
     """Render ``sheet`` for ``folder`` (what it holds decides which sheet; ``occluders``: a triplet
     folder's training samples with occlusion augmentation instead)."""

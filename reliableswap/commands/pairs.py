@@ -73,12 +73,13 @@ def fill_embeddings(faces: FaceSet, cache: Path, judge: str = "sface") -> tuple[
     return done, rejects, computed, len(out) - computed
 
 
-def run_pairs(folder: str | os.PathLike, out: str | os.PathLike, cfg: PairsSection = PairsSection(),
+def run_pairs(faces: str | os.PathLike, out: str | os.PathLike, cfg: PairsSection = PairsSection(), *,
               progress: bool = False, judge: str = "sface") -> dict:
-    """Write ``out`` (pairs.jsonl); returns the summary (also ``<out stem>.summary.json``).
-    ``judge``: who decides that two unlabelled faces are one person (see the module doc)."""
+    """Write ``out`` (pairs.jsonl) from the prep folder ``faces``; returns the summary (also
+    ``<out stem>.summary.json``). ``judge``: who decides that two unlabelled faces are one person
+    (see the module doc)."""
     out = Path(out)
-    faces = FaceSet.load(folder, flame=False, strict=False)
+    faces = FaceSet.load(faces, flame=False, strict=False)
     with Job("pairs", out.parent, cfg.model_dump(mode="json") | {"judge": judge}, "pairs", shared=out.stem, resumable=False,
              progress=progress) as job:
         job.progress(0, 1)

@@ -62,7 +62,7 @@ class PrepConfig:
     embed: bool = False
     identity_from_folder: bool = False
     ext: CropExt = CropExt.png
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when there is one (a Ray actor: when it holds a GPU)
     max_pixels: int = MAX_PIXELS  # larger images/video frames are rejected from their header, before decoding
 
     def settings(self) -> dict:
@@ -258,7 +258,7 @@ def _timed(frames, timings: Counter):
         yield item
 
 
-def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepConfig = PrepConfig(), workers: int = 1,
+def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepConfig = PrepConfig(), *, workers: int = 1,
              progress: bool = False, ray: RayOptions | None = None) -> dict:
     """Run ``prep``; returns the summary (also ``OUT/summary.json``).
 
@@ -273,12 +273,13 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
     """
     out = Path(out)
     if ray is None:
-        resolve_device(cfg.device)
+        cfg = replace(cfg, device=str(resolve_device(cfg.device)))
         cfg.check_models()
     else:  # the workers' GPUs are checked against the cluster; the model files here
         replace(cfg, device="cpu").check_models()
     with engine.joined(ray, cfg.device) as (info, gpus), \
-            Job("prep", out, cfg.settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device, progress=progress) as job:
+            Job("prep", out, _on(cfg, gpus).settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device,
+                progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
         done = len(units) - len(todo)
@@ -313,12 +314,21 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
         return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning, engine.describe(ray, info))
 
 
+def _on(cfg: PrepConfig, gpus: float) -> PrepConfig:
+    """``cfg`` with the device its faces are processed on (``auto`` on Ray: the actors' GPU when
+    they hold one), so a folder's settings read the same whichever engine made it."""
+    if cfg.device != "auto":
+        return cfg
+    return replace(cfg, device="cuda" if gpus else "cpu")
+
+
 class PrepWorker:
     """Ray stage: one input file read, its faces detected, landmarked, aligned and written, then
     its unit record (:func:`process_unit`); the models are loaded once per actor."""
 
     def __init__(self, cfg: PrepConfig, out: str):
-        device = "cuda" if cfg.device.startswith("cuda") else cfg.device  # Ray shows the actor its GPU as cuda
+        # Ray shows the actor its GPU as cuda; auto: the GPU when the actor holds one
+        device = "cuda" if cfg.device.startswith("cuda") else str(resolve_device(cfg.device))
         _init_worker(replace(cfg, device=device), single_thread=True)  # Ray owns the actor's life: no parent watch
         self.out = Path(out)
 

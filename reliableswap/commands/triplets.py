@@ -446,14 +446,15 @@ def choose_encoder(choice: JpegEncoder, device: torch.device) -> JpegEncoder:
     return choice
 
 
-def run_triplets(faces_dir: str | Path, pairs_path: str | Path, out: str | Path, recipe: TripletRecipe = TripletRecipe(),
+def run_triplets(faces: str | Path, pairs: str | Path, out: str | Path, recipe: TripletRecipe = TripletRecipe(), *,
                  device: str = "auto", batch: int = 16, shard_index: int | None = None, num_shards: int | None = None,
                  progress: bool = False, ray: RayOptions | None = None) -> dict:
-    """Run the triplet synthesis; returns the summary (also ``OUT/summary.json``).
+    """Run the triplet synthesis of the pairs file ``pairs`` over the prep folder ``faces``;
+    returns the summary (also ``OUT/summary.json``).
 
     ``ray``: run the chunks on a Ray cluster (:mod:`reliableswap.engine`) instead of in this
     process; the folder it writes is the same."""
-    faces_dir, out = Path(faces_dir), Path(out)
+    faces_dir, pairs_path, out = Path(faces), Path(pairs), Path(out)  # the paths; ``faces``/``pairs`` below hold what they hold
     if ray is not None and (num_shards or 1) > 1:
         raise UserError("--engine ray spreads the work itself: drop --shard-index/--num-shards")
     # flags first, before any data is read (on Ray, the workers' GPUs are checked against the cluster)
