@@ -316,6 +316,39 @@ def eval_swapper(
     say(f"wrote {out / 'pairs.csv'}, {out / 'sheet.png'}, {out / 'summary.json'}")
 
 
+@eval_app.command("ffpp")
+def eval_ffpp(
+    videos: Annotated[Path, typer.Option("--videos", help="FF++ original sequences: a folder of <id>.mp4 (original_sequences/youtube/c23/videos).")],
+    pair_list: Annotated[Path, typer.Option("--pairs", help="The pair list: an FF++ split file (train/val/test.json: [[\"953\", \"974\"], ...], each pair swapped both ways) or a CSV with target,source columns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (frames/, prep/, pairs.jsonl, eval/ with the per-frame pairs.csv, summary.json with the report).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (as eval swapper takes it).")] = None,
+    swapper: Annotated[Optional[str], typer.Option("--swapper", help="A swapper class package.module:Class (as eval swapper takes it).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="With --checkpoint: your training recipe TOML, which builds the run's swapper.")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
+    value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
+    input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
+    frames: Annotated[int, typer.Option("--frames", help="Evenly spaced frames per video (the protocol: 10).", min=1, max=100)] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
+    inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (default: <weights dir>/inception/).")] = None,
+) -> None:
+    """The FaceForensics++ swap protocol on your copy of FF++: frames per video, the project's prep, every pair swapped, ID retrieval, pose and expression error and FID with their sample counts. Licence-clean metrics (SFace, face mesh): not comparable with published FF++ numbers, and the report says so."""
+    from reliableswap.commands.eval import open_swapper
+    from reliableswap.commands.ffpp import run_eval_ffpp
+    from reliableswap.device import resolve_device
+    from reliableswap.recipes import TrainRecipe, load_recipe
+
+    trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
+    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
+    s = run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception, progress=True)
+    d = s["details"]
+    say(f"FF++: {d['samples']['swaps']} swaps of {d['samples']['video_pairs']} video pairs; ID retrieval {d['id_retrieval_top1_pct']} % "
+        f"(of {d['samples']['gallery_source_frames']} source frames), id cos {d['id_cos_mean']}, pose err {d['pose_err_deg']} deg, "
+        f"expr err {d['expr_err']}, FID {d['fid']}")
+    say(f"note: {d['metrics_note']}")
+    say(f"wrote {out / 'summary.json'}, {out / 'frames.csv'}, {out / 'rejects.jsonl'}")
+
+
 @eval_app.command("triplets")
 def eval_triplets(
     folder: Annotated[Path, typer.Argument(help="A triplets output folder (manifest.jsonl, folder layout).")],

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from kornia.metrics import ssim as kornia_ssim
 
+from reliableswap.faces import mesh as fm
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.faces.pose import expression_error, head_pose
 from reliableswap.images import to_uint8
@@ -113,20 +114,30 @@ def pose_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
 
 
 class SwapMeter:
-    """Measures swaps: landmarks (dlib, box from the target's) and identity descriptors
-    (``encoder``: B×3×H×W → B×D; default dlib's 128-D)."""
+    """Measures swaps: landmarks and identity descriptors (``encoder``: B×3×H×W → B×D).
 
-    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor]):
+    ``landmarks``: ``dlib`` re-measures dlib's 68 points on the swap in the box of the target's;
+    ``mesh`` measures MediaPipe's 468-point face mesh (Apache-2.0) on both the swap and the target,
+    its region placed by the target's stored points, and reads the 68 points off it
+    (:func:`reliableswap.faces.mesh.mesh_to_68`): no dlib model file is involved in the figures."""
+
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], landmarks: str = "dlib"):
         self.encoder = encoder
-        self.landmarks = DlibLandmarks()
+        self.kind = landmarks
+        self.landmarks = DlibLandmarks() if landmarks == "dlib" else None
 
     def measure_landmarks(self, images: torch.Tensor, lm_hint: torch.Tensor) -> torch.Tensor:
         """B×68×2 landmarks of ``images`` searched in the box of ``lm_hint``."""
+        if self.kind == "mesh":
+            net = fm.load_face_mesh(str(images.device))
+            return fm.mesh_to_68(net.from_landmarks68(images, lm_hint.to(images.device))[0]).to(lm_hint)
         return torch.from_numpy(self.landmarks.remeasure(to_uint8(images), lm_hint.detach().cpu().numpy())).to(lm_hint)
 
     def __call__(self, swap: torch.Tensor, source_desc: torch.Tensor, target: torch.Tensor, lm_target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per swap (B): ``id_cos``, ``pose_err``, ``expr_err``; plus ``desc`` (B×D) for retrieval."""
         lm = self.measure_landmarks(swap, lm_target)
+        if self.kind == "mesh":  # the reference measured the same way as the swap
+            lm_target = self.measure_landmarks(target, lm_target)
         desc = self.encoder(swap).float().cpu()
         return {"id_cos": cosine(desc, source_desc), "pose_err": pose_error(lm.cpu(), lm_target.cpu()),
                 "expr_err": expression_error(lm.cpu(), lm_target.cpu()), "desc": desc}

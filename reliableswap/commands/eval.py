@@ -159,9 +159,11 @@ def _identity(faces: FaceSet, fid: str) -> str:
 def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLike, pairs: str | os.PathLike,
                      out: str | os.PathLike, *, device: str = "auto", batch: int = 8, arcface: Path | None = None,
                      sheet_rows: int = 12, progress: bool = False, inception: Path | None = None,
-                     weights: Path | None = None, judge: str = "sface") -> dict:
-    """Swap every pair of ``pairs_path`` (faces from the prep folder ``faces_dir``) and measure.
-    FID (swaps against the real targets) when FID's Inception weights are found (:func:`fid_network`)."""
+                     weights: Path | None = None, judge: str = "sface", landmarks: str = "dlib") -> dict:
+    """Swap every pair of the pairs file ``pairs`` (faces from the prep folder ``faces``) and
+    measure. FID (swaps against the real targets) when FID's Inception weights are found
+    (:func:`fid_network`). ``landmarks``: what measures pose and expression (``dlib`` or ``mesh``,
+    :class:`reliableswap.evaluation.SwapMeter`)."""
     faces_dir, pairs_path, out = Path(faces), Path(pairs), Path(out)  # the paths; ``faces``/``pairs`` below hold the records
     dev = resolve_device(device)
     faces = FaceSet.load(faces_dir, strict=False)
@@ -171,8 +173,9 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLik
         raise NothingUsable(f"{pairs_path}: no pair whose faces are both in {faces_dir}")
     encoder, enc_name = identity_encoder(arcface, dev, judge)
     fidnet, fid_from = fid_network(inception, dev, weights)  # a bad file stops here, before any swap
-    meter = SwapMeter(encoder)
-    settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch}
+    meter = SwapMeter(encoder, landmarks)
+    settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch,
+                "landmarks": landmarks}
     cache: dict = {}
     rows, descs, src_desc = [], [], {}
     tiles, fake_feats, real_feats = [], [], []
@@ -246,7 +249,7 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLik
         save_image(out / "sheet.png", grid([_label(t, [lab]) for t, lab in zip(tiles, ["source", "target", "swap"] * sheet_rows)], 3))
         p_all, s_all = (torch.cat(ps), torch.cat(ss)) if ps else (torch.zeros(0), torch.zeros(0))
         details = {
-            "swapper": name, "identity": enc_name, "pairs": len(rows), "gallery": len(gallery_ids),
+            "swapper": name, "identity": enc_name, "landmarks": landmarks, "pairs": len(rows), "gallery": len(gallery_ids),
             "id_cos_mean": round(float(np.mean([r["id_cos"] for r in rows])), 4),
             "id_retrieval_top1": round(float(hits[1].float().mean()), 4), "id_retrieval_top5": round(float(hits[5].float().mean()), 4),
             "pose_err_mean_deg": round(float(np.mean([r["pose_err"] for r in rows])), 3),
