@@ -31,6 +31,7 @@ from reliableswap.nets.gfpgan import GFPGANv1Clean
 from reliableswap.nets.gpen import FullGenerator
 from reliableswap.nets.inception import FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3
 from reliableswap.nets.lia import Generator
+from reliableswap.nets.protocol import Deep3DRecon, HopeNet, Sphere20
 from triplets.jsonl import file_sha256
 from reliableswap.errors import UserError
 
@@ -97,6 +98,16 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("inception", "eval", "FID's Inception-v3 (the 2015 TensorFlow graph, pytorch-fid's conversion): pool3, 2048-D", (
         WeightFile(FID_WEIGHTS, FID_WEIGHTS_URL, FIDInceptionV3, sha256=FID_WEIGHTS.rsplit("-", 1)[1].removesuffix(".pth")),),
         licence="Apache-2.0 (mseitzer/pytorch-fid)"),
+    Backend("cosface", "eval", "CosFace sphere20 on VGGFace2 (the identity network of ReliableSwap's FF++ evaluation; no stable download address is published), 112×96, 512-D", (
+        WeightFile("net_sphere20_data_vggface2_acc_9955.pth", "https://github.com/MuggleWang/CosFace_pytorch", Sphere20, manual=True),),
+        licence="no licence file (MuggleWang/CosFace_pytorch); trained on VGGFace2 (non-commercial research)"),
+    Backend("hopenet", "eval", "HopeNet ResNet-50, 66 bins each for yaw, pitch and roll (deep-head-pose, 300W-LP, alpha 1, robust)", (
+        WeightFile("hopenet_robust_alpha1.pkl", "https://drive.google.com/open?id=1m25PrSE7g9D2q2XJVMR6IA7RaCvWSzCR", HopeNet, manual=True),),
+        licence="Apache-2.0 (natanielruiz/deep-head-pose); trained on 300W-LP"),
+    Backend("deep3d", "eval", "Deep3DFaceRecon ResNet-50 coefficient regressor (257: 80 id, 64 expression, …), 224 px", (
+        WeightFile("epoch_20.pth", "https://drive.google.com/drive/folders/1liaIxn9smpudjjqMaWWRpP0mXRW_qRPP", Deep3DRecon,
+                   entry="net_recon", manual=True),),
+        licence="MIT (sicxu/Deep3DFaceRecon_pytorch); trained on its own face collection; the BFM is not needed for expression"),
     Backend("fan", "landmarks", "FAN 2D (face-alignment's 2DFAN-4), 68 points: prep --landmarks fan", (
         WeightFile(FAN_WEIGHTS, FAN_URL, FanNet, sha256=FAN_WEIGHTS.split("-")[1].split(".")[0]),),
         licence="BSD-3-Clause (1adrianb/face-alignment)"),
