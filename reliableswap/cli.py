@@ -328,11 +328,12 @@ def eval_ffpp(
     value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
     input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
     frames: Annotated[int, typer.Option("--frames", help="Evenly spaced frames per video (the protocol: 10).", min=1, max=100)] = 10,
+    metrics: Annotated[str, typer.Option("--metrics", help="clean: SFace and the face mesh (licence-clean, not comparable with papers); paper: CosFace sphere20, HopeNet and Deep3DFaceRecon from the weights folder (`reliableswap weights list` says where each is published).")] = "clean",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch: Annotated[int, typer.Option(help="Pairs per batch.", min=1, max=1024)] = 8,
     inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (default: <weights dir>/inception/).")] = None,
 ) -> None:
-    """The FaceForensics++ swap protocol on your copy of FF++: frames per video, the project's prep, every pair swapped, ID retrieval, pose and expression error and FID with their sample counts. Licence-clean metrics (SFace, face mesh): not comparable with published FF++ numbers, and the report says so."""
+    """The FaceForensics++ swap protocol on your copy of FF++: frames per video, the project's prep, every pair swapped, ID retrieval, pose and expression error and FID with their sample counts. --metrics clean (default: SFace, face mesh) is not comparable with published FF++ numbers, and the report says so; --metrics paper uses the papers' networks."""
     from reliableswap.commands.eval import open_swapper
     from reliableswap.commands.ffpp import run_eval_ffpp
     from reliableswap.device import resolve_device
@@ -340,7 +341,8 @@ def eval_ffpp(
 
     trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
     model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
-    s = run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception, progress=True)
+    s = run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception,
+                      progress=True, metrics=metrics)
     d = s["details"]
     say(f"FF++: {d['samples']['swaps']} swaps of {d['samples']['video_pairs']} video pairs; ID retrieval {d['id_retrieval_top1_pct']} % "
         f"(of {d['samples']['gallery_source_frames']} source frames), id cos {d['id_cos_mean']}, pose err {d['pose_err_deg']} deg, "

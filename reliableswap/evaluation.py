@@ -121,10 +121,12 @@ class SwapMeter:
     its region placed by the target's stored points, and reads the 68 points off it
     (:func:`reliableswap.faces.mesh.mesh_to_68`): no dlib model file is involved in the figures."""
 
-    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], landmarks: str = "dlib"):
+    def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], landmarks: str = "dlib",
+                 measure: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None):
         self.encoder = encoder
         self.kind = landmarks
-        self.landmarks = DlibLandmarks() if landmarks == "dlib" else None
+        self.measure = measure  # (swap, target) → {"pose_err": B, "expr_err": B, more per-swap figures}: replaces landmarks
+        self.landmarks = DlibLandmarks() if landmarks == "dlib" and measure is None else None
 
     def measure_landmarks(self, images: torch.Tensor, lm_hint: torch.Tensor) -> torch.Tensor:
         """B×68×2 landmarks of ``images`` searched in the box of ``lm_hint``."""
@@ -134,7 +136,12 @@ class SwapMeter:
         return torch.from_numpy(self.landmarks.remeasure(to_uint8(images), lm_hint.detach().cpu().numpy())).to(lm_hint)
 
     def __call__(self, swap: torch.Tensor, source_desc: torch.Tensor, target: torch.Tensor, lm_target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per swap (B): ``id_cos``, ``pose_err``, ``expr_err``; plus ``desc`` (B×D) for retrieval."""
+        """Per swap (B): ``id_cos``, ``pose_err``, ``expr_err`` (and what ``measure`` adds); plus
+        ``desc`` (B×D) for retrieval."""
+        if self.measure is not None:
+            desc = self.encoder(swap).float().cpu()
+            return {"id_cos": cosine(desc, source_desc), **{k: v.float().cpu() for k, v in self.measure(swap, target).items()},
+                    "desc": desc}
         lm = self.measure_landmarks(swap, lm_target)
         if self.kind == "mesh":  # the reference measured the same way as the swap
             lm_target = self.measure_landmarks(target, lm_target)

@@ -90,3 +90,39 @@ def test_bad_pair_lists_are_one_line(ffpp_videos, tmp_path, capsys, content, mes
     err = capsys.readouterr().err
     assert code in (1, 2) and message in err and "Traceback" not in err
     assert not (tmp_path / "o" / "frames").exists()  # nothing is decoded for a list that names nothing usable
+
+
+def test_paper_metrics_with_the_papers_networks(ffpp_videos, tmp_path, monkeypatch, capsys):
+    """``--metrics paper`` with CosFace, HopeNet and Deep3DFaceRecon files in their published
+    layouts (random weights here): the known answers hold, ReliableSwap's own aggregates are
+    reported beside, and without the files the run stops at start-up in one line."""
+    import torch
+
+    from reliableswap.nets import weights as W
+    from reliableswap.testing.nets import randomize
+
+    split = tmp_path / "test.json"
+    split.write_text(json.dumps([["000", "001"]]))
+    root = tmp_path / "w"
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(root))
+    code, _ = _run(ffpp_videos, split, tmp_path / "none", "ReturnSource", "--metrics", "paper")
+    err = capsys.readouterr().err
+    assert code == 2 and "net_sphere20_data_vggface2_acc_9955.pth (missing)" in err and "Traceback" not in err
+    assert not (tmp_path / "none" / "frames").exists()
+    torch.manual_seed(0)
+    for b in ("cosface", "hopenet", "deep3d"):
+        wf = W.BACKENDS[b].files[0]
+        (root / b).mkdir(parents=True)
+        sd = randomize(wf.build())
+        torch.save({wf.entry: sd} if wf.entry else sd, root / b / wf.name)
+    code, s = _run(ffpp_videos, split, tmp_path / "src", "ReturnSource", "--metrics", "paper")
+    assert code == 0
+    d = s["details"]
+    assert d["comparable_with_papers"] is True and d["measured_by"]["identity"] == "CosFace sphere20 (VGGFace2)"
+    assert d["id_retrieval_top1_pct"] == 100.0 and d["id_cos_mean"] > 0.999
+    assert set(d["reliableswap_style"]) >= {"pose_logits_l2_half", "expr_rms_l2"}
+    rows = list(csv.DictReader((tmp_path / "src" / "frames.csv").open()))
+    assert len(rows) == 8 and {"pose_logits_yaw", "pose_logits_pitch", "pose_logits_roll"} <= set(rows[0])
+    code, t = _run(ffpp_videos, split, tmp_path / "tgt", "ReturnTarget", "--metrics", "paper")
+    assert code == 0 and t["details"]["pose_err_deg"] == 0.0 and t["details"]["expr_err"] == 0.0
+    assert t["details"]["reliableswap_style"]["pose_logits_l2_half"] == 0.0

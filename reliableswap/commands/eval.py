@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -159,11 +160,14 @@ def _identity(faces: FaceSet, fid: str) -> str:
 def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLike, pairs: str | os.PathLike,
                      out: str | os.PathLike, *, device: str = "auto", batch: int = 8, arcface: Path | None = None,
                      sheet_rows: int = 12, progress: bool = False, inception: Path | None = None,
-                     weights: Path | None = None, judge: str = "sface", landmarks: str = "dlib") -> dict:
+                     weights: Path | None = None, judge: str = "sface", landmarks: str = "dlib",
+                     identity: tuple[Callable, str] | None = None, measure: Callable | None = None) -> dict:
     """Swap every pair of the pairs file ``pairs`` (faces from the prep folder ``faces``) and
     measure. FID (swaps against the real targets) when FID's Inception weights are found
     (:func:`fid_network`). ``landmarks``: what measures pose and expression (``dlib`` or ``mesh``,
-    :class:`reliableswap.evaluation.SwapMeter`)."""
+    :class:`reliableswap.evaluation.SwapMeter`); ``identity`` (encoder, name) and ``measure``
+    (swap, target → per-swap figures) replace the identity judge and the landmarks (the FF++
+    protocol's networks)."""
     faces_dir, pairs_path, out = Path(faces), Path(pairs), Path(out)  # the paths; ``faces``/``pairs`` below hold the records
     dev = resolve_device(device)
     faces = FaceSet.load(faces_dir, strict=False)
@@ -171,9 +175,9 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLik
     pairs = [p for p in pairs if p.a in faces and p.b in faces]
     if not pairs:
         raise NothingUsable(f"{pairs_path}: no pair whose faces are both in {faces_dir}")
-    encoder, enc_name = identity_encoder(arcface, dev, judge)
+    encoder, enc_name = identity if identity is not None else identity_encoder(arcface, dev, judge)
     fidnet, fid_from = fid_network(inception, dev, weights)  # a bad file stops here, before any swap
-    meter = SwapMeter(encoder, landmarks)
+    meter = SwapMeter(encoder, landmarks, measure)
     settings = {"swapper": name, "identity": enc_name, "pairs": str(pairs_path), "faces": str(faces_dir), "batch": batch,
                 "landmarks": landmarks}
     cache: dict = {}
@@ -207,8 +211,8 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLik
                     fake_feats.append(fidnet(swap).double().cpu())
             descs.append(m["desc"])
             for j, p in enumerate(part):
-                rows.append({"index": idx[j], "source": p.a, "target": p.b, "id_cos": float(m["id_cos"][j]),
-                             "pose_err": float(m["pose_err"][j]), "expr_err": float(m["expr_err"][j])})
+                rows.append({"index": idx[j], "source": p.a, "target": p.b,
+                             **{k: float(v[j]) for k, v in m.items() if k != "desc"}})
             if len(tiles) < 3 * sheet_rows:
                 for a, t, w in zip(to_uint8(src), to_uint8(tgt), to_uint8(swap)):
                     if len(tiles) < 3 * sheet_rows:
@@ -242,7 +246,8 @@ def run_eval_swapper(swapper: SwapperAdapter, name: str, faces: str | os.PathLik
                 if fidnet is not None:
                     real_feats.append(fidnet(t).double().cpu())
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["index", "source", "target", *PER_PAIR])
+        extra = [k for k in rows[0] if k not in ("index", "source", "target", *PER_PAIR)]
+        w = csv.DictWriter(buf, fieldnames=["index", "source", "target", *PER_PAIR, *extra])
         w.writeheader()
         w.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
         atomic_write_bytes(out / "pairs.csv", buf.getvalue().encode())

