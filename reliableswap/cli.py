@@ -45,6 +45,13 @@ EngineOpt = Annotated[Engine, typer.Option("--engine", help="local: this machine
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster to join (host:6379, ray://host:10001, auto); default $RAY_ADDRESS, else a new local cluster.")]
 RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="With --engine ray: actors per stage (default: one per CPU, or per GPU where the work renders).", min=1)]
 RayRetriesOpt = Annotated[int, typer.Option("--ray-retries", help="With --engine ray: restarts of a dead worker (and re-runs of its unit) before the run stops.", min=0)]
+# the swapper an evaluation measures (eval swapper, eval ffpp)
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (its latest checkpoint; built from its recipe copy when that names the built-in faceshifter, else give --swapper or --recipe).")]
+SwapperOpt = Annotated[Optional[str], typer.Option("--swapper", help="A swapper class package.module:Class: alone, built with its defaults; with --checkpoint, the class you trust that run's recipe copy to name.")]
+SwapperRecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="With --checkpoint: your training recipe TOML, which builds the run's swapper (instead of the run's copy).")]
+SwapperWeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")]
+ValueRangeOpt = Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")]
+InputSizeOpt = Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)]
 
 
 def _ray_options(engine: Engine, address: Optional[str], workers: Optional[int], retries: int):
@@ -282,17 +289,27 @@ eval_app = typer.Typer(no_args_is_help=True, help="Measure a swapper (identity, 
 app.add_typer(eval_app, name="eval")
 
 
+def _open_swapper(checkpoint, swapper, recipe, weights, value_range: str, input_size: int, device: str):
+    """The swapper ``eval swapper`` and ``eval ffpp`` measure, from their shared flags."""
+    from reliableswap.commands.eval import open_swapper
+    from reliableswap.device import resolve_device
+    from reliableswap.recipes import TrainRecipe, load_recipe
+
+    trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
+    return open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
+
+
 @eval_app.command("swapper")
 def eval_swapper(
     faces: Annotated[Path, typer.Option(help="Prep folder holding the pairs' faces (faces.jsonl + crops).")],
     pairs_file: Annotated[Path, typer.Option("--pairs", help="pairs.jsonl: a = source, b = target (held-out pairs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (pairs.csv, sheet.png, summary.json).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (its latest checkpoint; built from its recipe copy when that names the built-in faceshifter, else give --swapper or --recipe).")] = None,
-    swapper: Annotated[Optional[str], typer.Option("--swapper", help="A swapper class package.module:Class: alone, built with its defaults; with --checkpoint, the class you trust that run's recipe copy to name.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="With --checkpoint: your training recipe TOML, which builds the run's swapper (instead of the run's copy).")] = None,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
-    value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
-    input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
+    checkpoint: CheckpointOpt = None,
+    swapper: SwapperOpt = None,
+    recipe: SwapperRecipeOpt = None,
+    weights: SwapperWeightsOpt = None,
+    value_range: ValueRangeOpt = "0,1",
+    input_size: InputSizeOpt = 0,
     arcface: Annotated[Optional[Path], typer.Option("--arcface", help="insightface arcface_torch backbone.pth for the identity metrics (default: the --judge).")] = None,
     judge: Annotated[JudgeName, typer.Option("--judge", help="Identity judge for the identity metrics: sface (default, strong) or dlib (weak; same and different people overlap).")] = JudgeName.sface,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -300,12 +317,8 @@ def eval_swapper(
     inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth; default: <weights dir>/inception/, from `reliableswap weights fetch inception`). Without them FID is not computed, and summary.json says so.")] = None,
 ) -> None:
     """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target), and FID of the swaps against the real targets when FID's Inception weights are there."""
-    from reliableswap.commands.eval import open_swapper, run_eval_swapper
-    from reliableswap.device import resolve_device
-    from reliableswap.recipes import TrainRecipe, load_recipe
-
-    trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
-    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
+    from reliableswap.commands.eval import run_eval_swapper
+    model, name = _open_swapper(checkpoint, swapper, recipe, weights, value_range, input_size, device)
     s = run_eval_swapper(model, name, faces, pairs_file, out, device=device, batch=batch, arcface=arcface, progress=True, inception=inception,
                          judge=judge.value)
     d = s["details"]
@@ -321,12 +334,12 @@ def eval_ffpp(
     videos: Annotated[Path, typer.Option("--videos", help="FF++ original sequences: a folder of <id>.mp4 (original_sequences/youtube/c23/videos).")],
     pair_list: Annotated[Path, typer.Option("--pairs", help="The pair list: an FF++ split file (train/val/test.json: [[\"953\", \"974\"], ...], each pair swapped both ways) or a CSV with target,source columns.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (frames/, prep/, pairs.jsonl, eval/ with the per-frame pairs.csv, summary.json with the report).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A finetune run folder (as eval swapper takes it).")] = None,
-    swapper: Annotated[Optional[str], typer.Option("--swapper", help="A swapper class package.module:Class (as eval swapper takes it).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="With --checkpoint: your training recipe TOML, which builds the run's swapper.")] = None,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="--swapper: its weights (.safetensors or a torch state dict).")] = None,
-    value_range: Annotated[str, typer.Option("--value-range", help="--swapper: the range it takes and returns: 0,1 or -1,1.")] = "0,1",
-    input_size: Annotated[int, typer.Option("--input-size", help="--swapper: the side it expects (0 = the crops').", min=0, max=2048)] = 0,
+    checkpoint: CheckpointOpt = None,
+    swapper: SwapperOpt = None,
+    recipe: SwapperRecipeOpt = None,
+    weights: SwapperWeightsOpt = None,
+    value_range: ValueRangeOpt = "0,1",
+    input_size: InputSizeOpt = 0,
     frames: Annotated[int, typer.Option("--frames", help="Evenly spaced frames per video (the protocol: 10).", min=1, max=100)] = 10,
     metrics: Annotated[str, typer.Option("--metrics", help="clean: SFace and the face mesh (licence-clean, not comparable with papers); paper: CosFace sphere20, HopeNet and Deep3DFaceRecon from the weights folder (`reliableswap weights list` says where each is published).")] = "clean",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -334,13 +347,8 @@ def eval_ffpp(
     inception: Annotated[Optional[Path], typer.Option("--inception", help="FID's Inception weights (default: <weights dir>/inception/).")] = None,
 ) -> None:
     """The FaceForensics++ swap protocol on your copy of FF++: frames per video, the project's prep, every pair swapped, ID retrieval, pose and expression error and FID with their sample counts. --metrics clean (default: SFace, face mesh) is not comparable with published FF++ numbers, and the report says so; --metrics paper uses the papers' networks."""
-    from reliableswap.commands.eval import open_swapper
     from reliableswap.commands.ffpp import run_eval_ffpp
-    from reliableswap.device import resolve_device
-    from reliableswap.recipes import TrainRecipe, load_recipe
-
-    trusted = load_recipe(recipe, TrainRecipe) if recipe is not None else None
-    model, name = open_swapper(checkpoint, swapper, weights, value_range, input_size, resolve_device(device), trusted)
+    model, name = _open_swapper(checkpoint, swapper, recipe, weights, value_range, input_size, device)
     s = run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception,
                       progress=True, metrics=metrics)
     d = s["details"]
