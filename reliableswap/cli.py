@@ -333,7 +333,7 @@ def eval_swapper(
 def eval_ffpp(
     videos: Annotated[Path, typer.Option("--videos", help="FF++ original sequences: a folder of <id>.mp4 (original_sequences/youtube/c23/videos).")],
     pair_list: Annotated[Path, typer.Option("--pairs", help="The pair list: an FF++ split file (train/val/test.json: [[\"953\", \"974\"], ...], each pair swapped both ways) or a CSV with target,source columns.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (frames/, prep/, pairs.jsonl, eval/ with the per-frame pairs.csv, summary.json with the report).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (frames/, prep/, pairs.jsonl, eval/, frames.csv: one row per frame, summary.json: the report).")],
     checkpoint: CheckpointOpt = None,
     swapper: SwapperOpt = None,
     recipe: SwapperRecipeOpt = None,
