@@ -23,6 +23,7 @@ from rich.markup import escape
 from reliableswap.choices import (Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OccluderKind, OutputFormat, Rasterizer,
                                   Strategy)
 from reliableswap.errors import NothingUsable, UserError
+from triplets.records import Summary
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -70,18 +71,24 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
     DEBUG["on"] = debug
 
 
-def _require_output(s: dict, what: str, rejects: Path) -> None:
+def _summary(s: dict) -> Summary:
+    """A runner's summary as the typed contract the CLI reads (attributes, not keys); ``details``
+    holds each command's own figures."""
+    return Summary.model_validate(s)
+
+
+def _require_output(s: Summary, what: str, rejects: Path) -> None:
     """Exit 1 (nothing usable) when a run wrote nothing at all."""
     from reliableswap.jobs import NothingUsable
 
-    if s["counts"]["written"] == 0:
+    if s.counts.written == 0:
         raise NothingUsable(f"no usable {what} came out (reasons in {rejects})")
 
 
-def _counts(s: dict) -> str:
-    c = s["counts"]
-    rej = f"; {c['rejected']} rejected {c['rejected_by_reason']}" if c["rejected"] else ""
-    return f"{c['written']} written of {c['in']} ({c['written_this_run']} this run, {c['skipped']} done before){rej}"
+def _counts(s: Summary) -> str:
+    c = s.counts
+    rej = f"; {c.rejected} rejected {c.rejected_by_reason}" if c.rejected else ""
+    return f"{c.written} written of {c.in_} ({c.written_this_run} this run, {c.skipped} done before){rej}"
 
 
 @app.command()
@@ -117,12 +124,12 @@ def prep(
     cfg = PrepConfig(size=size, align=align, landmarks=landmarks, detector=detector, every=every, largest=largest,
                      min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device,
                      max_pixels=max_pixels)
-    s = run_prep(inputs, out, cfg, workers=workers, progress=True, ray=ray)
-    c, d = s["counts"], s["details"]
+    s = _summary(run_prep(inputs, out, cfg, workers=workers, progress=True, ray=ray))
+    c, d = s.counts, s.details
     if d["warning"]:
         err.print(f"[yellow]warning:[/] {escape(d['warning'])}")
-    say(f"{c['written']} faces from {d['images_with_faces']} of {d['frames']} images/frames "
-              f"({c['skipped']} inputs done before); {c['rejected']} rejected {c['rejected_by_reason'] or ''}")
+    say(f"{c.written} faces from {d['images_with_faces']} of {d['frames']} images/frames "
+              f"({c.skipped} inputs done before); {c.rejected} rejected {c.rejected_by_reason or ''}")
     say(f"wrote {out / 'faces.jsonl'}, {out / 'rejects.jsonl'}, {out / 'summary.json'}")
     _require_output(s, "face", out / "rejects.jsonl")
     if flame is not None:
@@ -147,8 +154,8 @@ def fit(
     from reliableswap.flame.fit import FitConfig
 
     cfg = FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations)
-    s = run_fit(folder, flame, embedding=embedding, cfg=cfg, batch=batch, device=device, max_rmse=max_rmse, progress=True)
-    d = s["details"]
+    s = _summary(run_fit(folder, flame, embedding=embedding, cfg=cfg, batch=batch, device=device, max_rmse=max_rmse, progress=True))
+    d = s.details
     say(f"FLAME: {_counts(s)}; RMSE {d['rmse_px']}; {d['fit_faces_per_s']} faces/s")
     say(f"wrote {folder / 'flame.jsonl'}, {folder / 'fit.summary.json'}, {folder / 'fit.rejects.jsonl'}")
 
@@ -174,9 +181,9 @@ def flows(
     shape in b's pose and expression (FlowFace++), with previews. Resumable."""
     from reliableswap.commands.flows import run_flows
 
-    s = run_flows(folder, pairs_file, out, flame, embedding=embedding, batch=batch, device=device, previews=previews, backend=rasterizer, max_rmse=max_rmse,
-                  progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries))
-    say(f"flows: {_counts(s)}; rasterizer {s['details']['rasterizer']}")
+    s = _summary(run_flows(folder, pairs_file, out, flame, embedding=embedding, batch=batch, device=device, previews=previews, backend=rasterizer, max_rmse=max_rmse,
+                           progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries)))
+    say(f"flows: {_counts(s)}; rasterizer {s.details['rasterizer']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
     _require_output(s, "flow", out / "rejects.jsonl")
 
@@ -200,10 +207,10 @@ def pairs(
     r = load_recipe(recipe, TripletRecipe).with_overrides(
         {"pairs.n": n, "pairs.strategy": strategy, "pairs.max_yaw_diff": max_yaw_diff, "pairs.seed": seed,
          "pairs.min_face_px": min_face_px})
-    s = run_pairs(folder, out, r.pairs, progress=True, judge=r.identity.judge.value)
-    computed = s["details"]["descriptors_computed"]
-    extra = f" ({computed} face embeddings computed by {s['details']['judge']})" if computed else ""
-    say(f"wrote {s['counts']['written']} pairs from {s['counts']['in']} faces to {out}{extra}")
+    s = _summary(run_pairs(folder, out, r.pairs, progress=True, judge=r.identity.judge.value))
+    computed = s.details["descriptors_computed"]
+    extra = f" ({computed} face embeddings computed by {s.details['judge']})" if computed else ""
+    say(f"wrote {s.counts.written} pairs from {s.counts.in_} faces to {out}{extra}")
 
 
 @app.command()
@@ -238,8 +245,9 @@ def triplets(
         over |= {"flame.model": str(flame), "reenact.backend": "flame", "reshape.method": "flame"}
     r = load_recipe(recipe, TripletRecipe).with_overrides(over)
     ray = _ray_options(engine, ray_address, ray_workers, ray_retries)
-    s = run_triplets(folder, pairs_file, out, r, device=device, batch=batch, shard_index=shard_index, num_shards=num_shards, progress=True, ray=ray)
-    say(f"triplets: {_counts(s)}; {s['throughput']['per_s']} triplets/s on {s['device']}")
+    s = _summary(run_triplets(folder, pairs_file, out, r, device=device, batch=batch, shard_index=shard_index, num_shards=num_shards,
+                              progress=True, ray=ray))
+    say(f"triplets: {_counts(s)}; {s.throughput.per_s} triplets/s on {s.device}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}, {out / 'recipe.resolved.toml'}")
     _require_output(s, "triplet", out / "rejects.jsonl")
 
@@ -262,12 +270,14 @@ def finetune(
     from reliableswap.recipes import TrainRecipe, load_recipe
 
     r = load_recipe(recipe, TrainRecipe).with_overrides({"train.steps": steps, "model.swapper": swapper})
-    s = run_finetune(r, triplets_dir, out, faces=faces, resume=resume, checkpoint=checkpoint, device=device, progress=True, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+    summary = run_finetune(r, triplets_dir, out, faces=faces, resume=resume, checkpoint=checkpoint, device=device, progress=True,
+                           overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports (the others hold no whole summary)
         return
-    d = s["details"]
-    say(f"{s['counts']['written_this_run']} steps ({d['skipped_non_finite']} skipped) at {s['throughput']['per_s']} steps/s on "
-              f"{s['device']} x{d['world_size']}; held-out cycle L1 {d['eval']['cycle_l1_start']} -> {d['eval']['cycle_l1_end']}")
+    s = _summary(summary)
+    d = s.details
+    say(f"{s.counts.written_this_run} steps ({d['skipped_non_finite']} skipped) at {s.throughput.per_s} steps/s on "
+              f"{s.device} x{d['world_size']}; held-out cycle L1 {d['eval']['cycle_l1_start']} -> {d['eval']['cycle_l1_end']}")
     say(f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoints'}, {out / 'summary.json'}")
 
 
@@ -319,9 +329,9 @@ def eval_swapper(
     """Swap every pair and report identity cosine similarity and retrieval top-1/top-5 among all sources, pose and expression error to the target, PSNR/SSIM of swap(target, target), and FID of the swaps against the real targets when FID's Inception weights are there."""
     from reliableswap.commands.eval import run_eval_swapper
     model, name = _open_swapper(checkpoint, swapper, recipe, weights, value_range, input_size, device)
-    s = run_eval_swapper(model, name, faces, pairs_file, out, device=device, batch=batch, arcface=arcface, progress=True, inception=inception,
-                         judge=judge.value)
-    d = s["details"]
+    s = _summary(run_eval_swapper(model, name, faces, pairs_file, out, device=device, batch=batch, arcface=arcface, progress=True, inception=inception,
+                         judge=judge.value))
+    d = s.details
     fid = f"FID {d['fid']}, KID {d.get('kid')}" if d["fid"] is not None else f"FID {d['fid_note']}"
     say(f"eval: {d['pairs']} pairs, {d['identity']}: id cos {d['id_cos_mean']}, retrieval top-1 {d['id_retrieval_top1']} "
         f"top-5 {d['id_retrieval_top5']} (of {d['gallery']} sources); pose err {d['pose_err_mean_deg']} deg, "
@@ -349,9 +359,9 @@ def eval_ffpp(
     """The FaceForensics++ swap protocol on your copy of FF++: frames per video, the project's prep, every pair swapped, ID retrieval, pose and expression error and FID with their sample counts. --metrics clean (default: SFace, face mesh) is not comparable with published FF++ numbers, and the report says so; --metrics paper uses the papers' networks."""
     from reliableswap.commands.ffpp import run_eval_ffpp
     model, name = _open_swapper(checkpoint, swapper, recipe, weights, value_range, input_size, device)
-    s = run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception,
-                      progress=True, metrics=metrics)
-    d = s["details"]
+    s = _summary(run_eval_ffpp(model, name, videos, pair_list, out, frames=frames, device=device, batch=batch, inception=inception,
+                               progress=True, metrics=metrics))
+    d = s.details
     say(f"FF++: {d['samples']['swaps']} swaps of {d['samples']['video_pairs']} video pairs; ID retrieval {d['id_retrieval_top1_pct']} % "
         f"(of {d['samples']['gallery_source_frames']} source frames), id cos {d['id_cos_mean']}, pose err {d['pose_err_deg']} deg, "
         f"expr err {d['expr_err']}, FID {d['fid']}")
@@ -372,7 +382,8 @@ def eval_triplets(
     """QC report of a triplet folder (and --compare: a second one beside it, one row each): identity keep/leak/margin, expression and pose errors, seam, fold-over, mouth and parsing scores (measured here when the run had --qc off or another judge), the fakes' face-detection rate, and FID/KID of the fakes against the real faces; with histograms."""
     from reliableswap.commands.eval import run_eval_triplets
 
-    s = run_eval_triplets(folder, out, compare=compare, limit=limit, progress=True, inception=inception, device=device, judge=judge.value)
+    s = _summary(run_eval_triplets(folder, out, compare=compare, limit=limit, progress=True, inception=inception, device=device,
+                                   judge=judge.value))
     def both(agg: dict, key: str, fmt: str) -> str:
         return " / ".join(format(agg[f"{key}_{d}"]["mean"], fmt) if f"{key}_{d}" in agg else "–" for d in ("st", "ts"))
 
@@ -385,7 +396,7 @@ def eval_triplets(
             ("detected", lambda r, a: str(a["detection_rate"])),
             ("FID", lambda r, a: "–" if a["fid"] is None else f"{a['fid']:.2f}"),
             ("KID", lambda r, a: "–" if a.get("kid") is None else f"{a['kid']:.4f}")]
-    rows = [[c[0] for c in cols]] + [[f(run, agg) for _, f in cols] for run, agg in s["details"]["runs"].items()]
+    rows = [[c[0] for c in cols]] + [[f(run, agg) for _, f in cols] for run, agg in s.details["runs"].items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     for r in rows:
         say("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
