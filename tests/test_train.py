@@ -225,6 +225,11 @@ def test_pasted_occluders_are_identical_in_the_input_and_its_ground_truth(real_t
         else:
             assert not a["reference"].any()
         assert all(torch.equal(x, y) for x, y in zip(occ[i].values(), a.values()) if torch.is_tensor(x))
+        # where it was pasted: the box holds every pixel of the mask
+        top, left, h, w = a["occluder_box"].tolist()
+        inside = torch.zeros_like(m)
+        inside[..., top:top + h, left:left + w] = 1
+        assert h > 0 and w > 0 and float((m * (1 - inside)).sum()) == 0.0
         kinds.add(a["occluder"])
         codes.add(int(a["type_code"]))
     assert kinds <= {"bar", "disc", "cup"} and len(kinds) >= 2 and {2, 3, 4, 5} <= codes
@@ -266,6 +271,10 @@ def test_finetune_with_occlusion_augmentation_reports_the_error_inside_the_occlu
     assert 0 < ev["occluder_l1_start"] < 2 and 0 < ev["occluder_l1_end"] < 2, ev
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/occluder_l1" in m for m in lines)
+    # what was pasted where on each held-out sample, as the evaluation saw it
+    held = [json.loads(x) for x in (tmp_path / "run" / "held_occluded.jsonl").read_text().splitlines()]
+    assert held and all(h["occluder"] in ("hand", "bar", "disc", "cup") and h["box"][2] > 0 and h["box"][3] > 0 for h in held)
+    assert {h["type_code"] for h in held} <= {4, 5}
     with pytest.raises(UserError, match="pass --faces PREP"):
         run_finetune(_tiny(2, augment__occluders=["hands"]), tri, tmp_path / "run2")
     from reliableswap.cli import main  # the sheet a researcher looks at: the augmented samples

@@ -70,8 +70,8 @@ class TripletDataset(Dataset):
         value_range: ``(0, 1)`` or ``(-1, 1)``.
         seed: the random choices of index ``i`` depend only on ``(seed, i)``: deterministic.
         occlusion: an :class:`triplets.occlusion.Occlusion`; each sample then also has
-            ``"occluder_mask"`` (1×H×W, 0 where nothing was pasted) and ``"occluder"`` (its kind, ""
-            for none). Its colours are mapped to ``value_range``, so it goes with a ``transform``
+            ``"occluder_mask"`` (1×H×W, 0 where nothing was pasted), ``"occluder"`` (its kind, ""
+            for none) and ``"occluder_box"`` (top, left, height, width; zeros for none). Its colours are mapped to ``value_range``, so it goes with a ``transform``
             that keeps that range. Its draws use their own generator: the samples' other choices
             are those without it.
     """

@@ -131,14 +131,21 @@ class Occlusion:
     def apply(self, seed: int, index: int, target: torch.Tensor, reference: torch.Tensor | None,
               value_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Sample ``index`` of a dataset seeded ``seed``: ``(target, reference, extra)``, ``extra``
-        the sample's ``occluder_mask`` (1×H×W, zeros when nothing is pasted) and ``occluder`` (its
-        kind, "" for none). The draws use their own generator (``[seed, index, 7]``), so a
-        dataset's other choices for the sample are those it makes without occlusion."""
+        the sample's ``occluder_mask`` (1×H×W, zeros when nothing is pasted), ``occluder`` (what
+        was pasted: its kind, "" for none) and ``occluder_box`` (where: top, left, height, width
+        in pixels of the image, clipped to it; zeros for none). The draws use their own generator
+        (``[seed, index, 7]``), so a dataset's other choices for the sample are those it makes
+        without occlusion."""
         rng = np.random.default_rng([seed, index, 7])
         size = target.shape[-1]
         if not self.sources or rng.random() >= self.rate:
-            return target, reference, {"occluder_mask": torch.zeros(1, *target.shape[-2:], dtype=target.dtype), "occluder": ""}
+            return target, reference, {"occluder_mask": torch.zeros(1, *target.shape[-2:], dtype=target.dtype), "occluder": "",
+                                       "occluder_box": torch.zeros(4, dtype=torch.long)}
         occ = self.sources[int(rng.integers(len(self.sources)))].sample(rng, size)
         top, left = place(rng, size, *occ.alpha.shape[-2:])
         imgs, mask = paste([target] if reference is None else [target, reference], occ, top, left, value_range)
-        return imgs[0], (imgs[1] if reference is not None else None), {"occluder_mask": mask, "occluder": occ.kind}
+        h, w = occ.alpha.shape[-2:]
+        y0, x0 = max(top, 0), max(left, 0)
+        box = torch.tensor([y0, x0, min(top + h, target.shape[-2]) - y0, min(left + w, target.shape[-1]) - x0], dtype=torch.long)
+        return imgs[0], (imgs[1] if reference is not None else None), {"occluder_mask": mask, "occluder": occ.kind,
+                                                                       "occluder_box": box}

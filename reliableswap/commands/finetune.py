@@ -18,7 +18,7 @@ from reliableswap.errors import UserError
 
 #: What a run writes in its folder (``--overwrite`` removes these, nothing else).
 RUN_FILES = ("checkpoints", "samples", "tensorboard", "metrics.jsonl", "summary.json", "rejects.jsonl", "train.txt",
-             "heldout.txt", ".finetune")
+             "heldout.txt", "held_occluded.jsonl", ".finetune")
 
 
 #: Image-sized float32 tensors one training sample keeps alive in a step, at the least: the batch

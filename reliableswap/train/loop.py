@@ -9,6 +9,7 @@ parallel, DDP's semantics, for any swapper and any call pattern of its losses). 
 autocast (bf16 where supported, else fp16 with a gradient scaler).
 
 Files in RUN: ``metrics.jsonl`` (+ TensorBoard events when ``tensorboard`` is installed),
+``held_occluded.jsonl`` (with ``[augment] occluders``: what was pasted where on each held-out sample),
 ``samples/step-N.png`` (rows: source | target | result | reference), ``checkpoints/step-N.safetensors``
 (weights) + ``step-N.state.pt`` (optimizers, loaded with ``weights_only``) + ``latest.json``, all
 written atomically. Resuming continues from ``latest.json``: batches and random numbers depend only
@@ -375,12 +376,25 @@ class Trainer:
     def evaluate_occluded(self) -> float | None:
         return evaluate(self.swapper, self.held_occluded, self.dev, self.r.data.batch, occluded=True)
 
+    def record_occlusion(self) -> None:
+        """``RUN/held_occluded.jsonl``: what was pasted where on each held-out occluded sample (the
+        sample's index and type code, the occluder's kind and its box: top, left, height, width)."""
+        data = self.held_occluded
+        rows = []
+        for j in range(len(data)):
+            s = data[j]
+            rows.append({"index": j, "type_code": int(s["type_code"]), "occluder": s["occluder"],
+                         "box": [int(v) for v in s["occluder_box"]]})
+        atomic_write_bytes(self.run / "held_occluded.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
     def fit(self, start: int, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Steps ``start+1 … train.steps`` with logging, samples, evaluation and checkpoints."""
         r, main = self.r, self.main
         metrics = Metrics(self.run, start, main)
         eval_start = self.evaluate() if start == 0 else None
         occ_start = self.evaluate_occluded() if start == 0 else None
+        if main and occ_start is not None:
+            self.record_occlusion()
         if main and eval_start is not None:
             metrics.log({"step": 0, "eval/cycle_l1": eval_start} | ({"eval/occluder_l1": occ_start} if occ_start is not None else {}))
         skipped = 0
