@@ -53,7 +53,7 @@ from reliableswap.faces.align import template_points
 from reliableswap.geometry.affine import similarity_lstsq
 from reliableswap.images import MAX_PIXELS, InputError, save_image
 from reliableswap.nets import weights as W
-from reliableswap.nets.protocol import hopenet_angles
+from reliableswap.nets.protocol import SPHERE_INPUT, hopenet_angles
 from reliableswap.jobs import Job, reject
 from triplets.jsonl import MAX_SUMMARY_BYTES, UnreadableFile, atomic_write_bytes, read_bounded
 from triplets.records import FaceSet, PairRecord
@@ -98,18 +98,13 @@ class PaperModels:
         b, _, s, _ = images.shape
         src = template_points("ffhq", s).to(images.device, torch.float64)[None].expand(b, -1, -1)
         m = similarity_lstsq(src, SPHERE_TEMPLATE.to(images.device, torch.float64)[None].expand(b, -1, -1)).float()
-        x = warp_affine(images.float(), m, (112, 96), align_corners=False, padding_mode="border")
-        return self.nets["cosface"](x * 255 / 128 - 127.5 / 128)
+        return self.nets["cosface"].features(warp_affine(images.float(), m, SPHERE_INPUT, align_corners=False, padding_mode="border"))
 
     @torch.no_grad()
     def measure(self, swap: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         both = torch.cat([swap, target]).to(self.device)
         n = swap.shape[0]
-        hope = self.nets["hopenet"]
-        x = torch.nn.functional.interpolate(both.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor((0.485, 0.456, 0.406), device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225), device=x.device).view(1, 3, 1, 1)
-        logits = hope((x - mean) / std)
+        logits = self.nets["hopenet"].logits(both)
         deg = hopenet_angles(*logits)
         exp = self.nets["deep3d"].expression(both)
         out = {"pose_err": (deg[:n] - deg[n:]).norm(dim=1), "expr_err": (exp[:n] - exp[n:]).norm(dim=1)}

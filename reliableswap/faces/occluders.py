@@ -34,26 +34,25 @@ WORK = 256
 EDGE = 0.04
 RAYS, RING_IN, RING_OUT = 15, 0.12, 2.0
 MIN_RAYS = 0.8
-MASK_EDGE = 1.0
 #: A frame's dark body: at least DARK (L / 100) below the lightness closed over DARK_LINE px.
 DARK, DARK_LINE = 0.08, 9
 #: The frame's ring round an eye (eye half-widths): horizontal and vertical semi-axes.
 RING_AXES = (2.5, 1.7)
 
 
-def _eye_frames(mesh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per face and eye (B×2×2): the eye centre (mean of its contour) and its half-width in px."""
-    eyes = torch.stack([mesh[:, fm.RIGHT_EYE, :2], mesh[:, fm.LEFT_EYE, :2]], 1).float()  # B×2×16×2
-    centre = eyes.mean(2)
+def _eye_frames(mesh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per face and eye: the mesh's eye contour (B×2×16×2), its centre (B×2×2, the contour's mean)
+    and its half-width in px (B×2)."""
+    eyes = torch.stack([mesh[:, fm.RIGHT_EYE, :2], mesh[:, fm.LEFT_EYE, :2]], 1).float()
     half = (eyes[..., 0].amax(2) - eyes[..., 0].amin(2)) / 2
-    return centre, half
+    return eyes, eyes.mean(2), half
 
 
 def _edges(img: torch.Tensor, mesh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lightness of B×3×W×W crops (CIE L / 100, σ = 1 px blur) and its gradient: (L, magnitude,
     |∂/∂y|), each B×1×W×W, computed in the band of rows that holds every eye's ring (zeros
     elsewhere: a third of the work on aligned crops). ``mesh``: B×468×3 at W px."""
-    centre, half = _eye_frames(mesh)
+    _, centre, half = _eye_frames(mesh)
     reach = RING_AXES[1] * half + 4
     w = img.shape[-1]
     y0 = max(int((centre[..., 1] - reach).min().floor()), 0)
@@ -68,21 +67,25 @@ def _edges(img: torch.Tensor, mesh: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return F.pad(ell, pad), F.pad(g.norm(dim=1, keepdim=True), pad), F.pad(g[:, 1:2].abs(), pad)
 
 
+def _analyse(img: torch.Tensor, mesh: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """B crops at :data:`WORK` px: (their meshes at that size, :func:`_edges`, the glasses score B)."""
+    s = img.shape[-1]
+    small = F.interpolate(img.float(), size=(WORK, WORK), mode="bilinear", align_corners=False, antialias=s > WORK)
+    m = mesh.float() * (WORK / s)
+    edges = _edges(small, m)
+    return m, edges, _ray_hits(edges[1], m).float().mean(1)
+
+
 def glasses_score(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
     """B in [0, 1]: the fraction of the rays below both eyes that cross a sharp edge (see the
     module doc); ≥ :data:`MIN_RAYS` reads as glasses."""
-    b, _, s, _ = img.shape
-    small = F.interpolate(img.float(), size=(WORK, WORK), mode="bilinear", align_corners=False, antialias=s > WORK)
-    mesh = mesh.float() * (WORK / s)
-    mag = _edges(small, mesh)[1]
-    return _ray_hits(mag, mesh).float().mean(1)
+    return _analyse(img, mesh)[2]
 
 
 def _ray_hits(mag: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
     """B×(2·RAYS) bool: which rays below each eye cross an edge stronger than :data:`EDGE`."""
     b = mag.shape[0]
-    centre, half = _eye_frames(mesh)
-    eyes = torch.stack([mesh[:, fm.RIGHT_EYE, :2], mesh[:, fm.LEFT_EYE, :2]], 1).float()
+    eyes, centre, half = _eye_frames(mesh)
     th = torch.linspace(math.radians(20), math.radians(160), RAYS, device=mag.device)  # below the eye (y down)
     d = torch.stack([th.cos(), th.sin()], -1)  # R×2
     # the eye contour's reach along each ray, then samples from just outside it to RING_OUT half-widths
@@ -102,10 +105,7 @@ def glasses_mask(img: torch.Tensor, mesh: torch.Tensor, dilate: int = 1) -> tupl
     score B, :func:`glasses_score`). ``dilate``: px at :data:`WORK` px by which the edges grow to
     cover the frame between them. Only the faces read as wearing glasses pay for the mask."""
     b, _, s, _ = img.shape
-    small = F.interpolate(img.float(), size=(WORK, WORK), mode="bilinear", align_corners=False, antialias=s > WORK)
-    m = mesh.float() * (WORK / s)
-    ell, mag, gy = _edges(small, m)
-    score = _ray_hits(mag, m).float().mean(1)
+    m, (ell, mag, gy), score = _analyse(img, mesh)
     mask = torch.zeros(b, 1, s, s, device=img.device, dtype=img.dtype)
     worn = torch.nonzero(score >= MIN_RAYS).flatten()
     if len(worn):
@@ -121,7 +121,7 @@ def _frame(ell: torch.Tensor, mag: torch.Tensor, gy: torch.Tensor, m: torch.Tens
     (:func:`_edges`) and their meshes (at :data:`WORK` px)."""
     b = ell.shape[0]
     dev = ell.device
-    centre, half = _eye_frames(m)
+    _, centre, half = _eye_frames(m)
     ys, xs = torch.meshgrid(torch.arange(WORK, device=dev, dtype=torch.float32),
                             torch.arange(WORK, device=dev, dtype=torch.float32), indexing="ij")
     p = torch.stack([xs, ys], -1).view(1, 1, WORK, WORK, 2)
@@ -142,7 +142,7 @@ def _frame(ell: torch.Tensor, mag: torch.Tensor, gy: torch.Tensor, m: torch.Tens
     # and the body of a thick dark frame, which has no edge inside: lines darker than the
     # lightness closed over DARK_LINE px (a bottom-hat)
     dark = bottom_hat(ell, torch.ones(DARK_LINE, DARK_LINE, device=dev)) > DARK
-    edges = (((mag > MASK_EDGE * EDGE) | dark) & ring & ~features) | (((gy > MASK_EDGE * EDGE) | dark) & bridge & ~features)
+    edges = (((mag > EDGE) & ring) | ((gy > EDGE) & bridge) | (dark & (ring | bridge))) & ~features
     k = 2 * dilate + 1
     mask = F.max_pool2d(edges.float(), k, 1, dilate)
     return gaussian_blur2d(mask, (5, 5), (1.0, 1.0)).clamp(0, 1)

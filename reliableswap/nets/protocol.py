@@ -66,6 +66,10 @@ class Sphere20(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images.float(), size=SPHERE_INPUT, mode="bilinear", align_corners=False, antialias=True)
+        return self.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B×512 of crops already at 112×96 in [0, 1] (aligned to the network's template)."""
         return self(x * 255 / 128 - 127.5 / 128)
 
 
@@ -133,11 +137,15 @@ class HopeNet(ResNet50Trunk):
         f = super().forward(x).flatten(1)
         return self.fc_yaw(f), self.fc_pitch(f), self.fc_roll(f)
 
-    def angles(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Yaw, pitch and roll logits (B×66 each) of crops in [0, 1] of any size."""
         x = F.interpolate(images.float(), size=(HOPENET_INPUT, HOPENET_INPUT), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return hopenet_angles(*self((x - mean) / std))
+        return self((x - mean) / std)
+
+    def angles(self, images: torch.Tensor) -> torch.Tensor:
+        return hopenet_angles(*self.logits(images))
 
 
 def hopenet_angles(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
