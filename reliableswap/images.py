@@ -156,6 +156,19 @@ def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTS
 
 
+def open_video(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, limit: str = "--max-pixels") -> cv2.VideoCapture:
+    """An opened capture of ``path`` whose frames (from its header) are at most ``max_pixels``;
+    else :class:`InputError` (``limit``: how the message names the bound). The caller releases it."""
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise InputError("cannot open video (unsupported codec or not a video)")
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if w * h > max_pixels:
+        cap.release()
+        raise InputError(f"video frames too large ({w}x{h} px > {limit} {max_pixels / 1e6:.0f} MP)")
+    return cap
+
+
 def iter_video_frames(path: str | os.PathLike, every: int = 1, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(frame_index, rgb)`` for every ``every``-th frame, in order, decoding sequentially.
 
@@ -165,13 +178,7 @@ def iter_video_frames(path: str | os.PathLike, every: int = 1, max_pixels: int =
     """
     if every < 1:
         raise UserError("every must be >= 1")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise InputError("cannot open video (unsupported codec or not a video)")
-    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if w * h > max_pixels:
-        cap.release()
-        raise InputError(f"video frames too large ({w}x{h} px > --max-pixels {max_pixels / 1e6:.0f} MP)")
+    cap = open_video(path, max_pixels)
     try:
         idx, got_any = 0, False
         while True:

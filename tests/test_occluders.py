@@ -156,3 +156,21 @@ def test_a_mask_path_outside_the_folder_or_a_wrong_mask_is_refused(prepped, tmp_
     rejects = (out / "rejects.jsonl").read_text()
     assert "occluders/" in rejects and len(rejects.splitlines()) == 1
     assert json.loads((out / "summary.json").read_text())["counts"]["written"] == 1
+
+
+def test_a_killed_prep_s_mask_temps_are_swept_on_the_rerun(faces_dir, tmp_path):
+    """Masks are written atomically beside the crops; what a killed writer left in occluders/ (a
+    dead process's temp) is removed when the run resumes, as in faces/."""
+    from reliableswap.choices import LandmarkBackend
+    from reliableswap.commands.prep import PrepConfig, run_prep
+
+    cfg = PrepConfig(landmarks=LandmarkBackend.mesh, identity_from_folder=True)
+    out = tmp_path / "prep"
+    run_prep([faces_dir / "cc0_one_person"], out, cfg)
+    masks = sorted((out / "occluders").rglob("*.png"))
+    assert masks and all(m.parent.name == "cc0_one_person" for m in masks)
+    stale = [out / "occluders" / ".a.png.999999.x.tmp", masks[0].parent / ".b.png.999999.y.tmp"]
+    for s in stale:
+        s.write_bytes(b"partial")
+    run_prep([faces_dir / "cc0_one_person"], out, cfg)
+    assert not any(s.exists() for s in stale) and sorted((out / "occluders").rglob("*.png")) == masks

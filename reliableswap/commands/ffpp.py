@@ -51,7 +51,7 @@ from reliableswap.device import resolve_device
 from reliableswap.errors import NothingUsable, UserError
 from reliableswap.faces.align import template_points
 from reliableswap.geometry.affine import similarity_lstsq
-from reliableswap.images import MAX_PIXELS, InputError, save_image
+from reliableswap.images import MAX_PIXELS, InputError, open_video, save_image
 from reliableswap.nets import weights as W
 from reliableswap.nets.protocol import SPHERE_INPUT, hopenet_angles
 from reliableswap.jobs import Job, reject
@@ -161,13 +161,7 @@ def extract_frames(video: Path, folder: Path, vid: str, frames: int, max_pixels:
     done = sorted(folder.glob(f"{vid}_*.png"))
     if done and (folder / ".complete").is_file():
         return len(done)
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise InputError("cannot open video (unsupported codec or not a video)")
-    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if w * h > max_pixels:
-        cap.release()
-        raise InputError(f"video frames too large ({w}x{h} px)")
+    cap = open_video(video, max_pixels, "the frame limit")
     n = 0
     while cap.grab():  # the header's frame count is not reliable: count by decoding
         n += 1
@@ -175,7 +169,7 @@ def extract_frames(video: Path, folder: Path, vid: str, frames: int, max_pixels:
     want = frame_indices(n, frames)
     if not want:
         raise InputError("no frame")
-    cap = cv2.VideoCapture(str(video))
+    cap = open_video(video, max_pixels, "the frame limit")
     k = idx = 0
     try:
         while k < len(want) and cap.grab():
@@ -244,7 +238,7 @@ def run_eval_ffpp(swapper: SwapperAdapter, name: str, videos: str | os.PathLike,
         first = f" (the first: {bad[0]['input']}: {bad[0]['reason']})" if bad else ""
         raise NothingUsable(f"{pair_list}: no pair whose two videos are in {videos}{first}")
     settings = {"videos": str(videos), "pair_list": str(pair_list), "frames": frames, "swapper": name, "metrics": metrics}
-    with Job("eval-ffpp", out, settings, "pairs", device=device, progress=progress, resumable=False) as job:
+    with Job("eval-ffpp", out, settings, "pairs", temp_dirs=("frames/*",), device=device, progress=progress, resumable=False) as job:
         vids = sorted({v for p in usable for v in p})
         with job.stage("frames"):
             for i, v in enumerate(vids):

@@ -209,7 +209,7 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
             with writing(out / rel):  # an output failure stops the run; the input is not to blame
                 save_image(out / rel, crop)
             if masks is not None:
-                rel_m = f"occluders/{crop_dir.removeprefix('faces').strip('/')}/{fid}.png".replace("//", "/")
+                rel_m = f"occluders{crop_dir.removeprefix('faces')}/{fid}.png"  # beside the crop: occluders[/<identity>]/<id>.png
                 with writing(out / rel_m):
                     save_image(out / rel_m, masks[k])
                 r["occluders"] = {"mask": rel_m, "sources": SOURCES,
@@ -278,7 +278,7 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
     else:  # the workers' GPUs are checked against the cluster; the model files here
         replace(cfg, device="cpu").check_models()
     with engine.joined(ray, cfg.device) as (info, gpus), \
-            Job("prep", out, _on(cfg, gpus).settings(), "faces", temp_dirs=("faces", "faces/*"), device=cfg.device,
+            Job("prep", out, _on(cfg, gpus).settings(), "faces", temp_dirs=("faces", "faces/*", "occluders", "occluders/*"), device=cfg.device,
                 progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
