@@ -6,7 +6,8 @@ against the attribute donor) and, with ``--fid``, the FID/KID of all fakes again
 The rules: the brows, eyes and lips always in the blend mask (``feature_mask``) and the forehead
 trim stopping above the brows; the occluder rule limited to the forehead (hair, hats); each brow
 moved by the target's brow raise; the target's eyelids and mouth shape; the source's teeth kept
-off the fake's lips (``mouth_interior``); the hand masks; the glasses rule; the colour transfer; the reshape; the
+off the fake's lips (``mouth_interior``); the source's upper lip left outside its mesh kept off the
+fake's skin (``stray_upper_lip``); the hand masks; the glasses rule; the colour transfer; the reshape; the
 outline's erosion.
 The 2D recipe (``recipes/tps.toml``) is the reference row.
 
@@ -100,6 +101,7 @@ def variants() -> dict:
         "no eyelids from the target": (same, lambda: zero_weight("w_eyes")),
         "no mouth shape from the target": (same, lambda: zero_weight("w_mouth")),
         "source's teeth allowed on the lips": (same, lambda: patched(meshswap, "mouth_interior", lambda img, labels, *a, **k: labels == fm.MOUTH_R)),
+        "source's upper lip outside its mesh kept": (same, lambda: patched(meshswap, "stray_upper_lip", lambda img, mesh, labels: torch.zeros_like(labels, dtype=torch.bool))),
         "no hand masks": (over({"masks.hands": False}), none),
         "no glasses rule (masks.glasses = off)": (over({"masks.glasses": "off"}), none),
         "target's glasses kept (masks.glasses = keep)": (over({"masks.glasses": "keep"}), none),

@@ -175,6 +175,65 @@ def test_the_source_s_teeth_never_land_on_the_fake_s_lips(real):
     assert float(teeth_like.sum()) <= 0.02 * float(lips.sum())
 
 
+def _paint_above_upper_lip(imgs: torch.Tensor, mesh: torch.Tensor, delta_lab: tuple[float, float, float],
+                           reach: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``imgs`` with the band between each mesh's upper lip arc and ``reach`` of its way up to the
+    nose base's level painted in the face's skin colour moved by ``delta_lab`` (CIE-LAB), and the band
+    (B×1×S×S bool) limited to skin."""
+    from kornia.color import lab_to_rgb, rgb_to_lab
+
+    from reliableswap.faces.masks import soft_polygon_mask
+    from reliableswap.synth.appearance import masked_stats
+
+    s = imgs.shape[-1]
+    arc = mesh[:, ms.UPPER_LIP_ARC, :2]
+    nose = mesh[:, ms.SUBNASALE, :2]
+    up = torch.nn.functional.normalize(nose - arc[:, len(ms.UPPER_LIP_ARC) // 2], dim=-1).unsqueeze(1)
+    rise = ((nose.unsqueeze(1) - arc) * up).sum(-1, keepdim=True).clamp_min(0)  # each point's way up to the nose's level
+    poly = torch.cat([arc, (arc + reach * rise * up).flip(1)], 1)
+    labels = ms.region_map(mesh, s)[2]
+    band = (soft_polygon_mask(poly, s, s, torch.full((len(imgs),), 0.5)) > 0.5) & (labels == fm.SKIN)
+    mu, _ = masked_stats(rgb_to_lab(imgs), (labels == fm.SKIN).float())
+    colour = lab_to_rgb(mu + torch.tensor(delta_lab).view(1, 3, 1, 1)).clamp(0, 1)
+    return torch.where(band, colour.expand_as(imgs), imgs), band
+
+
+def test_the_source_s_upper_lip_outside_its_mesh_never_lands_on_the_fake_s_skin(real):
+    """A grin lifts the upper lip above the fitted mesh contour: that lip, left in the mesh's skin,
+    would be rendered above the target's lip as a moustache-like band. Painted into the real
+    sources as lip (redder and darker than their skin) above the mesh's lip, it is found and
+    never reaches the fake; painted as a moustache (darker, not redder) it is identity and comes
+    along."""
+    from kornia.color import rgb_to_lab
+
+    _, imgs, _, mesh = real
+    ia, ib = _pairs_by_mouth(real)
+    a, b = mesh[ia], mesh[ib]
+    ab = ms.reenact_mesh(a, b)
+    s = imgs.shape[-1]
+    labels_a = ms.region_map(a, s)[2]
+    lip_a, lip_band = _paint_above_upper_lip(imgs[ia], a, (-15.0, 22.0, 6.0))
+    tache_a, tache_band = _paint_above_upper_lip(imgs[ia], a, (-35.0, -4.0, -4.0))
+    assert int(lip_band.sum()) > 200 * len(ia)
+    found = ms.stray_upper_lip(lip_a, a, labels_a)
+    assert float((found & lip_band).sum()) >= 0.95 * float(lip_band.sum())
+    # the painted moustache is never taken for lip (only its rim may be, beside the face's own lip)
+    tache_inner = -torch.nn.functional.max_pool2d(-tache_band.float(), 3, 1, 1) > 0.5
+    assert float((ms.stray_upper_lip(tache_a, a, labels_a) & tache_inner).sum()) <= 0.01 * float(tache_inner.sum())
+
+    def landed(src: torch.Tensor, paint: tuple[float, float, float]) -> float:
+        """Share of the fake's skin pixels within 8 LAB units of the painted colour."""
+        r = ms.render_mesh(src, a, imgs[ib], b, ab, "torch")
+        _, band = _paint_above_upper_lip(imgs[ia], a, paint)  # the same colour, recomputed
+        colour = (rgb_to_lab(src) * band).sum((2, 3), keepdim=True) / band.sum((2, 3), keepdim=True)
+        skin = (r["labels"] == fm.SKIN) & r["covered"]
+        near = (rgb_to_lab(r["face"]) - colour).norm(dim=1, keepdim=True) < 8
+        return float((near & skin).sum()) / float(skin.sum())
+
+    assert landed(lip_a, (-15.0, 22.0, 6.0)) < 0.002  # without the rule: 2.6 % of the skin (the band)
+    assert landed(tache_a, (-35.0, -4.0, -4.0)) > 0.01  # 2.7 %: kept
+
+
 @pytest.mark.parametrize("strength", [1.0, 2.0])
 def test_mesh_reshape_flow_never_folds(real, strength):
     _, _, _, mesh = real

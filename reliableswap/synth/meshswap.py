@@ -40,7 +40,7 @@ from reliableswap.faces import mesh as fm
 from reliableswap.faces.masks import soft_polygon_mask
 from reliableswap.geometry.fields import harmonic_fill
 from reliableswap.geometry.grid import border_points, jacobian_determinant, pixel_grid, warp_backward
-from reliableswap.geometry.raster import interpolate, rasterize
+from reliableswap.geometry.raster import interpolate, polygon_mask, rasterize
 from reliableswap.geometry.tps import dense_field
 from reliableswap.synth.appearance import linear_transfer, masked_cov, masked_stats, reinhard
 
@@ -54,6 +54,21 @@ FILL_ITERS = 20
 #: Inside the mesh's lips, pixels this many skin standard deviations darker than the skin are
 #: the mouth's cavity or gums, not lip.
 CAVITY_SD = 2.5
+#: Above the mesh's upper lip, skin pixels whose lip score (CIE-LAB a* minus half of L*, each in
+#: skin standard deviations from the skin's mean: redder and darker) exceeds this are lip the mesh
+#: left out (a wide grin lifts the upper lip above the fitted contour). A moustache is darker but
+#: not redder than the skin, and stays.
+STRAY_LIP_SD = 1.2
+#: ... and at least this many skin standard deviations redder: darkness alone (a moustache on an
+#: evenly lit face) is never lip.
+STRAY_LIP_RED = 0.5
+#: The band searched above the upper lip: this fraction of the way up to the nose base's level.
+STRAY_LIP_BAND = 0.7
+#: How far (a fraction of the crop) the stray lip may reach from the mesh's lips.
+STRAY_LIP_REACH = 0.08
+#: Mesh vertices: the nose's base (subnasale) and the upper lip's outer arc, corner to corner.
+SUBNASALE = 2
+UPPER_LIP_ARC = fm.LIPS_OUTER[:11]
 
 
 def similarity3d(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -154,10 +169,16 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     mouth = labels == fm.MOUTH_R
     # a's mouth interior (teeth, the dark cavity) must not land on the fake's lips or skin: where
     # it would, the lips' and skin's own colours are filled in from around (a closed lip line)
-    inside_a = mouth_interior(img_a, face_labels(p2f_a)).to(xy_a.dtype)
+    labels_a = face_labels(p2f_a)
+    inside_a = mouth_interior(img_a, labels_a).to(xy_a.dtype)
     into_mouth = covered & ~mouth & (sample_at_nearest(inside_a, xy_a).nan_to_num(0, 0, 0) > 0.5)
-    if bool(into_mouth.any()):
-        face_a = fill_inside_box(face_a, into_mouth, covered & ~mouth & ~into_mouth)
+    # a's upper lip where a's mesh put skin (a grin lifts the lip above the fitted contour) would
+    # land above b's lip as a moustache-like band: it takes a's skin around it, in the same fill
+    lip_a = stray_upper_lip(img_a, mesh_a, labels_a).to(img_a.dtype)
+    stray = covered & ~mouth & ~into_mouth & (warp_backward(lip_a, off_a.to(img_a.dtype), "zeros") > 0.5)
+    holes = into_mouth | stray
+    if bool(holes.any()):
+        face_a = fill_inside_box(face_a, holes, covered & ~mouth & ~holes)
     filled = None
     if fill_a is not None and bool((fill_a > 0.5).any()):
         # a's glasses frame never comes along: its pixels take a's skin around them
@@ -166,7 +187,8 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
         if bool(filled.any()):
             face_a = fill_inside_box(face_a, filled, covered & ~mouth & ~filled & ~into_mouth)
     face = torch.where(mouth, face_b, face_a) * covered
-    out = {"face": face, "covered": covered, "labels": labels, "hidden": hidden, "into_mouth": into_mouth}
+    out = {"face": face, "covered": covered, "labels": labels, "hidden": hidden, "into_mouth": into_mouth,
+           "stray_lip": stray}
     if filled is not None:
         out["filled"] = filled
     if occluded_a is not None:
@@ -217,6 +239,58 @@ def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> 
         k = 2 * dilate + 1
         inner = torch.nn.functional.max_pool2d(inner.float(), k, 1, dilate) > 0.5
     return inner
+
+
+def stray_upper_lip(img: torch.Tensor, mesh: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """B×1×S×S bool: a face's upper lip outside its mesh's lips, in its own image: skin pixels of
+    the band between the mesh's upper lip arc and the nose's base (:data:`STRAY_LIP_BAND` of the
+    way up) whose colour reads as lip against the skin's (:data:`STRAY_LIP_SD`) and that join the
+    mesh's lips through such pixels, dilated by 1 px. A moustache or stubble (dark, not red) is not
+    lip and stays.
+
+    ``img`` B×3×S×S in [0, 1], ``mesh`` B×468×3 its mesh (pixels), ``labels`` B×1×S×S its region
+    map (−1 off the face)."""
+    s = img.shape[-1]
+    arc = mesh[:, UPPER_LIP_ARC, :2].float()  # B×11×2, corner to corner
+    nose = mesh[:, SUBNASALE, :2].float()
+    up = nose - arc[:, len(UPPER_LIP_ARC) // 2]  # B×2: lip middle → nose base
+    up = up / up.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    # each arc point moves up a fraction of its own way to the nose base's level, so the band
+    # stops short of the nostrils above the lip's peaks as well as above its middle
+    rise = ((nose.unsqueeze(1) - arc) * up.unsqueeze(1)).sum(-1, keepdim=True).clamp_min(0)  # B×11×1
+    band = torch.cat([arc, (arc + STRAY_LIP_BAND * rise * up.unsqueeze(1)).flip(1)], 1)
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    # the work is done in the box around every band of the batch (and the lips just below it)
+    reach = round(STRAY_LIP_REACH * s)
+    lo = band.flatten(0, 1).amin(0).floor().long() - 2
+    hi = band.flatten(0, 1).amax(0).ceil().long() + 3
+    x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
+    x1, y1 = min(int(hi[0]), s), min(int(hi[1]), s)
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return out
+    box = (..., slice(y0, y1), slice(x0, x1))
+    corner = torch.tensor([x0, y0], dtype=band.dtype, device=band.device)
+    skin = labels == fm.SKIN
+    lip = (polygon_mask(band - corner, y1 - y0, x1 - x0) > 0.5) & skin[box]
+    if not bool(lip.any()):
+        return out
+    small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
+    all_skin = 1 - torch.nn.functional.max_pool2d((~skin).float(), 4, ceil_mode=True)  # all-skin blocks
+    mu, sd = masked_stats(rgb_to_lab(small)[:, :2], all_skin)
+    z = (rgb_to_lab(img[box].clamp(0, 1).float())[:, :2] - mu) / sd
+    lip &= ((z[:, 1:2] - 0.5 * z[:, :1]) > STRAY_LIP_SD) & (z[:, 1:2] > STRAY_LIP_RED)
+    # only what is joined to the mesh's lips: grown from them through lip-coloured pixels (a
+    # nostril's shadow above a short philtrum is as red and dark, but stands apart)
+    stray = lip & _grown(labels[box] == fm.LIPS_R)
+    for _ in range(reach):
+        stray = lip & _grown(stray)
+    out[box] = _grown(stray)
+    return out
+
+
+def _grown(m: torch.Tensor) -> torch.Tensor:
+    """B×1×S×S bool ``m`` grown by 1 px (8-connected)."""
+    return torch.nn.functional.max_pool2d(m.float(), 3, 1, 1) > 0.5
 
 
 def sample_at_nearest(field: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
