@@ -35,6 +35,7 @@ from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.evaluation import expression_error, frechet_distance, kernel_inception_distance, pose_error
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.landmarks import DlibLandmarks
+from reliableswap.faces.occluders import glasses_score
 from reliableswap.images import read_crop, to_tensor, to_uint8
 from reliableswap.judge import load_judge
 from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
@@ -147,8 +148,9 @@ class Bench:
             s = slice(i, i + batch)
             mesh = (self.ma[s], self.mb[s]) if self.ma is not None and recipe.uses_mesh else (None, None)
             res = syn.cycle(self.ia[s], self.la[s], self.ib[s], self.lb[s], None, None, *mesh)
-            for k in ("fake_st", "fake_ts", "landmarks_st", "landmarks_ts"):
-                out.setdefault(k, []).append(res[k])
+            for k in ("fake_st", "fake_ts", "landmarks_st", "landmarks_ts", "mesh_st", "mesh_ts"):
+                if k in res:
+                    out.setdefault(k, []).append(res[k])
         secs = time.perf_counter() - t
         cat = {k: torch.cat(v) for k, v in out.items()}
         row: dict = {"pairs_per_s": round(len(self.ia) / secs, 2)}
@@ -165,6 +167,8 @@ class Bench:
                     f"margin_median_{d}": round(float(np.median(margin)), 3), f"positive_{d}": round(float((margin > 0).mean()), 3),
                     f"expr_err_{d}": round(float(expression_error(lm, lm_attr).mean()), 4),
                     f"pose_err_{d}": round(float(pose_error(lm, lm_attr).mean()), 2)}
+            if f"mesh_{d}" in cat:  # how much the fakes read as wearing glasses (the rays' test below the eyes)
+                row[f"glasses_{d}"] = round(float(glasses_score(fake, cat[f"mesh_{d}"]).mean()), 3)
         if self.fidnet is not None:
             f = self.features(torch.cat([cat["fake_st"], cat["fake_ts"]]))
             kid, _ = kernel_inception_distance(f, self.real_feats)

@@ -2,7 +2,8 @@
 (one face wears glasses or has a hand over it, as prep's stored occluder masks say) against clean
 pairs (neither face has any), with the glasses rule ``off``, ``fill`` (the default) and ``keep``.
 Each fake is judged as in ``scripts/leak_ablation.py``: SFace keep/leak/margin, dlib's 68 points
-re-measured on the fake for expression and pose error against the attribute donor.
+re-measured on the fake for expression and pose error against the attribute donor, and its glasses
+score (the fraction of rays below the eyes that cross a sharp edge: a frame, or the ghost of one).
 
 Usage: ``.venv/bin/python scripts/occluder_eval.py PREP [--out DIR] [--per-face N]``. ``PREP`` is
 a ``prep --landmarks mesh`` folder (its records carry ``occluders``). Every occluded face is paired
@@ -92,7 +93,7 @@ def main() -> None:
     print(f"glasses test and mask: {report['glasses_mask']}")
     (a.out / "occluders.json").write_text(json.dumps(report, indent=1))
     cols = ("keep_st", "leak_st", "margin_median_st", "positive_st", "keep_ts", "leak_ts", "margin_median_ts", "positive_ts",
-            "expr_err_st", "expr_err_ts", "pose_err_st", "pose_err_ts")
+            "expr_err_st", "expr_err_ts", "pose_err_st", "pose_err_ts", "glasses_st", "glasses_ts")
     print("| rows | pairs | " + " | ".join(cols) + " |")
     for name, r in rows.items():
         print(f"| {name} | {r['pairs']} | " + " | ".join(str(r[c]) for c in cols) + " |")

@@ -139,10 +139,20 @@ def _frame(ell: torch.Tensor, mag: torch.Tensor, gy: torch.Tensor, m: torch.Tens
     y0 = brow_low.view(b, 1, 1, 1)
     y1 = ((inner_r[:, 1] + inner_l[:, 1]) / 2).view(b, 1, 1, 1)
     bridge = (xs > x0) & (xs < x1) & (ys > y0) & (ys < y1)
+    # the temples: beyond each ring's outer end, out to the face's outline, in the rows from the
+    # brows' lower edge to the eye centre (where the arms run back to the ears)
+    oval_x = m[:, fm.FACE_OVAL, 0]
+    out_r = (centre[:, 0, 0] - RING_AXES[0] * half[:, 0]).view(b, 1, 1, 1)
+    out_l = (centre[:, 1, 0] + RING_AXES[0] * half[:, 1]).view(b, 1, 1, 1)
+    top = (brow_low - 0.2 * half.mean(1)).view(b, 1, 1, 1)
+    eye_y = centre[..., 1].mean(1).view(b, 1, 1, 1)
+    rows = (ys > top) & (ys < eye_y)
+    temples = rows & (((xs < out_r + 2) & (xs > oval_x.amin(1).view(b, 1, 1, 1)))
+                      | ((xs > out_l - 2) & (xs < oval_x.amax(1).view(b, 1, 1, 1))))
     # and the body of a thick dark frame, which has no edge inside: lines darker than the
     # lightness closed over DARK_LINE px (a bottom-hat)
     dark = bottom_hat(ell, torch.ones(DARK_LINE, DARK_LINE, device=dev)) > DARK
-    edges = (((mag > EDGE) & ring) | ((gy > EDGE) & bridge) | (dark & (ring | bridge))) & ~features
+    edges = (((mag > EDGE) & ring) | ((gy > EDGE) & (bridge | temples)) | (dark & (ring | bridge | temples))) & ~features
     k = 2 * dilate + 1
     mask = F.max_pool2d(edges.float(), k, 1, dilate)
     return gaussian_blur2d(mask, (5, 5), (1.0, 1.0)).clamp(0, 1)

@@ -54,6 +54,8 @@ FILL_ITERS = 20
 #: Inside the mesh's lips, pixels this many skin standard deviations darker than the skin are
 #: the mouth's cavity or gums, not lip.
 CAVITY_SD = 2.5
+#: Pixels by which an identity donor's glasses frame grows before it is filled (its rim's soft edge).
+FRAME_GROW = 1
 #: Above the mesh's upper lip, skin pixels whose lip score (CIE-LAB a* minus half of L*, each in
 #: skin standard deviations from the skin's mean: redder and darker) exceeds this are lip the mesh
 #: left out (a wide grin lifts the upper lip above the fitted contour). A moustache is darker but
@@ -183,6 +185,13 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     if fill_a is not None and bool((fill_a > 0.5).any()):
         # a's glasses frame never comes along: its pixels take a's skin around them
         on_frame = warp_backward(fill_a.to(img_a.dtype), off_a.to(img_a.dtype), "zeros") > 0.5
+        # grown by FRAME_GROW px (a frame's soft, dark rim around the mask would stay as a ghost),
+        # but not into the eyes and brows, which are the identity the fill keeps
+        grown = on_frame
+        for _ in range(FRAME_GROW):
+            grown = _grown(grown)
+        features = (labels == fm.RIGHT_EYE_R) | (labels == fm.LEFT_EYE_R) | (labels == fm.BROW_R)
+        on_frame = on_frame | (grown & ~features)
         filled = covered & ~mouth & on_frame
         if bool(filled.any()):
             face_a = fill_inside_box(face_a, filled, covered & ~mouth & ~filled & ~into_mouth)
