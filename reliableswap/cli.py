@@ -23,7 +23,7 @@ from rich.markup import escape
 from reliableswap.choices import (Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OccluderKind, OutputFormat, Rasterizer,
                                   Strategy)
 from reliableswap.errors import NothingUsable, UserError
-from triplets.records import Summary
+from reliableswap.contracts import Summary
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

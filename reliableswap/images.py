@@ -19,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triplets.imaging import DECODABLE, MAX_IMAGE_BYTES, MAX_SIDE, ImageRefused, check_size, check_tiles
 from triplets.jsonl import atomic_write_bytes
-from triplets.records import FaceRecord, FaceSet, read_inside
+from triplets.records import read_inside
+from reliableswap.contracts import FaceRecord, FaceSet
 from reliableswap.errors import UserError
 
 try:  # nvJPEG through torchvision, for CUDA tensors (optional: no CPU torchvision wheel exists here)

@@ -9,7 +9,7 @@ A :class:`Job` owns what all commands share:
 * **per-unit records** — a unit of work (an input file, a chunk of pairs, a batch of faces, a pair)
   writes its outputs atomically, then its record ``.{command}/units/{key}.json``; a re-run skips
   units whose record exists, so a run killed at any point resumes and ends with the same files;
-* **stage timers, rich progress**, and **one summary schema** (:class:`triplets.records.Summary`,
+* **stage timers, rich progress**, and **one summary schema** (:class:`reliableswap.contracts.Summary`,
   ``reliableswap.summary/2``)::
 
       {"schema", "command", "version", "device", "settings",
@@ -42,7 +42,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reliableswap import __version__
 from triplets.jsonl import atomic_write_json, pid_alive, read_json_file, remove_dead_temps, temp_owner  # noqa: F401 (pid_alive: re-exported)
-from triplets.records import RejectRecord, Summary
+from triplets.records import RejectRecord
+from reliableswap.contracts import Summary
 from reliableswap.errors import NothingUsable, UserError  # noqa: F401 (NothingUsable: re-exported)
 
 

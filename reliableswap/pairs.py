@@ -13,7 +13,8 @@ from reliableswap.choices import Strategy
 from reliableswap.faces.embed import SAME_PERSON_DISTANCE
 from reliableswap.judge import SFACE_SAME_COSINE
 from reliableswap.recipes import PairsSection
-from triplets.records import FaceRecord, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceRecord
 
 
 #: Rows of the pair-eligibility matrix computed at once (memory: a few × BLOCK × N values).

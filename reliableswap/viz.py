@@ -10,7 +10,8 @@ import numpy as np
 
 from reliableswap.images import decode_checked, read_crop, read_folder_image, save_image
 from reliableswap.errors import UserError
-from triplets.records import FaceSet, ManifestRecord, resolve_inside
+from triplets.records import ManifestRecord, resolve_inside
+from reliableswap.contracts import FaceSet
 from triplets.webdataset import iter_shard
 
 

@@ -32,7 +32,7 @@ from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.device import resolve_device
 from reliableswap.recipes import PairsSection, TrainRecipe, TripletRecipe, load_recipe
-from triplets.records import FaceRecord
+from reliableswap.contracts import FaceRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -46,7 +46,8 @@ from reliableswap.synth.pipeline import Synthesizer  # noqa: E402
 from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
 from reliableswap.testing.flame import write_embeddings, write_model  # noqa: E402
 from reliableswap.train.arcface import DEPTHS, IResNet  # noqa: E402
-from triplets.records import FaceSet, PairRecord  # noqa: E402
+from triplets.records import PairRecord  # noqa: E402
+from reliableswap.contracts import FaceSet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.faces.hands import LANDMARK_INPUT, PALM_INPUT, HandLandmarker
 from reliableswap.faces.models import WHEEL_MODELS, wheel_model
 from reliableswap.images import read_crop, to_tensor
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 from _bench import best  # this script's folder is on sys.path: one timing helper for the benches
 

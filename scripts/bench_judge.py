@@ -23,7 +23,7 @@ import torch
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.images import read_crop, to_tensor
 from reliableswap.judge import DlibJudge, SFaceJudge, equal_error_rate, load_judge
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 JUDGE_CLASSES = {"dlib": DlibJudge, "sface": SFaceJudge}
 

@@ -23,7 +23,7 @@ from kornia.geometry.transform import warp_affine
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.images import load_rgb
-from triplets.records import FaceRecord
+from reliableswap.contracts import FaceRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,8 @@ from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from reliableswap.testing.faces import write_synthetic_prep
 from reliableswap.testing.flame import write_embeddings, write_model
-from triplets.records import FaceRecord, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,8 @@ from reliableswap.images import encode_image, load_rgb
 from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from reliableswap.synth.blend import GraphedMultiband, multiband_blend
-from triplets.records import FaceSet, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

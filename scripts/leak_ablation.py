@@ -41,7 +41,8 @@ from reliableswap.judge import load_judge
 from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from reliableswap.synth import meshswap
 from reliableswap.synth.pipeline import Synthesizer
-from triplets.records import FaceSet, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from PIL import Image
 from scipy.spatial import Delaunay
 
 from reliableswap.faces import mesh as fm
-from triplets.records import FaceRecord
+from reliableswap.contracts import FaceRecord
 
 OUT = Path(__file__).resolve().parents[1] / "reliableswap" / "faces" / "mesh_topology.json"
 

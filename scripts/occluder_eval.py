@@ -27,7 +27,8 @@ import torch
 from reliableswap.faces.occluders import MIN_RAYS, glasses_mask
 from reliableswap.images import read_crop, to_tensor
 from reliableswap.recipes import TripletRecipe
-from triplets.records import FaceSet, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A face counts as occluded when a stored mask covers this fraction of its crop.

@@ -17,8 +17,8 @@ import pytest
 from reliableswap.choices import OutputFormat, ReshapeMethod, Strategy
 from reliableswap.jobs import Job, SettingsMismatch, reject, remove_stale_temps
 from reliableswap.recipes import PairsSection, RecipeError, TrainRecipe, TripletRecipe, builtin_recipes, load_recipe, validate_recipe
-from triplets.records import (ContractError, FaceRecord, FaceSet, FlameRecord, FlowRecord, ManifestRecord, PairRecord,
-                              Summary, resolve_inside)
+from triplets.records import ContractError, FlowRecord, ManifestRecord, PairRecord, resolve_inside
+from reliableswap.contracts import FaceRecord, FaceSet, FlameRecord, Summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,9 +277,10 @@ def test_cli_bad_contract_and_recipe_are_one_line_with_exit_2(tmp_path):
 def test_every_record_says_where_it_was_read(tmp_path):
     """``record.where`` is ``file:line`` for every contract (a validator named ``_where`` once
     shadowed it on ManifestRecord, so messages about manifest lines named a bound method)."""
+    import reliableswap.contracts as rc
     import triplets.records as tr
 
-    kinds = [c for c in vars(tr).values() if isinstance(c, type) and issubclass(c, tr.Record) and c is not tr.Record]
+    kinds = [c for m in (tr, rc) for c in vars(m).values() if isinstance(c, type) and issubclass(c, tr.Record) and c is not tr.Record]
     assert len(kinds) >= 6
     for cls in kinds:
         assert "_where" not in cls.__dict__ and "where" not in cls.__dict__, cls.__name__

@@ -149,7 +149,8 @@ def test_commands_on_cuda_match_cpu(tmp_path, flame_files):
     from reliableswap.commands.flows import run_flows
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.images import load_rgb
-    from triplets.records import FlameRecord, ManifestRecord, PairRecord
+    from triplets.records import ManifestRecord, PairRecord
+    from reliableswap.contracts import FlameRecord
 
     prep = write_synthetic_prep(tmp_path / "prep", 8)
     PairRecord.write(tmp_path / "pairs.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{i + 4:05d}") for i in range(4)])

@@ -226,7 +226,8 @@ def test_fit_and_flows_commands_on_real_faces(prepped, tmp_path):
     from reliableswap.commands.flows import run_flows
     from reliableswap.pairs import make_pairs
     from reliableswap.recipes import PairsSection
-    from triplets.records import FaceSet, FlowRecord, PairRecord
+    from triplets.records import FlowRecord, PairRecord
+    from reliableswap.contracts import FaceSet
 
     src, _ = prepped
     d = tmp_path / "prep"
@@ -279,7 +280,8 @@ def test_flame_triplets_end_to_end(prepped, tmp_path):
     from reliableswap.pairs import make_pairs
     from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
     from reliableswap.synth.pipeline import Synthesizer
-    from triplets.records import FaceSet, PairRecord
+    from triplets.records import PairRecord
+    from reliableswap.contracts import FaceSet
 
     src, _ = prepped
     (tmp_path / "flame").mkdir()
@@ -316,7 +318,7 @@ def test_rerunning_commands_never_loses_another_commands_output(faces_dir, tmp_p
     from reliableswap.commands.fit import run_fit
     from reliableswap.commands.prep import PrepConfig, run_prep
     from reliableswap.flame.fit import FitConfig
-    from triplets.records import FaceSet
+    from reliableswap.contracts import FaceSet
 
     london = faces_dir / "london_set"
     model = write_model(tmp_path / "generic_model.pkl")

@@ -22,7 +22,7 @@ from reliableswap.geometry.grid import warp_backward
 from reliableswap.images import load_rgb, read_crop, to_tensor
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 HAND_OVER_FACE = "ffhq/ffhq_00005_512.png"  # a fist holding a microphone over the chin
 

@@ -31,7 +31,8 @@ from reliableswap.jobs import FolderBusy, Job, OutputError, SettingsMismatch
 from reliableswap.testing.faces import write_synthetic_prep
 from reliableswap.testing.flame import write_embeddings, write_model
 from triplets import TripletDataset
-from triplets.records import ContractError, FaceRecord, FaceSet, ManifestRecord, PairRecord, RejectRecord
+from triplets.records import ContractError, ManifestRecord, PairRecord, RejectRecord
+from reliableswap.contracts import FaceRecord, FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "reliableswap.cli"]
@@ -714,7 +715,7 @@ def test_pairs_memory_grows_with_n_not_n_squared_and_n_is_bounded(tmp_path):
                     "pose": {"yaw": float(rng.uniform(-40, 40)), "pitch": 0.0, "roll": 0.0}} for i in range(2000)]
     FaceRecord.write(tmp_path / "faces.jsonl", recs)
     code = ("import re, sys; from reliableswap.pairs import make_pairs; from reliableswap.recipes import PairsSection\n"
-            "from triplets.records import FaceRecord\n"
+            "from reliableswap.contracts import FaceRecord\n"
             "faces = FaceRecord.read(sys.argv[1])\n"
             "print(len(make_pairs(faces, PairsSection(n=4000, max_yaw_diff=20))))\n"
             "print(len(make_pairs(faces[:4], PairsSection(n=10**12, strategy='random'))))\n"

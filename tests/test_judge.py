@@ -18,7 +18,7 @@ from reliableswap.images import read_crop, to_tensor
 from reliableswap.judge import DLIB_SAME_DISTANCE, SFACE_SAME_COSINE, SFaceJudge, equal_error_rate, load_judge
 from reliableswap.nets.onnxgraph import OnnxError, OnnxGraph
 from reliableswap.nets.sface import SFace, sface_model_path
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +245,7 @@ def test_pairs_never_pair_one_person_with_sface(tmp_path, faces_dir):
     from reliableswap.commands.pairs import run_pairs
     from reliableswap.commands.prep import PrepConfig, run_prep
     from reliableswap.recipes import PairsSection
-    from triplets.records import FaceRecord
+    from reliableswap.contracts import FaceRecord
 
     photos = sorted((faces_dir / "london_set").glob("*.jpg"))[:8]
     run_prep(photos, tmp_path / "prep", PrepConfig(largest=True), workers=1)

@@ -14,26 +14,27 @@ ALLOWED: dict[str, set[str]] = {
     "reliableswap": set(),  # the package root: its version only
     "triplets": set(),
     "reliableswap.errors": {"triplets"},  # the two expected failures (triplets.errors): every layer may raise them
+    "reliableswap.contracts": {"triplets"},  # the commands' own records, on triplets' record base
     "reliableswap.choices": set(),
     "reliableswap.device": set(),
     "reliableswap.geometry": set(),
-    "reliableswap.images": {"triplets"},
+    "reliableswap.images": {"triplets", "reliableswap.contracts"},
     "reliableswap.recipes": {"reliableswap.choices", "triplets"},
     "reliableswap.checkpoints": {"triplets"},
-    "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices", "reliableswap.checkpoints", "triplets"},
-    "reliableswap.flame": {"reliableswap.geometry", "triplets"},
+    "reliableswap.faces": {"reliableswap.geometry", "reliableswap.images", "reliableswap.choices", "reliableswap.checkpoints", "triplets", "reliableswap.contracts"},
+    "reliableswap.flame": {"reliableswap.geometry", "triplets", "reliableswap.contracts"},
     "reliableswap.nets": {"reliableswap.faces", "reliableswap.checkpoints", "triplets"},  # MissingWeightsError; bounded reads
     "reliableswap.judge": {"reliableswap.nets", "reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
     "reliableswap.synth": {"reliableswap.judge", "reliableswap.geometry", "reliableswap.faces", "reliableswap.flame", "reliableswap.nets",
                            "reliableswap.images", "reliableswap.recipes", "reliableswap.choices"},
-    "reliableswap.pairs": {"reliableswap.judge", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets"},
-    "reliableswap.viz": {"reliableswap.images", "triplets"},
+    "reliableswap.pairs": {"reliableswap.judge", "reliableswap.faces", "reliableswap.recipes", "reliableswap.choices", "triplets", "reliableswap.contracts"},
+    "reliableswap.viz": {"reliableswap.images", "triplets", "reliableswap.contracts"},
     "reliableswap.evaluation": {"reliableswap.faces", "reliableswap.geometry", "reliableswap.images"},
     "reliableswap.train": {"reliableswap.judge", "reliableswap.images", "reliableswap.faces", "reliableswap.checkpoints", "reliableswap.recipes", "reliableswap.choices",
-                           "reliableswap.device", "triplets"},
-    "reliableswap.jobs": {"reliableswap", "triplets"},  # `reliableswap` itself: __version__
+                           "reliableswap.device", "triplets", "reliableswap.contracts"},
+    "reliableswap.jobs": {"reliableswap", "triplets", "reliableswap.contracts"},  # `reliableswap` itself: __version__
     "reliableswap.engine": {"reliableswap.jobs"},
-    "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "reliableswap.nets", "triplets"},
+    "reliableswap.testing": {"reliableswap.faces", "reliableswap.images", "reliableswap.nets", "triplets", "reliableswap.contracts"},
     "reliableswap.commands": {"*"},  # above everything but the CLI
     "reliableswap.cli": {"*"},
 }

@@ -15,7 +15,8 @@ from reliableswap.faces import mesh as fm
 from reliableswap.images import load_rgb
 from reliableswap.recipes import RecipeError, TripletRecipe, validate_recipe
 from reliableswap.synth import meshswap as ms
-from triplets.records import ContractError, FaceRecord
+from triplets.records import ContractError
+from reliableswap.contracts import FaceRecord
 
 
 @pytest.fixture(scope="module")

@@ -257,7 +257,7 @@ def test_missing_weights_stop_the_run_at_start_up(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def pair_batch(prepped):
     from reliableswap.images import load_rgb
-    from triplets.records import FaceRecord
+    from reliableswap.contracts import FaceRecord
 
     out, _ = prepped
     recs = [r for r in FaceRecord.read(out / "faces.jsonl") if "london_set" in r.origin.path][:4]

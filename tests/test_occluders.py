@@ -21,7 +21,7 @@ from reliableswap.geometry.grid import warp_backward
 from reliableswap.images import load_rgb, read_crop, to_tensor
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 GLASSES = ("ffhq_00005", "ffhq_00009")  # a man with glasses and a microphone; a young man with glasses, turned
 

@@ -27,7 +27,8 @@ from reliableswap.testing import stub_modules
 from triplets import TripletDataset
 from triplets.layout import FILES, TYPE_TABLE
 from triplets.official import read_triplet_pickle, read_vanilla_pickle
-from triplets.records import FaceSet, ManifestRecord, PairRecord
+from triplets.records import ManifestRecord, PairRecord
+from reliableswap.contracts import FaceSet
 
 
 @pytest.fixture(scope="module")

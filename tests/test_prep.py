@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from reliableswap.commands.prep import PrepConfig, run_prep
-from triplets.records import FaceRecord, RejectRecord
+from triplets.records import RejectRecord
+from reliableswap.contracts import FaceRecord
 
 
 def load_faces(folder):

@@ -34,7 +34,8 @@ from reliableswap.pairs import make_pairs  # noqa: E402
 from reliableswap.recipes import PairsSection, TripletRecipe  # noqa: E402
 from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
 from reliableswap.testing.flame import write_embeddings, write_model  # noqa: E402
-from triplets.records import FaceRecord, PairRecord  # noqa: E402
+from triplets.records import PairRecord  # noqa: E402
+from reliableswap.contracts import FaceRecord  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")

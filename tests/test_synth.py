@@ -15,7 +15,7 @@ from reliableswap.images import load_rgb, to_tensor, to_uint8
 from reliableswap.synth import appearance, blend
 from reliableswap.synth.reenact import TPSReenactor, driving_landmarks
 from reliableswap.synth.reshape import contour_targets, reshape, reshape_flow
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 
 NAMES = ["london_008_neutral", "london_021_neutral", "london_025_neutral", "london_030_neutral",

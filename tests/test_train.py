@@ -28,7 +28,8 @@ def real_triplets(prepped, tmp_path_factory):
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.pairs import make_pairs
     from reliableswap.recipes import PairsSection
-    from triplets.records import FaceRecord, PairRecord
+    from triplets.records import PairRecord
+    from reliableswap.contracts import FaceRecord
 
     src, _ = prepped
     d = tmp_path_factory.mktemp("train_triplets")
@@ -242,7 +243,7 @@ def test_hand_cutouts_carry_the_photo_s_own_hand_pixels(prepped):
 
     from reliableswap.faces.hands import HandCutouts
     from reliableswap.images import read_crop
-    from triplets.records import FaceSet
+    from reliableswap.contracts import FaceSet
 
     faces = FaceSet.load(prepped[0], flame=False)
     with_hands = [f for f in faces.faces if f.hands]

@@ -19,7 +19,8 @@ from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from triplets import TripletDataset
 from triplets.layout import FILES, TYPE_TABLE
-from triplets.records import FaceRecord, ManifestRecord, PairRecord, RejectRecord
+from triplets.records import ManifestRecord, PairRecord, RejectRecord
+from reliableswap.contracts import FaceRecord
 from triplets.webdataset import iter_shard
 
 CLI = [sys.executable, "-m", "reliableswap.cli"]

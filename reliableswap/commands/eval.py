@@ -37,7 +37,8 @@ from reliableswap.train.build import build_swapper, load_weights
 from reliableswap.train.swapper import BUILTIN_SWAPPERS, SwapperAdapter, load_class
 from reliableswap.viz import _label, grid
 from triplets.jsonl import atomic_write_bytes, read_json_file
-from triplets.records import ContractError, FaceSet, ManifestRecord, PairRecord, resolve_inside
+from triplets.records import ContractError, ManifestRecord, PairRecord, resolve_inside
+from reliableswap.contracts import FaceSet
 from reliableswap.errors import UserError
 
 PER_PAIR = ("id_cos", "top1", "top5", "pose_err", "expr_err")

@@ -56,7 +56,8 @@ from reliableswap.nets import weights as W
 from reliableswap.nets.protocol import SPHERE_INPUT, hopenet_angles
 from reliableswap.jobs import Job, reject
 from triplets.jsonl import MAX_SUMMARY_BYTES, UnreadableFile, atomic_write_bytes, read_bounded
-from triplets.records import FaceSet, PairRecord
+from triplets.records import PairRecord
+from reliableswap.contracts import FaceSet
 
 #: A video id: FF++'s are three digits; letters, digits, ``_`` and ``-`` are taken, nothing that moves out of ``--videos``.
 VIDEO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

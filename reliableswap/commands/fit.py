@@ -1,7 +1,7 @@
 """``reliableswap fit``: FLAME parameters per face of a prep folder → ``flame.jsonl``.
 
 ``fit`` never touches ``faces.jsonl`` (``prep`` is its only writer): it writes ``flame.jsonl`` (one
-:class:`~triplets.records.FlameRecord` per face, keyed by face id), ``fit.rejects.jsonl`` (faces
+:class:`~reliableswap.contracts.FlameRecord` per face, keyed by face id), ``fit.rejects.jsonl`` (faces
 whose fit stays above ``--max-rmse``) and ``fit.summary.json`` beside it. Units are batches of
 faces; a re-run fits only the faces no earlier run fitted (faces ``prep`` added since included).
 """
@@ -20,7 +20,7 @@ from reliableswap.flame.layer import load_flame
 from reliableswap.flame.model import resolve_flame_path
 from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from triplets.jsonl import file_sha256
-from triplets.records import FaceSet, FlameRecord
+from reliableswap.contracts import FaceSet, FlameRecord
 
 
 def flame_settings(model: str | os.PathLike | None, embedding: str | os.PathLike | None, cfg: FitConfig) -> dict:

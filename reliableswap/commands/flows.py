@@ -38,7 +38,8 @@ from reliableswap.geometry.raster import available_backends
 from reliableswap.images import encode_image, read_crop, to_tensor, to_uint8
 from reliableswap.jobs import Job, bad_records, reject
 from triplets.jsonl import atomic_write_bytes, file_sha256
-from triplets.records import FaceSet, FlowRecord, PairRecord
+from triplets.records import FlowRecord, PairRecord
+from reliableswap.contracts import FaceSet
 
 
 def preview(img_b: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, mask: torch.Tensor, p2: np.ndarray, p12: np.ndarray) -> bytes:

@@ -17,7 +17,8 @@ from reliableswap.images import MAX_SIDE, read_folder_image, save_image, to_uint
 from reliableswap.viz import faces_sheet, grid, triplets_sheet
 from triplets.dataset import TripletDataset
 from triplets.occlusion import Occlusion
-from triplets.records import ContractError, FaceSet, FlowRecord
+from triplets.records import ContractError, FlowRecord
+from reliableswap.contracts import FaceSet
 from triplets.schema import FLOWS_SCHEMA
 
 

@@ -25,7 +25,8 @@ from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.judge import load_judge
 from reliableswap.pairs import make_pairs
 from reliableswap.recipes import PairsSection
-from triplets.records import ContractError, EmbeddingRecord, FaceRecord, FaceSet, PairRecord, read_inside
+from triplets.records import ContractError, PairRecord, read_inside
+from reliableswap.contracts import EmbeddingRecord, FaceRecord, FaceSet
 
 EMBEDDINGS = EmbeddingRecord.FILE
 #: Crops embedded at once by the SFace judge.

@@ -45,7 +45,7 @@ from reliableswap.synth.occluders import SOURCES, crop_occluders
 from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
-from triplets.records import OCCLUDER_CHANNELS, FaceRecord
+from reliableswap.contracts import OCCLUDER_CHANNELS, FaceRecord
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from triplets.jsonl import atomic_dir, atomic_write_bytes, file_sha256
 from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
 from triplets.imaging import MAX_IMAGE_BYTES
-from triplets.records import FaceRecord, FaceSet, ManifestRecord, PairRecord, read_inside
+from triplets.records import ManifestRecord, PairRecord, read_inside
+from reliableswap.contracts import FaceRecord, FaceSet
 from triplets.schema import MANIFEST_SCHEMA
 from triplets.webdataset import write_shard
 from reliableswap.errors import UserError

@@ -40,7 +40,7 @@ from reliableswap.geometry.affine import apply_affine, invert_affine
 from reliableswap.geometry.raster import polygon_mask
 from reliableswap.images import read_crop, to_tensor
 from triplets.occlusion import ObjectOccluders, Occluder
-from triplets.records import FaceSet
+from reliableswap.contracts import FaceSet
 
 PALM_INPUT, LANDMARK_INPUT = 192, 224
 #: MediaPipe's palm-detection anchors: (stride, anchors per cell).

@@ -27,7 +27,7 @@ from kornia.morphology import bottom_hat
 
 from reliableswap.faces import mesh as fm
 from reliableswap.geometry.raster import polygon_mask
-from triplets.records import OCCLUDER_CHANNELS as CHANNELS
+from reliableswap.contracts import OCCLUDER_CHANNELS as CHANNELS
 
 WORK = 256
 #: Lightness edge (CIE L / 100 per pixel at :data:`WORK` px, after a σ = 1 px blur) a frame makes.

@@ -26,7 +26,7 @@ from torch.func import jvp, vmap
 
 from reliableswap.flame.layer import Flame, FlameParams, project
 from reliableswap.flame.lbs import batch_rigid_transform, batch_rodrigues, vertices2landmarks
-from triplets.records import FaceRecord, FaceSet, FlameRecord
+from reliableswap.contracts import FaceRecord, FaceSet, FlameRecord
 
 
 @dataclass

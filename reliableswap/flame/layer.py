@@ -18,7 +18,7 @@ import torch.nn as nn
 from reliableswap.flame.lbs import (batch_rigid_transform, batch_rodrigues, blend_shapes, lbs, rot_mat_to_euler_y,
                                     vertices2landmarks)
 from reliableswap.flame.model import FlameFileError, FlameModel, LandmarkEmbedding, contour_bin, resolve_flame_path, to_torch
-from triplets.records import FlameRecord
+from reliableswap.contracts import FlameRecord
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from reliableswap.faces.ibug68 import JAW, LEFT_EYE, MOUTH, RIGHT_EYE
 from reliableswap.faces.pose import MEAN_FACE_68, head_pose
 from reliableswap.images import save_image
-from triplets.records import FaceRecord
+from reliableswap.contracts import FaceRecord
 
 
 def synthetic_faces(n: int, size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,8 @@ from reliableswap.errors import UserError
 from triplets.dataset import TripletDataset
 from triplets.layout import FILES, SAME, VANILLA
 from triplets.occlusion import Occlusion
-from triplets.records import FaceSet, ManifestRecord, resolve_inside
+from triplets.records import ManifestRecord, resolve_inside
+from reliableswap.contracts import FaceSet
 
 
 def split_triplets(triplets: Path, holdout: int, run: Path) -> tuple[Path, Path | None]:
