@@ -150,11 +150,12 @@ def fit(
 ) -> None:
     """Fit FLAME (shape, expression, global/jaw pose, weak-perspective camera) to every face's landmarks;
     write flame.jsonl (one record per face id), fit.summary.json, fit.rejects.jsonl. Resumable."""
-    from reliableswap.commands.fit import run_fit
+    from reliableswap.commands.fit import FitJobConfig, run_fit
     from reliableswap.flame.fit import FitConfig
 
-    cfg = FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations)
-    s = _summary(run_fit(folder, flame, embedding=embedding, cfg=cfg, batch=batch, device=device, max_rmse=max_rmse, progress=True))
+    cfg = FitJobConfig(embedding=embedding, fit=FitConfig(n_shape=n_shape, n_expr=n_expr, iterations=iterations), batch=batch,
+                       device=device, max_rmse=max_rmse)
+    s = _summary(run_fit(folder, flame, cfg, progress=True))
     d = s.details
     say(f"FLAME: {_counts(s)}; RMSE {d['rmse_px']}; {d['fit_faces_per_s']} faces/s")
     say(f"wrote {folder / 'flame.jsonl'}, {folder / 'fit.summary.json'}, {folder / 'fit.rejects.jsonl'}")
@@ -179,10 +180,10 @@ def flows(
 ) -> None:
     """Dense FLAME shape flow per pair (a, b): an H×W×2 float16 field moving b's face contour to a's face
     shape in b's pose and expression (FlowFace++), with previews. Resumable."""
-    from reliableswap.commands.flows import run_flows
+    from reliableswap.commands.flows import FlowsConfig, run_flows
 
-    s = _summary(run_flows(folder, pairs_file, out, flame, embedding=embedding, batch=batch, device=device, previews=previews, backend=rasterizer, max_rmse=max_rmse,
-                           progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries)))
+    cfg = FlowsConfig(embedding=embedding, batch=batch, device=device, previews=previews, backend=rasterizer, max_rmse=max_rmse)
+    s = _summary(run_flows(folder, pairs_file, out, flame, cfg, progress=True, ray=_ray_options(engine, ray_address, ray_workers, ray_retries)))
     say(f"flows: {_counts(s)}; rasterizer {s.details['rasterizer']}")
     say(f"wrote {out / 'manifest.jsonl'}, {out / 'summary.json'}")
     _require_output(s, "flow", out / "rejects.jsonl")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from reliableswap.choices import LandmarkBackend
-from reliableswap.commands.flows import run_flows
+from reliableswap.commands.flows import FlowsConfig, run_flows
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.engine import RayOptions, cluster
@@ -116,7 +116,7 @@ def main() -> None:
             ("triplets (2D tps)", "triplets", "*.jpg",
              lambda n, out, ray: run_triplets(prep, work / f"pairs{n}.jsonl", out, tps, device="cpu", batch=4, ray=ray)),
             ("flows", "pairs", "*.npz",
-             lambda n, out, ray: run_flows(work / f"synth{n}", work / f"fpairs{n}.jsonl", out, model, batch=2, max_rmse=50.0, ray=ray)),
+             lambda n, out, ray: run_flows(work / f"synth{n}", work / f"fpairs{n}.jsonl", out, model, FlowsConfig(batch=2, max_rmse=50.0), ray=ray)),
         ]
         for name, unit, pattern, fn in cases:
             r = {"case": name, "unit": unit}

@@ -145,8 +145,8 @@ def test_flame_fit_raster_and_flows_on_cuda(flame_files):
 
 def test_commands_on_cuda_match_cpu(tmp_path, flame_files):
     """``triplets``, ``fit`` and ``flows`` with ``--device cuda`` write what the CPU run writes."""
-    from reliableswap.commands.fit import run_fit
-    from reliableswap.commands.flows import run_flows
+    from reliableswap.commands.fit import FitJobConfig, run_fit
+    from reliableswap.commands.flows import FlowsConfig, run_flows
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.images import load_rgb
     from triplets.records import ManifestRecord, PairRecord
@@ -172,10 +172,10 @@ def test_commands_on_cuda_match_cpu(tmp_path, flame_files):
                 a = load_rgb(tmp_path / out / r.folder / name).astype(float)
                 b = load_rgb(tmp_path / "cpu" / r.folder / name).astype(float)
                 assert np.abs(a - b).mean() < 3.0, (out, r.folder, name)
-    fit = run_fit(prep, flame_files, device="cuda")
+    fit = run_fit(prep, flame_files, FitJobConfig(device="cuda"))
     assert fit["counts"]["written"] == 8 and fit["device"] == "cuda"
     assert all(np.isfinite(r.shape).all() for r in FlameRecord.read(prep / "flame.jsonl"))
-    flows = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "flows", flame_files, device="cuda", batch=4, max_rmse=50)
+    flows = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "flows", flame_files, FlowsConfig(device="cuda", batch=4, max_rmse=50))
     assert flows["counts"]["written"] == 4
 
 

@@ -223,7 +223,7 @@ def test_fit_and_flows_commands_on_real_faces(prepped, tmp_path):
     import numpy as np
 
     from reliableswap.commands.fit import run_fit
-    from reliableswap.commands.flows import run_flows
+    from reliableswap.commands.flows import FlowsConfig, run_flows
     from reliableswap.pairs import make_pairs
     from reliableswap.recipes import PairsSection
     from triplets.records import FlowRecord, PairRecord
@@ -247,14 +247,14 @@ def test_fit_and_flows_commands_on_real_faces(prepped, tmp_path):
     pairs = make_pairs(fitted, PairsSection(n=6, strategy="random", max_yaw_diff=90.0))
     PairRecord.write(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "flows"
-    s = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), batch=4)
+    s = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), FlowsConfig(batch=4))
     assert s["counts"]["written"] == len(pairs) == 6 and s["details"]["rasterizer"] in ("torch", "pytorch3d")
     man = FlowRecord.read(out / "manifest.jsonl")
     with np.load(out / man[0].flow) as z:
         assert z["forward"].dtype == np.float16 and z["forward"].shape == (256, 256, 2)
         assert z["backward"].shape == (256, 256, 2) and z["mask2"].any()
     assert (out / man[0].preview).stat().st_size > 1000
-    again = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), batch=4)
+    again = run_flows(d, tmp_path / "pairs.jsonl", out, str(model), FlowsConfig(batch=4))
     assert again["counts"]["written"] == 6 and again["counts"]["written_this_run"] == 0
 
 
@@ -315,7 +315,7 @@ def test_flame_triplets_end_to_end(prepped, tmp_path):
 def test_rerunning_commands_never_loses_another_commands_output(faces_dir, tmp_path):
     """prep writes faces.jsonl, fit writes flame.jsonl: re-running prep (with one more input) keeps
     every fit; re-running fit fits only the new face and leaves faces.jsonl byte for byte."""
-    from reliableswap.commands.fit import run_fit
+    from reliableswap.commands.fit import FitJobConfig, run_fit
     from reliableswap.commands.prep import PrepConfig, run_prep
     from reliableswap.flame.fit import FitConfig
     from reliableswap.contracts import FaceSet
@@ -339,4 +339,4 @@ def test_rerunning_commands_never_loses_another_commands_output(faces_dir, tmp_p
     assert (prep / "faces.jsonl").read_bytes() == faces_before  # fit never touches prep's output
     assert len(FaceSet.load(prep).flame) == 3
     with pytest.raises(ValueError, match="other settings"):
-        run_fit(prep, model, cfg=FitConfig(n_shape=50))
+        run_fit(prep, model, FitJobConfig(fit=FitConfig(n_shape=50)))

@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'reliableswap[ray]')")
 psutil = pytest.importorskip("psutil")
 
-from reliableswap.commands.flows import run_flows  # noqa: E402
+from reliableswap.commands.flows import FlowsConfig, run_flows  # noqa: E402
 from reliableswap.commands.prep import PrepConfig, run_prep  # noqa: E402
 from reliableswap.commands.triplets import run_triplets  # noqa: E402
 from reliableswap.engine import RayOptions, WorkerLost, cluster  # noqa: E402
@@ -266,10 +266,10 @@ def test_ray_flows_match_local(ray_address, tmp_path):
     model = write_model(tmp_path / "flame" / "generic_model.pkl")
     write_embeddings(tmp_path / "flame")
     PairRecord.write(tmp_path / "pairs.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{i + 4:05d}") for i in range(4)])
-    kw = {"batch": 2, "max_rmse": 50.0}
+    cfg = FlowsConfig(batch=2, max_rmse=50.0)
     with one_thread():  # the fit's float sums, as in the 1-CPU workers
-        local = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "local", str(model), **kw)
-    s = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "ray", str(model), ray=RayOptions(address=ray_address), **kw)
+        local = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "local", str(model), cfg)
+    s = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "ray", str(model), cfg, ray=RayOptions(address=ray_address))
     assert s["counts"] == local["counts"] and s["counts"]["written"] == 4
     assert s["details"]["faces_fitted_on_the_fly"] == local["details"]["faces_fitted_on_the_fly"] == 8
     assert _files(tmp_path / "ray", "*.npz") == _files(tmp_path / "local", "*.npz")

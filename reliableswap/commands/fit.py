@@ -9,7 +9,7 @@ faces; a re-run fits only the faces no earlier run fitted (faces ``prep`` added 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +30,33 @@ def flame_settings(model: str | os.PathLike | None, embedding: str | os.PathLike
             "fit": asdict(cfg)}
 
 
-def run_fit(faces: str | os.PathLike, flame: str | os.PathLike | None, *, embedding: str | os.PathLike | None = None,
-            cfg: FitConfig = FitConfig(), batch: int = 128, device: str = "auto", max_rmse: float = 8.0,
+@dataclass(frozen=True)
+class FitJobConfig:
+    """How ``fit`` runs (the CLI's flags).
+
+    Args:
+        embedding: FLAME's landmark embedding file (``None``: beside the model file).
+        fit: the fit itself (shape and expression sizes, iterations, weights).
+        batch: faces per batch (a unit of the job).
+        device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``…
+        max_rmse: faces fitted with a larger landmark RMSE (crop px) are rejected.
+    """
+
+    embedding: str | os.PathLike | None = None
+    fit: FitConfig = field(default_factory=FitConfig)
+    batch: int = 128
+    device: str = "auto"
+    max_rmse: float = 8.0
+
+
+def run_fit(faces: str | os.PathLike, flame: str | os.PathLike | None, cfg: FitJobConfig = FitJobConfig(), *,
             progress: bool = False) -> dict:
     """Fit the FLAME model file ``flame`` to every face of the prep folder ``faces``; returns the
     summary (also ``fit.summary.json``)."""
     folder, model = Path(faces), flame  # the paths; ``faces``/``flame`` below hold the records and the model
-    device = str(resolve_device(device))
+    embedding, batch, max_rmse = cfg.embedding, cfg.batch, cfg.max_rmse
+    device = str(resolve_device(cfg.device))
+    cfg = cfg.fit
     faces = FaceSet.load(folder, flame=False, strict=False)
     settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}
     with Job("fit", folder, settings, "faces", shared="fit", device=device, progress=progress) as job:

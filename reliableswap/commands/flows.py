@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -55,16 +56,39 @@ def preview(img_b: np.ndarray, fwd: torch.Tensor, bwd: torch.Tensor, mask: torch
     return encode_image(np.concatenate([img_b, over, warped], 1), ".png")
 
 
+@dataclass(frozen=True)
+class FlowsConfig:
+    """How ``flows`` runs (the CLI's flags).
+
+    Args:
+        embedding: FLAME's landmark embedding file (``None``: beside the model file).
+        fit: the fit of faces ``fit`` has not fitted (done on the fly).
+        batch: pairs per batch (a unit of the job).
+        device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``…
+        previews: write a preview PNG per pair.
+        backend: rasterizer (``auto``: pytorch3d when it imports, else torch).
+        max_rmse: pairs with a face fitted above this landmark RMSE (crop px) are rejected.
+    """
+
+    embedding: str | os.PathLike | None = None
+    fit: FitConfig = field(default_factory=FitConfig)
+    batch: int = 8
+    device: str = "auto"
+    previews: bool = True
+    backend: Rasterizer = Rasterizer.auto
+    max_rmse: float = 8.0
+
+
 def run_flows(faces: str | os.PathLike, pairs: str | os.PathLike, out: str | os.PathLike,
-              flame: str | os.PathLike | None, *, embedding: str | os.PathLike | None = None, batch: int = 8,
-              device: str = "auto", previews: bool = True, cfg: FitConfig = FitConfig(),
-              backend: Rasterizer = Rasterizer.auto, max_rmse: float = 8.0, progress: bool = False,
+              flame: str | os.PathLike | None, cfg: FlowsConfig = FlowsConfig(), *, progress: bool = False,
               ray: RayOptions | None = None) -> dict:
     """Shape flows for every pair of the pairs file ``pairs`` over the prep folder ``faces`` with
     the FLAME model file ``flame``; returns the summary (also ``OUT/summary.json``). ``ray``: run
     the batches on a Ray cluster (:mod:`reliableswap.engine`); the folder is the same."""
     folder, pairs_file, model, out = Path(faces), pairs, flame, Path(out)  # the paths; the names below hold what they hold
-    device = str(resolve_device(device)) if ray is None else str(device)
+    embedding, batch, previews, backend, max_rmse = cfg.embedding, cfg.batch, cfg.previews, cfg.backend, cfg.max_rmse
+    device = str(resolve_device(cfg.device)) if ray is None else str(cfg.device)
+    cfg = cfg.fit
     faces = FaceSet.load(folder, strict=False)
     pairs, bad_pairs = PairRecord.read_valid(pairs_file)
     backend = Rasterizer(backend)
