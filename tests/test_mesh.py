@@ -187,11 +187,7 @@ def _paint_above_upper_lip(imgs: torch.Tensor, mesh: torch.Tensor, delta_lab: tu
     from reliableswap.synth.appearance import masked_stats
 
     s = imgs.shape[-1]
-    arc = mesh[:, ms.UPPER_LIP_ARC, :2]
-    nose = mesh[:, ms.SUBNASALE, :2]
-    up = torch.nn.functional.normalize(nose - arc[:, len(ms.UPPER_LIP_ARC) // 2], dim=-1).unsqueeze(1)
-    rise = ((nose.unsqueeze(1) - arc) * up).sum(-1, keepdim=True).clamp_min(0)  # each point's way up to the nose's level
-    poly = torch.cat([arc, (arc + reach * rise * up).flip(1)], 1)
+    poly = ms.upper_lip_band(mesh, reach)
     labels = ms.region_map(mesh, s)[2]
     band = (soft_polygon_mask(poly, s, s, torch.full((len(imgs),), 0.5)) > 0.5) & (labels == fm.SKIN)
     mu, _ = masked_stats(rgb_to_lab(imgs), (labels == fm.SKIN).float())

@@ -220,6 +220,15 @@ def fill_inside_box(img: torch.Tensor, holes: torch.Tensor, known: torch.Tensor,
     return out
 
 
+def skin_lab_stats(img: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A face's skin colour: CIE-LAB mean and standard deviation (B×3×1×1 each) of ``img``
+    (B×3×S×S in [0, 1]) over the 4×4 blocks of a quarter-size image that its region map
+    ``labels`` (B×1×S×S) marks skin throughout."""
+    small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
+    skin = 1 - torch.nn.functional.max_pool2d((labels != fm.SKIN).float(), 4, ceil_mode=True)  # all-skin blocks
+    return masked_stats(rgb_to_lab(small), skin)
+
+
 def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> torch.Tensor:
     """B×1×S×S bool: a face's mouth interior in its own image: the mesh's mouth opening, and
     inside the mesh's lips what is not lip (teeth: brighter and less red than the skin; the
@@ -230,12 +239,8 @@ def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> 
     inner = labels == fm.MOUTH_R
     lips = labels == fm.LIPS_R
     if bool(lips.any()):
-        # skin statistics from a quarter-size image; the colour tests only inside the lips' box
-        small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
-        skin = 1 - torch.nn.functional.max_pool2d((labels != fm.SKIN).float(), 4, ceil_mode=True)  # all-skin blocks
-        b = img.shape[0]
-        mu, sd = masked_stats(rgb_to_lab(small), skin)
-        mu, sd = mu.view(b, 3, 1, 1), sd.view(b, 3, 1, 1)
+        # the colour tests only inside the lips' box
+        mu, sd = skin_lab_stats(img, labels)
         ys, xs = torch.nonzero(lips.any(0)[0], as_tuple=True)
         box = (..., slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
         lab = rgb_to_lab(img[box].clamp(0, 1).float())
@@ -250,6 +255,17 @@ def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> 
     return inner
 
 
+def upper_lip_band(mesh: torch.Tensor, reach: float) -> torch.Tensor:
+    """B×22×2 polygons: the band above each mesh's (B×468×3, pixels) upper lip, from its outer arc
+    (corner to corner) up ``reach`` of each arc point's own way to the nose base's level, so the
+    band stops short of the nostrils above the lip's peaks as well as above its middle."""
+    arc = mesh[:, UPPER_LIP_ARC, :2].float()  # B×11×2
+    nose = mesh[:, SUBNASALE, :2].float()
+    up = torch.nn.functional.normalize(nose - arc[:, len(UPPER_LIP_ARC) // 2], dim=-1).unsqueeze(1)  # lip middle → nose base
+    rise = ((nose.unsqueeze(1) - arc) * up).sum(-1, keepdim=True).clamp_min(0)  # B×11×1
+    return torch.cat([arc, (arc + reach * rise * up).flip(1)], 1)
+
+
 def stray_upper_lip(img: torch.Tensor, mesh: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """B×1×S×S bool: a face's upper lip outside its mesh's lips, in its own image: skin pixels of
     the band between the mesh's upper lip arc and the nose's base (:data:`STRAY_LIP_BAND` of the
@@ -260,14 +276,7 @@ def stray_upper_lip(img: torch.Tensor, mesh: torch.Tensor, labels: torch.Tensor)
     ``img`` B×3×S×S in [0, 1], ``mesh`` B×468×3 its mesh (pixels), ``labels`` B×1×S×S its region
     map (−1 off the face)."""
     s = img.shape[-1]
-    arc = mesh[:, UPPER_LIP_ARC, :2].float()  # B×11×2, corner to corner
-    nose = mesh[:, SUBNASALE, :2].float()
-    up = nose - arc[:, len(UPPER_LIP_ARC) // 2]  # B×2: lip middle → nose base
-    up = up / up.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    # each arc point moves up a fraction of its own way to the nose base's level, so the band
-    # stops short of the nostrils above the lip's peaks as well as above its middle
-    rise = ((nose.unsqueeze(1) - arc) * up.unsqueeze(1)).sum(-1, keepdim=True).clamp_min(0)  # B×11×1
-    band = torch.cat([arc, (arc + STRAY_LIP_BAND * rise * up.unsqueeze(1)).flip(1)], 1)
+    band = upper_lip_band(mesh, STRAY_LIP_BAND)
     out = torch.zeros_like(labels, dtype=torch.bool)
     # the work is done in the box around every band of the batch (and the lips just below it)
     reach = round(STRAY_LIP_REACH * s)
@@ -283,10 +292,8 @@ def stray_upper_lip(img: torch.Tensor, mesh: torch.Tensor, labels: torch.Tensor)
     lip = (polygon_mask(band - corner, y1 - y0, x1 - x0) > 0.5) & skin[box]
     if not bool(lip.any()):
         return out
-    small = torch.nn.functional.avg_pool2d(img.clamp(0, 1).float(), 4, ceil_mode=True)
-    all_skin = 1 - torch.nn.functional.max_pool2d((~skin).float(), 4, ceil_mode=True)  # all-skin blocks
-    mu, sd = masked_stats(rgb_to_lab(small)[:, :2], all_skin)
-    z = (rgb_to_lab(img[box].clamp(0, 1).float())[:, :2] - mu) / sd
+    mu, sd = skin_lab_stats(img, labels)
+    z = (rgb_to_lab(img[box].clamp(0, 1).float())[:, :2] - mu[:, :2]) / sd[:, :2]
     lip &= ((z[:, 1:2] - 0.5 * z[:, :1]) > STRAY_LIP_SD) & (z[:, 1:2] > STRAY_LIP_RED)
     # only what is joined to the mesh's lips: grown from them through lip-coloured pixels (a
     # nostril's shadow above a short philtrum is as red and dark, but stands apart)
