@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reliableswap.choices import (Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, OccluderKind, OutputFormat, Rasterizer,
+from reliableswap.choices import (Align, CropExt, Detector, Engine, JudgeName, LandmarkBackend, MaskBackend, OccluderKind, OutputFormat, Rasterizer,
                                   Strategy)
 from reliableswap.errors import NothingUsable, UserError
 from reliableswap.contracts import Summary
@@ -109,6 +109,7 @@ def prep(
     device: Annotated[str, typer.Option(help="Torch device for alignment, FAN, the mesh and hands: auto, cpu, cuda, cuda:1 ...")] = "auto",
     flame: Annotated[Optional[Path], typer.Option("--flame", help="FLAME model file: also fit FLAME per face (as `reliableswap fit`).")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Reject images (and video frames) larger than this many pixels, read from the header before decoding.", min=1)] = 64_000_000,
+    occluders: Annotated[MaskBackend, typer.Option(help="With --landmarks mesh, the stored glasses and hair masks: geometry (the face mesh, the crop's edges and skin colour) or bisenet (BiSeNet's eye_g, hair and hat classes; 79999_iter.pth in the weights folder, $RELIABLESWAP_WEIGHTS).")] = MaskBackend.geometry,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
@@ -123,7 +124,7 @@ def prep(
         resolve_device(device)
     cfg = PrepConfig(size=size, align=align, landmarks=landmarks, detector=detector, every=every, largest=largest,
                      min_face=min_face, embed=embed, identity_from_folder=identity_from_folder, ext=ext, device=device,
-                     max_pixels=max_pixels)
+                     max_pixels=max_pixels, occluders=occluders)
     s = _summary(run_prep(inputs, out, cfg, workers=workers, progress=True, ray=ray))
     c, d = s.counts, s.details
     if d["warning"]:

@@ -22,6 +22,7 @@ from reliableswap.images import load_rgb, read_crop, to_tensor
 from reliableswap.recipes import TripletRecipe
 from reliableswap.synth.pipeline import Synthesizer
 from reliableswap.contracts import FaceSet
+from triplets.records import PairRecord
 
 GLASSES = ("ffhq_00005", "ffhq_00009")  # a man with glasses and a microphone; a young man with glasses, turned
 
@@ -127,6 +128,84 @@ def test_prep_stores_the_masks_and_triplets_read_them_back(prepped, tmp_path):
     read = syn.cycle(ia, la, ib, lb, mesh_a=ma, mesh_b=mb, glasses_a=ga, glasses_b=ga.flip(0))
     assert float((live["fake_st"] - read["fake_st"]).abs().mean()) < 2e-3
     assert float((live["fake_ts"] - read["fake_ts"]).abs().mean()) < 2e-3
+
+
+def test_prep_takes_glasses_and_hair_from_bisenet_when_asked(faces_dir, tmp_path, monkeypatch, capsys):
+    """``prep --landmarks mesh --occluders bisenet`` (random BiSeNet weights in the published
+    layout: the plumbing, not the quality): the stored glasses channel is the parser's ``eye_g``
+    class, the hair channel its hair and hat classes over the face mesh, and the record names
+    BiSeNet; without the weights file, or without the mesh, one line at start-up and nothing written."""
+    from reliableswap.cli import main
+    from reliableswap.synth.learned import FaceParser, class_mask
+    from reliableswap.synth.meshswap import region_map
+    from reliableswap.testing.nets import write_random_weights
+
+    from reliableswap.faces.models import FACE_MESH_MODEL, WHEEL_MODELS, wheel_model
+
+    image = faces_dir / "ffhq" / "ffhq_00005_512.png"
+    for m in (FACE_MESH_MODEL, *WHEEL_MODELS["hands"]):  # the mesh and hand files stay where they are
+        monkeypatch.setenv(m.env, str(wheel_model(m)))
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "empty"))
+    assert main(["prep", str(image), "--out", str(tmp_path / "none"), "--landmarks", "mesh", "--occluders", "bisenet"]) == 2
+    assert "79999_iter.pth" in capsys.readouterr().err and not (tmp_path / "none" / "faces.jsonl").exists()
+    assert main(["prep", str(image), "--out", str(tmp_path / "dlib"), "--occluders", "bisenet"]) == 2
+    assert "--landmarks mesh" in capsys.readouterr().err
+    write_random_weights("bisenet", tmp_path / "w")
+    monkeypatch.setenv("RELIABLESWAP_WEIGHTS", str(tmp_path / "w"))
+    other = image.with_name("ffhq_00009_512.png")
+    assert main(["prep", str(image), str(other), "--out", str(tmp_path / "p"), "--landmarks", "mesh", "--occluders", "bisenet",
+                 "--workers", "1"]) == 0
+    faces = FaceSet.load(tmp_path / "p")
+    rec = next(r for r in faces if "ffhq_00005" in r.origin.path)
+    assert rec.occluders.sources["glasses"].startswith("BiSeNet") and rec.occluders.sources["hair"].startswith("BiSeNet")
+    stored = decode_masks(torch.from_numpy(load_rgb(faces.folder / rec.occluders.mask)))
+    img, _, mesh = _batch(faces, [rec])
+    parsed = FaceParser(tmp_path / "w", amp=False)(img)
+    on_face = region_map(mesh, rec.size)[2] >= 0
+    assert torch.equal(stored[1], class_mask(parsed, ("eye_g",))[0, 0])
+    assert torch.equal(stored[2], (class_mask(parsed, ("hair", "hat")) * on_face)[0, 0])
+    assert 0 < float(on_face.float().mean()) < 1
+    # triplets read the parser's hair back (the masks of random weights: the plumbing)
+    ids = [r.id for r in faces]
+    PairRecord.write(tmp_path / "pairs.jsonl", [PairRecord(a=ids[0], b=ids[1])])
+    # (glasses off: random weights find no frame, and a frame left on the fake would reject the pair)
+    (tmp_path / "r.toml").write_text('kind = "triplets"\n[masks]\nglasses = "off"\n')
+    assert main(["triplets", str(tmp_path / "p"), "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "t"),
+                 "--recipe", str(tmp_path / "r.toml")]) == 0
+
+
+def test_stored_hair_over_the_face_stays_the_attribute_donor_s_and_never_comes_from_the_identity_donor(prepped):
+    """Hair a face parser stored over a face (here a lock painted as a mask over the right eye and
+    cheek of real London-set faces): as the attribute donor's, the fake keeps the target's pixels
+    there; as the identity donor's, none of it enters the fake's blend mask."""
+    from reliableswap.faces import mesh as fm
+    from reliableswap.faces.masks import soft_polygon_mask
+
+    faces, recs = _faces(prepped)
+    london = [r for r in recs if "/london_set/" in r.origin.path][:6]
+    ia, la, ma = _batch(faces, london[:3])
+    ib, lb, mb = _batch(faces, london[3:])
+    s = ia.shape[-1]
+
+    def lock(mesh):  # the right eye, its brow and the cheek below it
+        pts = mesh[:, fm.RIGHT_EYE + fm.RIGHT_BROW, :2]
+        lo, hi = pts.amin(1) - 4, pts.amax(1) + torch.tensor([4.0, 30.0])
+        poly = torch.stack([lo, torch.stack([hi[:, 0], lo[:, 1]], -1), hi, torch.stack([lo[:, 0], hi[:, 1]], -1)], 1)
+        return soft_polygon_mask(poly, s, s, torch.full((len(mesh),), 0.5))
+
+    hair_b, none_a = lock(mb), torch.zeros(3, 1, s, s)
+    syn = Synthesizer(TripletRecipe().with_overrides({"reenact.mirror": False}))
+    out = syn.cycle(ia, la, ib, lb, mesh_a=ma, mesh_b=mb, hair_a=none_a, hair_b=hair_b)
+    plain = syn.cycle(ia, la, ib, lb, mesh_a=ma, mesh_b=mb)
+    where = warp_backward(hair_b, out["flow_st"], "zeros") > 0.99
+    background = warp_backward(ib, out["flow_st"], "border")
+    assert int(where.sum()) > 500
+    assert float((out["fake_st"] - background).abs().amax(1, keepdim=True)[where].mean()) < 0.02
+    assert float((plain["fake_st"] - background).abs().amax(1, keepdim=True)[where].mean()) > 0.05  # painted over without it
+    # the other way (ts: b gives its identity to a): b's lock never enters the mask
+    taken = out["source_hand_ts"] > 0.5
+    assert int(taken.sum()) > 300
+    assert float(out["mask_ts"][taken].max()) < 0.5
 
 
 def test_a_mask_path_outside_the_folder_or_a_wrong_mask_is_refused(prepped, tmp_path):

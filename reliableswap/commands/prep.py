@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from reliableswap import engine
-from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend
+from reliableswap.choices import Align, CropExt, Detector, LandmarkBackend, MaskBackend
 from reliableswap.device import resolve_device
 from reliableswap.engine import RayOptions
+from reliableswap.errors import UserError
 from reliableswap.faces.detect import YuNetDetector
 from reliableswap.faces.landmarks import FanLandmarks
 from reliableswap.faces.hands import HandLandmarker
@@ -41,7 +42,9 @@ from reliableswap.faces.mesh import load_face_mesh
 from reliableswap.faces.processor import FaceProcessor
 from reliableswap.faces.occluders import encode_masks
 from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter_video_frames, read_image, save_image, to_tensor
-from reliableswap.synth.occluders import SOURCES, crop_occluders
+from reliableswap.nets.weights import require, weights_dir
+from reliableswap.synth.learned import FaceParser
+from reliableswap.synth.occluders import PARSER_SOURCES, SOURCES, crop_occluders
 from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
@@ -64,9 +67,15 @@ class PrepConfig:
     ext: CropExt = CropExt.png
     device: str = "auto"  # auto: CUDA when there is one (a Ray actor: when it holds a GPU)
     max_pixels: int = MAX_PIXELS  # larger images/video frames are rejected from their header, before decoding
+    # the stored glasses and hair masks (--landmarks mesh): the mesh and colour rules, or BiSeNet's
+    # classes from the user's weights folder ($RELIABLESWAP_WEIGHTS)
+    occluders: MaskBackend = MaskBackend.geometry
 
     def settings(self) -> dict:
-        return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+        out = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+        if self.occluders == MaskBackend.geometry:  # folders made before the choice existed resume
+            del out["occluders"]
+        return out
 
     def check_models(self) -> None:
         """Fail before any worker starts, naming a missing or unusable model file (FAN weights,
@@ -76,6 +85,10 @@ class PrepConfig:
         elif self.landmarks == LandmarkBackend.mesh:
             load_face_mesh(self.device)
             HandLandmarker(self.device)  # stored beside the mesh
+        if self.occluders == MaskBackend.bisenet:
+            if self.landmarks != LandmarkBackend.mesh:
+                raise UserError("--occluders bisenet needs --landmarks mesh (occluder masks are stored with the mesh)")
+            require("bisenet", weights_dir(None), "occluders")
         if self.detector == Detector.yunet:
             YuNetDetector()
 
@@ -174,6 +187,7 @@ def _init_worker(cfg: PrepConfig, single_thread: bool = True, parent: int | None
     if parent is not None:
         threading.Thread(target=_die_with, args=(parent,), daemon=True).start()
     _WORKER["cfg"], _WORKER["proc"] = cfg, cfg.processor()
+    _WORKER["parser"] = FaceParser(weights_dir(None), amp=False) if cfg.occluders == MaskBackend.bisenet else None
 
 
 def _die_with(pid: int) -> None:
@@ -200,7 +214,7 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
         if cfg.landmarks == LandmarkBackend.mesh:  # what covers each face, stored once for every later command
             t = time.perf_counter()
             masks = encode_masks(crop_occluders(to_tensor(crops), torch.tensor([r["mesh468"] for r in recs]),
-                                                [r["hands"] for r in recs])).numpy()
+                                                [r["hands"] for r in recs], _WORKER["parser"])).numpy()
             timings["occluders"] += time.perf_counter() - t
         t = time.perf_counter()
         for k, (r, crop) in enumerate(zip(recs, crops)):
@@ -212,7 +226,7 @@ def process_unit(unit: Unit, out: Path) -> UnitResult:
                 rel_m = f"occluders{crop_dir.removeprefix('faces')}/{fid}.png"  # beside the crop: occluders[/<identity>]/<id>.png
                 with writing(out / rel_m):
                     save_image(out / rel_m, masks[k])
-                r["occluders"] = {"mask": rel_m, "sources": SOURCES,
+                r["occluders"] = {"mask": rel_m, "sources": SOURCES if _WORKER["parser"] is None else PARSER_SOURCES,
                                   "area": {c: round(float((masks[k][..., j] > 127).mean()), 5) for j, c in enumerate(OCCLUDER_CHANNELS)}}
             res.faces.append(FaceRecord(
                 id=fid, image=rel, align=cfg.align.value, size=cfg.size, identity=identity,

@@ -36,7 +36,7 @@ from reliableswap.jobs import Job, NothingUsable, bad_records, reject
 from reliableswap.recipes import TripletRecipe
 from reliableswap.choices import GlassesRule
 from reliableswap.faces.occluders import decode_masks
-from reliableswap.synth.occluders import stored_hand_masks
+from reliableswap.synth.occluders import PARSER_SOURCES, stored_hand_masks
 from reliableswap.synth.pipeline import Synthesizer, check_models
 from reliableswap.synth.quality import QualityChecker, qc_aggregates
 from triplets.jsonl import atomic_dir, atomic_write_bytes, file_sha256
@@ -44,7 +44,7 @@ from triplets.layout import FILES
 from triplets.official import TRIPLET_PICKLE, write_triplet_pickle
 from triplets.imaging import MAX_IMAGE_BYTES
 from triplets.records import ManifestRecord, PairRecord, read_inside
-from reliableswap.contracts import FaceRecord, FaceSet
+from reliableswap.contracts import OCCLUDER_CHANNELS, FaceRecord, FaceSet
 from triplets.schema import MANIFEST_SCHEMA
 from triplets.webdataset import write_shard
 from reliableswap.errors import UserError
@@ -118,7 +118,7 @@ def chunk_size(recipe: TripletRecipe, batch: int) -> int:
 
 class LoadedPair(NamedTuple):
     """One pair as the read stage hands it on: both crops (S×S×3 uint8), both records, and the
-    glasses masks prep stored (S×S float, or None)."""
+    glasses masks and a face parser's hair masks prep stored (S×S float, or None)."""
 
     crop_a: np.ndarray
     crop_b: np.ndarray
@@ -126,12 +126,15 @@ class LoadedPair(NamedTuple):
     face_b: FaceRecord
     glasses_a: np.ndarray | None = None
     glasses_b: np.ndarray | None = None
+    hair_a: np.ndarray | None = None
+    hair_b: np.ndarray | None = None
 
 
 class HostBatch(NamedTuple):
     """A batch ready for the device: ``part`` (pair index, :class:`LoadedPair`) per row, uint8 crops
     B×S×S×3, landmarks B×68×2, and what prep stored when every face of the batch has it (else
-    None: the synthesizer measures it): meshes B×468×3, hand and glasses masks B×1×S×S."""
+    None: the synthesizer measures it): meshes B×468×3, hand and glasses masks B×1×S×S, and the
+    hair masks a face parser made, B×1×S×S (None: the forehead colour rule alone)."""
 
     part: list
     ua: torch.Tensor
@@ -144,6 +147,8 @@ class HostBatch(NamedTuple):
     hb: torch.Tensor | None = None
     ga: torch.Tensor | None = None
     gb: torch.Tensor | None = None
+    ra: torch.Tensor | None = None
+    rb: torch.Tensor | None = None
 
 
 class ChunkReader:
@@ -179,7 +184,7 @@ class ChunkReader:
             ub = torch.from_numpy(np.stack([v.crop_b for v in rows]))
             la = torch.from_numpy(np.asarray([v.face_a.landmarks68 for v in rows], np.float32))
             lb = torch.from_numpy(np.asarray([v.face_b.landmarks68 for v in rows], np.float32))
-            ma = mb = ha = hb = ga = gb = None
+            ma = mb = ha = hb = ga = gb = ra = rb = None
             if self.r.uses_mesh and all(v.face_a.mesh468 is not None and v.face_b.mesh468 is not None for v in rows):
                 ma = torch.from_numpy(np.asarray([v.face_a.mesh468 for v in rows], np.float32))
                 mb = torch.from_numpy(np.asarray([v.face_b.mesh468 for v in rows], np.float32))
@@ -190,7 +195,10 @@ class ChunkReader:
             if all(v.glasses_a is not None and v.glasses_b is not None for v in rows):
                 ga = torch.from_numpy(np.stack([v.glasses_a for v in rows]))[:, None]
                 gb = torch.from_numpy(np.stack([v.glasses_b for v in rows]))[:, None]
-            tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb))
+            if all(v.hair_a is not None and v.hair_b is not None for v in rows):
+                ra = torch.from_numpy(np.stack([v.hair_a for v in rows]))[:, None]
+                rb = torch.from_numpy(np.stack([v.hair_b for v in rows]))[:, None]
+            tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb, ra, rb))
             batches.append(HostBatch(part, *tensors))
         return batches
 
@@ -211,22 +219,28 @@ class ChunkReader:
             if ia.shape != ib.shape:
                 raise UserError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
             fa, fb = self.faces[pair.a], self.faces[pair.b]
-            ga = gb = None
+            ga = gb = ra = rb = None
             if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off and fa.occluders and fb.occluders:
                 ga, gb = self.glasses(fa), self.glasses(fb)
-            return None, LoadedPair(ia, ib, fa, fb, ga, gb)
+            if self.r.uses_mesh and all(f.occluders and f.occluders.sources.get("hair") == PARSER_SOURCES["hair"] for f in (fa, fb)):
+                ra, rb = self.channel(fa, "hair"), self.channel(fb, "hair")
+            return None, LoadedPair(ia, ib, fa, fb, ga, gb, ra, rb)
         except Exception as e:  # missing file, bad crop: skip the pair with a reason
             return f"{type(e).__name__}: {e}".splitlines()[0], None
 
     def glasses(self, face: FaceRecord) -> np.ndarray:
-        """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]): read inside the prep
-        folder, bounded, the crop's size; a face without glasses (most) reads nothing."""
-        if face.occluders.area.glasses == 0:
+        """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]); see :meth:`channel`."""
+        return self.channel(face, "glasses")
+
+    def channel(self, face: FaceRecord, name: str) -> np.ndarray:
+        """One occluder mask prep stored for ``face`` (S×S float32 in [0, 1], :data:`OCCLUDER_CHANNELS`):
+        read inside the prep folder, bounded, the crop's size; an empty one (most) reads nothing."""
+        if getattr(face.occluders.area, name) == 0:
             return np.zeros((face.size, face.size), np.float32)
         rel = face.occluders.mask
         data = read_inside(self.faces.folder, rel, face.where, "occluders.mask", MAX_IMAGE_BYTES)
         pixels = decode_checked(data, (face.size, face.size), name=rel)
-        return decode_masks(torch.from_numpy(pixels))[1].numpy()
+        return decode_masks(torch.from_numpy(pixels))[OCCLUDER_CHANNELS.index(name)].numpy()
 
 
 class TripletRun:
@@ -419,7 +433,7 @@ class TripletRun:
             self.fitted_on_the_fly += n_fit
             pa, pb = params[:len(part)], params[len(part):]
         res = self.synth.cycle(ia, la, ib, lb, pa, pb, up(batch.ma), up(batch.mb), up(batch.ha), up(batch.hb),
-                               up(batch.ga), up(batch.gb))
+                               up(batch.ga), up(batch.gb), up(batch.ra), up(batch.rb))
         return res, (ia, ib, la, lb)
 
     def _qc(self, part: list, res: dict[str, torch.Tensor], ia, ib, la, lb) -> list[dict]:

@@ -123,7 +123,8 @@ class Synthesizer:
     def render_mesh(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
                     mesh_id: torch.Tensor, mesh_attr: torch.Tensor, hands_id: torch.Tensor | None = None,
                     hands_attr: torch.Tensor | None = None, glasses_id: torch.Tensor | None = None,
-                    glasses_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    glasses_attr: torch.Tensor | None = None, hair_id: torch.Tensor | None = None,
+                    hair_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The mesh path of :meth:`render` (see ``reliableswap.synth.meshswap``); adds ``mesh``
         (B×468×3, the fake's face mesh) and ``kept`` (B, fraction of the reshape displacement kept
         to stay fold-free) to the outputs. ``hands_id``/``hands_attr``: B×1×S×S hand masks of the
@@ -134,7 +135,11 @@ class Synthesizer:
         identity face's frame is replaced by its skin around it (``source_glasses`` B×1×S×S bool:
         the pixels filled), and with ``keep`` the attribute face's frame stays in front of the new
         face. ``glasses_left`` (B bool): the identity face wore glasses, the attribute face does
-        not, and the fake still reads as wearing them (:func:`glasses_score`): the caller rejects it."""
+        not, and the fake still reads as wearing them (:func:`glasses_score`): the caller rejects it.
+        ``hair_id``/``hair_attr``: B×1×S×S masks of hair over the face that prep stored from a face
+        parser (``prep --occluders bisenet``), or None: the attribute face's stays in the fake, the
+        identity face's is never pasted (it joins the hands in ``source_hand``); the forehead
+        colour rule applies either way."""
         r = self.r
         h, w = img_attr.shape[-2:]
         if r.masks.hands:
@@ -150,6 +155,8 @@ class Synthesizer:
                 hands_id = torch.where(flip.view(-1, 1, 1, 1), hands_id.flip(-1), hands_id)
             if glasses_id is not None:
                 glasses_id = torch.where(flip.view(-1, 1, 1, 1), glasses_id.flip(-1), glasses_id)
+            if hair_id is not None:
+                hair_id = torch.where(flip.view(-1, 1, 1, 1), hair_id.flip(-1), hair_id)
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
@@ -159,7 +166,10 @@ class Synthesizer:
             flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
-        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=hands_id,
+        occluded_a = hands_id  # what covers a's face and must not come along: its hands, stored hair
+        if hair_id is not None:
+            occluded_a = hair_id.to(img_id.dtype) if occluded_a is None else torch.maximum(occluded_a, hair_id.to(occluded_a.dtype))
+        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=occluded_a,
                                       fill_a=glasses_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
         if self.restorer is not None:
@@ -189,6 +199,10 @@ class Synthesizer:
         if hands_attr is not None:  # hands are real occluders, over any feature: b's stays, a's never comes
             hand_b = warp_backward(hands_attr, flow, "zeros") if mesh_reshape else hands_attr
             mask = mask * (1 - torch.maximum(hand_b, rend["occluded"]))
+        elif occluded_a is not None:
+            mask = mask * (1 - rend["occluded"])
+        if hair_attr is not None:  # b's hair over its face, as a parser saw it: over any feature too
+            mask = mask * (1 - (warp_backward(hair_attr.to(mask.dtype), flow, "zeros") if mesh_reshape else hair_attr.to(mask.dtype)))
         frame_b = None
         if glasses_attr is not None and r.masks.glasses == GlassesRule.keep:  # b's frame stays in front of a's eyes
             frame_b = warp_backward(glasses_attr, flow, "zeros") if mesh_reshape else glasses_attr
@@ -205,8 +219,8 @@ class Synthesizer:
         if r.reshape.enabled and r.reshape.method == ReshapeMethod.tps:
             fake, flow, lm_out = reshape(fake, lm_out, lm_id, r.reshape.strength)
         out = {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
-        if hands_id is not None:
-            out["source_hand"] = rend["occluded"]  # where the render sampled the identity face's hand
+        if occluded_a is not None:
+            out["source_hand"] = rend["occluded"]  # where the render sampled the identity face's hand (or stored hair)
         if glasses_id is not None:
             out["source_glasses"] = rend.get("filled", torch.zeros_like(covered))  # where a's frame was filled
             # the fill could not clean it: the fake still reads as wearing glasses that only a wore
@@ -224,7 +238,8 @@ class Synthesizer:
     def render(self, img_id: torch.Tensor, lm_id: torch.Tensor, img_attr: torch.Tensor, lm_attr: torch.Tensor,
                p_id=None, p_attr=None, mesh_id: torch.Tensor | None = None, mesh_attr: torch.Tensor | None = None,
                hands_id: torch.Tensor | None = None, hands_attr: torch.Tensor | None = None,
-               glasses_id: torch.Tensor | None = None, glasses_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               glasses_id: torch.Tensor | None = None, glasses_attr: torch.Tensor | None = None,
+               hair_id: torch.Tensor | None = None, hair_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One direction: identity of ``img_id`` on the attributes of ``img_attr``.
 
         Args:
@@ -233,7 +248,8 @@ class Synthesizer:
             mesh_id, mesh_attr: B×468×3 face meshes for mesh recipes (measured here when None);
             hands_id, hands_attr: B×1×S×S hand masks for mesh recipes with ``[masks] hands``
             (measured here when None); glasses_id, glasses_attr: B×1×S×S glasses-frame masks for
-            mesh recipes with ``[masks] glasses`` (measured here when None).
+            mesh recipes with ``[masks] glasses`` (measured here when None); hair_id, hair_attr:
+            B×1×S×S masks of hair over the face a face parser found (mesh recipes), or None.
         Returns:
             dict with ``fake`` B×3×S×S, ``landmarks`` B×68×2 (where the fake's landmarks are),
             ``mask`` B×1×S×S (blend region), ``flow`` B×2×S×S (reshape backward flow, zeros if off).
@@ -246,7 +262,7 @@ class Synthesizer:
             mesh_id = self.measure_mesh(img_id, lm_id) if mesh_id is None else mesh_id
             mesh_attr = self.measure_mesh(img_attr, lm_attr) if mesh_attr is None else mesh_attr
             return _finite(self.render_mesh(img_id, lm_id, img_attr, lm_attr, mesh_id, mesh_attr, hands_id, hands_attr,
-                                                  glasses_id, glasses_attr))
+                                                  glasses_id, glasses_attr, hair_id, hair_attr))
         h, w = img_attr.shape[-2:]
         zero = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         flame_shape = self.r.reshape.enabled and self.r.reshape.method == ReshapeMethod.flame
@@ -288,13 +304,14 @@ class Synthesizer:
         return _finite({"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow})
 
     def cycle(self, img_a, lm_a, img_b, lm_b, p_a=None, p_b=None, mesh_a=None, mesh_b=None,
-              hands_a=None, hands_b=None, glasses_a=None, glasses_b=None) -> dict[str, torch.Tensor]:
+              hands_a=None, hands_b=None, glasses_a=None, glasses_b=None, hair_a=None, hair_b=None) -> dict[str, torch.Tensor]:
         """Both fakes of B pairs in one batched call: ``st`` (a on b) and ``ts`` (b on a).
         ``p_a``, ``p_b``: FLAME parameters (FLAME recipes only); ``mesh_a``, ``mesh_b``: stored
         B×468×3 meshes (mesh recipes; measured when None); ``hands_a``, ``hands_b``: B×1×S×S masks
         of the hands prep stored (mesh recipes with ``[masks] hands``; detected when None);
         ``glasses_a``, ``glasses_b``: B×1×S×S glasses-frame masks prep stored (``[masks] glasses``;
-        measured when None)."""
+        measured when None); ``hair_a``, ``hair_b``: B×1×S×S masks of hair over the face that prep
+        stored from a face parser (mesh recipes; None: the forehead colour rule alone)."""
         p_id = p_attr = None
         if p_a is not None:
             p_id, p_attr = FlameParams.cat([p_a, p_b]), FlameParams.cat([p_b, p_a])
@@ -313,8 +330,12 @@ class Synthesizer:
             g = glasses_mask(torch.cat([img_a, img_b]), torch.cat([mesh_a, mesh_b]))[0] if glasses_a is None \
                 else torch.cat([glasses_a, glasses_b]).to(img_a.dtype)
             g_id, g_attr = g, torch.cat([g[img_a.shape[0]:], g[:img_a.shape[0]]])
+        r_id = r_attr = None
+        if self.r.uses_mesh and hair_a is not None:
+            r_id = torch.cat([hair_a, hair_b]).to(img_a.dtype)
+            r_attr = torch.cat([r_id[img_a.shape[0]:], r_id[:img_a.shape[0]]])
         out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
-                          p_id, p_attr, m_id, m_attr, h_id, h_attr, g_id, g_attr)
+                          p_id, p_attr, m_id, m_attr, h_id, h_attr, g_id, g_attr, r_id, r_attr)
         n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}
 
