@@ -184,7 +184,7 @@ class ChunkReader:
             ub = torch.from_numpy(np.stack([v.crop_b for v in rows]))
             la = torch.from_numpy(np.asarray([v.face_a.landmarks68 for v in rows], np.float32))
             lb = torch.from_numpy(np.asarray([v.face_b.landmarks68 for v in rows], np.float32))
-            ma = mb = ha = hb = ga = gb = ra = rb = None
+            ma = mb = ha = hb = None
             if self.r.uses_mesh and all(v.face_a.mesh468 is not None and v.face_b.mesh468 is not None for v in rows):
                 ma = torch.from_numpy(np.asarray([v.face_a.mesh468 for v in rows], np.float32))
                 mb = torch.from_numpy(np.asarray([v.face_b.mesh468 for v in rows], np.float32))
@@ -192,12 +192,8 @@ class ChunkReader:
                 # hands stored by prep: their masks are drawn here instead of detected per pair
                 ha = stored_hand_masks([v.face_a.hands for v in rows], ua.shape[1:3])
                 hb = stored_hand_masks([v.face_b.hands for v in rows], ua.shape[1:3])
-            if all(v.glasses_a is not None and v.glasses_b is not None for v in rows):
-                ga = torch.from_numpy(np.stack([v.glasses_a for v in rows]))[:, None]
-                gb = torch.from_numpy(np.stack([v.glasses_b for v in rows]))[:, None]
-            if all(v.hair_a is not None and v.hair_b is not None for v in rows):
-                ra = torch.from_numpy(np.stack([v.hair_a for v in rows]))[:, None]
-                rb = torch.from_numpy(np.stack([v.hair_b for v in rows]))[:, None]
+            ga, gb = _stacked([v.glasses_a for v in rows], [v.glasses_b for v in rows])
+            ra, rb = _stacked([v.hair_a for v in rows], [v.hair_b for v in rows])
             tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb, ra, rb))
             batches.append(HostBatch(part, *tensors))
         return batches
@@ -219,28 +215,40 @@ class ChunkReader:
             if ia.shape != ib.shape:
                 raise UserError(f"crop sizes differ ({ia.shape[1]} vs {ib.shape[1]} px)")
             fa, fb = self.faces[pair.a], self.faces[pair.b]
-            ga = gb = ra = rb = None
-            if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off and fa.occluders and fb.occluders:
-                ga, gb = self.glasses(fa), self.glasses(fb)
-            if self.r.uses_mesh and all(f.occluders and f.occluders.sources.get("hair") == PARSER_SOURCES["hair"] for f in (fa, fb)):
-                ra, rb = self.channel(fa, "hair"), self.channel(fb, "hair")
-            return None, LoadedPair(ia, ib, fa, fb, ga, gb, ra, rb)
+            names = []  # the stored masks this recipe reads, when both faces have them
+            if self.r.uses_mesh and fa.occluders and fb.occluders:
+                if self.r.masks.glasses != GlassesRule.off:
+                    names.append("glasses")
+                if all(f.occluders.sources.get("hair") == PARSER_SOURCES["hair"] for f in (fa, fb)):
+                    names.append("hair")  # a face parser's (the colour rule's is measured on the render)
+            got_a, got_b = self.channels(fa, names), self.channels(fb, names)
+            return None, LoadedPair(ia, ib, fa, fb, got_a.get("glasses"), got_b.get("glasses"), got_a.get("hair"), got_b.get("hair"))
         except Exception as e:  # missing file, bad crop: skip the pair with a reason
             return f"{type(e).__name__}: {e}".splitlines()[0], None
 
     def glasses(self, face: FaceRecord) -> np.ndarray:
-        """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]); see :meth:`channel`."""
-        return self.channel(face, "glasses")
+        """The glasses mask prep stored for ``face`` (S×S float32 in [0, 1]); see :meth:`channels`."""
+        return self.channels(face, ["glasses"])["glasses"]
 
-    def channel(self, face: FaceRecord, name: str) -> np.ndarray:
-        """One occluder mask prep stored for ``face`` (S×S float32 in [0, 1], :data:`OCCLUDER_CHANNELS`):
-        read inside the prep folder, bounded, the crop's size; an empty one (most) reads nothing."""
-        if getattr(face.occluders.area, name) == 0:
-            return np.zeros((face.size, face.size), np.float32)
+    def channels(self, face: FaceRecord, names: list[str]) -> dict[str, np.ndarray]:
+        """The occluder masks ``names`` (:data:`OCCLUDER_CHANNELS`) prep stored for ``face``, S×S
+        float32 in [0, 1] each: its PNG read once, inside the prep folder, bounded, the crop's
+        size; an empty mask (most) reads nothing."""
+        zeros = np.zeros((face.size, face.size), np.float32)
+        full = [n for n in names if getattr(face.occluders.area, n) > 0]
+        if not full:
+            return {n: zeros for n in names}
         rel = face.occluders.mask
         data = read_inside(self.faces.folder, rel, face.where, "occluders.mask", MAX_IMAGE_BYTES)
-        pixels = decode_checked(data, (face.size, face.size), name=rel)
-        return decode_masks(torch.from_numpy(pixels))[OCCLUDER_CHANNELS.index(name)].numpy()
+        masks = decode_masks(torch.from_numpy(decode_checked(data, (face.size, face.size), name=rel)))
+        return {n: masks[OCCLUDER_CHANNELS.index(n)].numpy() if n in full else zeros for n in names}
+
+
+def _stacked(a: list[np.ndarray | None], b: list[np.ndarray | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-row S×S masks of both faces as B×1×S×S tensors, when every row has them (else None)."""
+    if any(m is None for m in a + b):
+        return None, None
+    return torch.from_numpy(np.stack(a))[:, None], torch.from_numpy(np.stack(b))[:, None]
 
 
 class TripletRun:

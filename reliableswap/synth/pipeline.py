@@ -151,12 +151,8 @@ class Synthesizer:
         if r.reenact.mirror:
             flip = mirror_flags(lm_id, lm_attr)
             img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id, flip)
-            if hands_id is not None:
-                hands_id = torch.where(flip.view(-1, 1, 1, 1), hands_id.flip(-1), hands_id)
-            if glasses_id is not None:
-                glasses_id = torch.where(flip.view(-1, 1, 1, 1), glasses_id.flip(-1), glasses_id)
-            if hair_id is not None:
-                hair_id = torch.where(flip.view(-1, 1, 1, 1), hair_id.flip(-1), hair_id)
+            hands_id, glasses_id, hair_id = (None if m is None else torch.where(flip.view(-1, 1, 1, 1), m.flip(-1), m)
+                                             for m in (hands_id, glasses_id, hair_id))
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
@@ -166,9 +162,7 @@ class Synthesizer:
             flow, kept = meshswap.mesh_reshape_flow(mesh_attr, mesh_ab, h, r.reshape.strength)
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
-        occluded_a = hands_id  # what covers a's face and must not come along: its hands, stored hair
-        if hair_id is not None:
-            occluded_a = hair_id.to(img_id.dtype) if occluded_a is None else torch.maximum(occluded_a, hair_id.to(occluded_a.dtype))
+        occluded_a = _union(hands_id, hair_id)  # what covers a's face and must not come along: its hands, stored hair
         rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=occluded_a,
                                       fill_a=glasses_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
@@ -182,8 +176,12 @@ class Synthesizer:
         lab_face, lab_b = rgb_to_lab(face.clamp(0, 1).float()), rgb_to_lab(img_attr.clamp(0, 1).float())  # each used thrice
         occ = meshswap.occluders(face, labels, m_src, lab=lab_face)
         occ_b = meshswap.occluders(img_attr, labels_b, m_ref, lab=lab_b)
-        if mesh_reshape:
-            occ_b = warp_backward(occ_b, flow, "zeros")
+
+        def on_b(m: torch.Tensor | None) -> torch.Tensor | None:
+            """A mask of b moved with b by the reshape flow."""
+            return warp_backward(m, flow, "zeros") if mesh_reshape and m is not None else m
+
+        occ_b = on_b(occ_b)
         method = r.appearance.method
         if method != Appearance.none:
             if method == Appearance.skin:
@@ -196,16 +194,13 @@ class Synthesizer:
         mask = mask * (1 - torch.maximum(occ, occ_b))
         # brows, eyes and lips are always a's: no trim, erosion or dark forehead hair takes them
         mask = torch.maximum(mask, meshswap.feature_mask(labels)) * covered
-        if hands_attr is not None:  # hands are real occluders, over any feature: b's stays, a's never comes
-            hand_b = warp_backward(hands_attr, flow, "zeros") if mesh_reshape else hands_attr
-            mask = mask * (1 - torch.maximum(hand_b, rend["occluded"]))
-        elif occluded_a is not None:
-            mask = mask * (1 - rend["occluded"])
-        if hair_attr is not None:  # b's hair over its face, as a parser saw it: over any feature too
-            mask = mask * (1 - (warp_backward(hair_attr.to(mask.dtype), flow, "zeros") if mesh_reshape else hair_attr.to(mask.dtype)))
+        # hands and a parser's hair are real occluders, over any feature: b's stay, a's never come
+        covers = _union(_union(on_b(hands_attr), on_b(hair_attr)), rend.get("occluded"))
+        if covers is not None:
+            mask = mask * (1 - covers)
         frame_b = None
         if glasses_attr is not None and r.masks.glasses == GlassesRule.keep:  # b's frame stays in front of a's eyes
-            frame_b = warp_backward(glasses_attr, flow, "zeros") if mesh_reshape else glasses_attr
+            frame_b = on_b(glasses_attr)
             mask = mask * (1 - frame_b)
         if self.parser is not None:
             mask = mask * (1 - self.keep_target(face, background))  # face is composited on the background above
@@ -321,23 +316,34 @@ class Synthesizer:
         m_id = m_attr = None
         if mesh_a is not None:
             m_id, m_attr = torch.cat([mesh_a, mesh_b]), torch.cat([mesh_b, mesh_a])
-        h_id = h_attr = None
-        if self.r.uses_mesh and self.r.masks.hands:  # each crop's hands found once for both directions
+        n = img_a.shape[0]
+        h = g = hr = None  # each crop's masks, (a's, b's), found once for both directions
+        if self.r.uses_mesh and self.r.masks.hands:
             h = self.hand_masks(torch.cat([img_a, img_b])) if hands_a is None else torch.cat([hands_a, hands_b]).to(img_a.dtype)
-            h_id, h_attr = h, torch.cat([h[img_a.shape[0]:], h[:img_a.shape[0]]])
-        g_id = g_attr = None
-        if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off:  # each crop's frames found once for both directions
+        if self.r.uses_mesh and self.r.masks.glasses != GlassesRule.off:
             g = glasses_mask(torch.cat([img_a, img_b]), torch.cat([mesh_a, mesh_b]))[0] if glasses_a is None \
                 else torch.cat([glasses_a, glasses_b]).to(img_a.dtype)
-            g_id, g_attr = g, torch.cat([g[img_a.shape[0]:], g[:img_a.shape[0]]])
-        r_id = r_attr = None
         if self.r.uses_mesh and hair_a is not None:
-            r_id = torch.cat([hair_a, hair_b]).to(img_a.dtype)
-            r_attr = torch.cat([r_id[img_a.shape[0]:], r_id[:img_a.shape[0]]])
+            hr = torch.cat([hair_a, hair_b]).to(img_a.dtype)
+        (h_id, h_attr), (g_id, g_attr), (r_id, r_attr) = (_both_ways(x, n) for x in (h, g, hr))
         out = self.render(torch.cat([img_a, img_b]), torch.cat([lm_a, lm_b]), torch.cat([img_b, img_a]), torch.cat([lm_b, lm_a]),
                           p_id, p_attr, m_id, m_attr, h_id, h_attr, g_id, g_attr, r_id, r_attr)
-        n = img_a.shape[0]
         return {k + "_" + d: v[s] for k, v in out.items() for d, s in (("st", slice(0, n)), ("ts", slice(n, None)))}
+
+
+def _union(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    """The union (pixelwise max) of two optional soft masks of one shape; None when both are."""
+    if x is None or y is None:
+        return y if x is None else x
+    return torch.maximum(x, y.to(x.dtype))
+
+
+def _both_ways(x: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``x`` (2n rows: a's then b's) as the identity side and the attribute side of both
+    directions, (a, b) then (b, a): ``(x, x with its halves swapped)``, or ``(None, None)``."""
+    if x is None:
+        return None, None
+    return x, torch.cat([x[n:], x[:n]])
 
 
 def _finite(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
