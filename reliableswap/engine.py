@@ -1,23 +1,35 @@
-"""Running a command's units on a Ray cluster: ``--engine ray`` (the optional ``ray`` extra).
+"""The one engine every command runs its units through: :func:`run`, locally or on a Ray cluster.
 
-Both engines do the same per-unit work through the same functions, so the output folder is the same
-file for file. A unit's outputs are written atomically, then its unit record
-(:class:`reliableswap.jobs.Job`). The *driver* (the process that runs the command) lists the units
-that have no record yet and streams them through a Ray Data pipeline of actor stages
-(:class:`Stage`: models are loaded once per actor). It shows progress as units come back, then
-rebuilds the contracts and ``summary.json`` from the records exactly as the local engine does.
-What follows from that:
+A command lists its *units* (typed rows: NamedTuples or dataclasses, one per input file, chunk of
+pairs or batch), hands them to :func:`run` with its *stages* (:class:`Stage`: a class built once per
+worker, then called on each row, ``stage(row) -> row``), and assembles its contracts from the unit
+records the last stage wrote. The same stage classes run under both implementations:
+
+* **local** (the default): each stage is built once in this process and runs in a thread of its
+  own, joined to the next by a bounded queue, so reading unit k+1, rendering unit k and writing unit
+  k-1 overlap, and memory stays bounded whatever the number of units. A stage that has a
+  ``stream(rows)`` method is given the whole row iterator instead (a renderer uses it to finish
+  unit k-1's writes while unit k renders). A lone stage with ``workers > 1`` runs in that many
+  processes instead (forkserver; each builds the stage once and dies with this process).
+* **Ray** (``--engine ray``, the optional ``ray`` extra): the stages become a Ray Data pipeline of
+  actor pools; each row travels pickled, with the stage seconds its workers spent. The *driver*
+  (the process that runs the command) shows progress as units come back.
+
+A unit's outputs are written atomically, then its unit record (:class:`reliableswap.jobs.Job`), so
+the output folder is the same file for file whichever implementation ran it. What follows from that:
 
 * **resume**: units already recorded are not sent again. A Ray run resumes a local one, and the
   reverse (the engine is not a setting: it does not change the outputs).
-* **retries**: a worker that dies (killed, out of memory, node lost) is restarted by Ray and its
+* **retries** (Ray): a worker that dies (killed, out of memory, node lost) is restarted by Ray and its
   unit is run again, up to ``retries`` times (the actors' ``max_restarts`` / ``max_task_retries``).
   The lost attempt wrote only temps, which are removed at the end. A unit that still fails stops
   the run with one line. The units already written stay, and a re-run resumes.
-* **GPUs**: a stage that renders asks Ray for one GPU per actor when the device allows it
+* **errors**: an exception raised by a stage (in its constructor or on a row) stops the run as that
+  exception, under both implementations (on Ray it is handed back pickled, not Ray's wrapper).
+* **GPUs** (Ray): a stage that renders asks Ray for one GPU per actor when the device allows it
   (``auto``/``cuda``) and the cluster has GPUs. Ray shows each actor only its own GPU, as ``cuda``.
-* **shared storage**: workers read inputs and write outputs by path, so every node must see the
-  input and output folders at the same paths (NFS, Lustre, a mounted bucket…).
+* **shared storage** (Ray): workers read inputs and write outputs by path, so every node must see
+  the input and output folders at the same paths (NFS, Lustre, a mounted bucket…).
 
 Which cluster: ``--ray-address`` if given; else ``$RAY_ADDRESS`` (set inside ``ray job submit``);
 else a new local cluster on this machine's CPUs (and GPUs), which ends with the command.
@@ -32,13 +44,18 @@ import os
 import pickle
 import secrets
 import socket
+import queue
 import stat
+import threading
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from reliableswap.jobs import Job
+from reliableswap.jobs import Job, pid_alive
 from reliableswap.errors import UserError
 
 #: Ray Data blocks at most: one unit a block up to this, then several (a retried block redoes its
@@ -93,14 +110,16 @@ def device_label(info: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    """One actor stage of a pipeline: ``cls(**kwargs)`` once per actor, then ``actor(row) -> row``
-    for each unit (rows are small dicts; a stage may pass bytes to the next one).
+    """One stage of a pipeline: ``cls(**kwargs)`` once per worker, then ``stage(row) -> row`` for
+    each unit (typed rows, picklable; see the module doc for ``stream``). A stage whose instance has
+    a ``job`` (:meth:`reliableswap.jobs.Job.attach`) has its stage seconds added to the driver's job.
 
     Args:
         cls: a class importable on the workers (module level in ``reliableswap``).
-        kwargs: its constructor's arguments (picklable).
-        num_cpus / num_gpus: what each actor reserves.
-        workers: actors in the pool (``None``: from the cluster's resources).
+        kwargs: its constructor's arguments (picklable for processes and Ray).
+        num_cpus / num_gpus: what each Ray actor reserves.
+        workers: Ray: actors in the pool (``None``: from the cluster's resources); local: processes
+            of a lone stage (``None`` or 1: a thread of this process).
     """
 
     cls: type
@@ -303,9 +322,153 @@ def gpu_stage_gpus(device: str, info: dict[str, Any]) -> float:
     return 1.0 if device in ("auto", "cuda") and info["gpus"] else 0.0
 
 
-_ERROR = "_reliableswap_error"
+def run(job: Job, units: Sequence[Any], stages: Sequence[Stage], *, ray: RayOptions | None = None,
+        info: dict[str, Any] | None = None, done_before: int = 0, total: int | None = None) -> list[Any]:
+    """Stream ``units`` (one typed row per unit) through ``stages``: in this process (``ray`` None)
+    or on the cluster ``info`` that :func:`joined` gave. Returns the last stage's rows, one per unit,
+    in completion order. Progress counts units as they come back, after ``done_before`` of ``total``;
+    the stages' seconds are added to ``job.stages``. An exception a stage raises stops the run as
+    itself; a Ray worker lost beyond its retries is :class:`WorkerLost`."""
+    total = done_before + len(units) if total is None else total
+    job.progress(done_before, total)
+    if not units:
+        return []
+    if ray is None:
+        go = _processes if len(stages) == 1 and (stages[0].workers or 1) > 1 else _threads
+        return go(job, list(units), list(stages), done_before, total)
+    return _on_ray(job, list(units), list(stages), ray, info or {}, done_before, total)
 
 
+def drain_seconds(stage: Any) -> dict[str, float]:
+    """The stage seconds ``stage``'s own job (if any) counted since the last call, cleared."""
+    job = getattr(stage, "job", None)
+    if job is None:
+        return {}
+    with job._stage_lock:
+        out = dict(job.stages)
+        job.stages.clear()
+    return out
+
+
+def _add_seconds(job: Job, seconds: dict[str, float]) -> None:
+    with job._stage_lock:
+        for k, v in seconds.items():
+            job.stages[k] += float(v)
+
+
+# -- local: one thread per stage, bounded queues ------------------------------------------------
+#: Rows waiting between two local stages: a renderer's next unit is ready while it works, and no
+#: more is held (memory stays bounded whatever the number of units).
+QUEUE_ROWS = 1
+
+_END = object()
+
+
+class _Failed:
+    """An exception raised upstream, passed down the queues to the driver."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _threads(job: Job, units: list[Any], stages: list[Stage], done_before: int, total: int) -> list[Any]:
+    stop = threading.Event()
+    built: list[Any] = []
+    queues = [queue.Queue(maxsize=QUEUE_ROWS) for _ in stages]  # queue i: what stage i hands on
+
+    def put(q: queue.Queue, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def rows(q: queue.Queue) -> Iterator[Any]:
+        while not stop.is_set():
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def work(i: int) -> None:
+        try:
+            s = stages[i]
+            inst = s.cls(**s.kwargs)
+            built.append(inst)
+            src = iter(units) if i == 0 else rows(queues[i - 1])
+            out = inst.stream(src) if hasattr(inst, "stream") else map(inst, src)
+            for row in out:
+                if stop.is_set() or not put(queues[i], row):
+                    return
+            put(queues[i], _END)
+        except BaseException as e:  # noqa: BLE001 — handed to the driver, which raises it
+            put(queues[i], _Failed(e))
+
+    workers = [threading.Thread(target=work, args=(i,), name=f"stage-{s.cls.__name__}", daemon=True)
+               for i, s in enumerate(stages)]
+    for t in workers:
+        t.start()
+    got: list[Any] = []
+    try:
+        for row in rows(queues[-1]):
+            got.append(row)
+            job.progress(done_before + len(got), total)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+        for inst in built:
+            _add_seconds(job, drain_seconds(inst))
+            if hasattr(inst, "close"):
+                inst.close()
+    return got
+
+
+# -- local: a lone stage in several processes ---------------------------------------------------
+_PROCESS: dict[str, Any] = {}
+
+
+def _die_with(pid: int) -> None:
+    while pid_alive(pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _start_process(stage: Stage, parent: int) -> None:
+    """A pool process: exits when the process that started the run is gone (``kill -9`` of the
+    command leaves no worker), then builds its stage once."""
+    threading.Thread(target=_die_with, args=(parent,), daemon=True).start()
+    _PROCESS["stage"] = stage.cls(**stage.kwargs)
+
+
+def _in_process(row: Any) -> tuple[Any, dict[str, float]]:
+    inst = _PROCESS["stage"]
+    return inst(row), drain_seconds(inst)
+
+
+def _processes(job: Job, units: list[Any], stages: list[Stage], done_before: int, total: int) -> list[Any]:
+    (stage,) = stages
+    # forkserver: children start from a clean process, never from one holding the progress bar's
+    # thread or torch's thread pools (fork deadlocks there).
+    ctx = get_context("forkserver")
+    got: list[Any] = []
+    with ProcessPoolExecutor(min(stage.workers, len(units)), mp_context=ctx, initializer=_start_process,
+                             initargs=(stage, os.getpid())) as ex:
+        for row, seconds in ex.map(_in_process, units):
+            got.append(row)
+            _add_seconds(job, seconds)
+            job.progress(done_before + len(got), total)
+    return got
+
+
+# -- Ray: actor pools of a Ray Data pipeline ----------------------------------------------------
 def _pack(e: BaseException) -> bytes:
     try:
         return pickle.dumps(e)
@@ -313,30 +476,43 @@ def _pack(e: BaseException) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(e).__name__}: {' '.join(str(e).split())}"))
 
 
+def _unpickled(data: bytes) -> Any:
+    """A row or exception the engine's own workers pickled (never bytes read from a file)."""
+    return pickle.loads(data)
+
+
+def _envelope(row: bytes = b"", seconds: dict[str, float] | None = None, error: bytes = b"") -> dict[str, Any]:
+    """A Ray Data row: the typed row pickled, the stage seconds spent on it so far (JSON: one Arrow
+    schema for every row), and a pickled exception (empty when none)."""
+    return {"row": row, "stages_s": json.dumps(seconds or {}), "error": error}
+
+
 class _Guarded:
-    """Runs a stage's class in an actor, and hands an exception it raises (in its constructor or
-    on a unit) to the driver as a row holding the pickled exception: Ray Data would wrap it (and
-    its retry layer rebuilds an ``OSError`` with Ray's text as the file name). Later stages pass
-    such a row on. A crash of the process is not an exception: Ray restarts the actor."""
+    """Runs a stage's class in an actor on pickled rows, and hands an exception it raises (in its
+    constructor or on a unit) to the driver as a row holding the pickled exception: Ray Data would
+    wrap it (and its retry layer rebuilds an ``OSError`` with Ray's text as the file name). Later
+    stages pass such a row on. A crash of the process is not an exception: Ray restarts the actor."""
 
     stage_cls: type = object
 
     def __init__(self, **kwargs: Any):
-        self.error: bytes | None = None
+        self.error: bytes = b""
         try:
             self.inner = self.stage_cls(**kwargs)
         except Exception as e:  # noqa: BLE001 — reported with the first unit
             self.error = _pack(e)
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        if _ERROR in row:
-            return {_ERROR: row[_ERROR]}
-        if self.error is not None:
-            return {_ERROR: self.error}
+    def __call__(self, env: dict[str, Any]) -> dict[str, Any]:
+        if env["error"] or self.error:
+            return _envelope(error=env["error"] or self.error)
+        seconds = json.loads(env["stages_s"])
         try:
-            return self.inner(row)
+            out = self.inner(_unpickled(env["row"]))
         except Exception as e:  # noqa: BLE001 — re-raised in the driver
-            return {_ERROR: _pack(e)}
+            return _envelope(error=_pack(e))
+        for k, v in drain_seconds(self.inner).items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        return _envelope(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), seconds)
 
 
 def _guarded(cls: type) -> type:
@@ -345,6 +521,8 @@ def _guarded(cls: type) -> type:
 
 
 def pool_size(stage: Stage, opts: RayOptions, info: dict[str, Any], n_items: int) -> int:
+    """Ray actors in ``stage``'s pool: its own ``workers``, else ``--ray-workers``, else what the
+    cluster's CPUs (GPUs for a GPU stage) allow; at most one per unit."""
     if stage.workers is not None:
         n = stage.workers
     elif opts.workers is not None:
@@ -366,14 +544,10 @@ def _lost(e: BaseException) -> WorkerLost:
                       "the units written so far are kept: re-run to resume")
 
 
-def run_stages(job: Job, items: list[dict[str, Any]], stages: list[Stage], opts: RayOptions, info: dict[str, Any],
-               done_before: int = 0, total: int | None = None) -> list[dict[str, Any]]:
-    """Stream ``items`` (one per unit) through ``stages`` on the cluster; returns the last stage's
-    rows (one per unit, in completion order). Progress counts units as they come back; a failure
-    that Ray's retries did not absorb is re-raised as the worker's own exception."""
-    if not items:
-        return []
+def _on_ray(job: Job, units: list[Any], stages: list[Stage], opts: RayOptions, info: dict[str, Any],
+            done_before: int, total: int) -> list[Any]:
     ray = _ray()
+    items = [_envelope(pickle.dumps(u, protocol=pickle.HIGHEST_PROTOCOL)) for u in units]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     for s in stages:
         with warnings.catch_warnings():
@@ -384,33 +558,17 @@ def run_stages(job: Job, items: list[dict[str, Any]], stages: list[Stage], opts:
             ds = ds.map(_guarded(s.cls), fn_constructor_kwargs=s.kwargs, num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
                         compute=ray.data.ActorPoolStrategy(size=pool_size(s, opts, info, len(items))),
                         max_restarts=opts.retries, max_task_retries=opts.retries)
-    rows: list[dict[str, Any]] = []
-    total = done_before + len(items) if total is None else total
-    job.progress(done_before, total)
+    got: list[Any] = []
     try:
-        for row in ds.iter_rows():
-            if _ERROR in row:  # a worker's own exception: the run stops with it, as a local run would
-                raise pickle.loads(row[_ERROR])
-            rows.append(row)
-            job.progress(done_before + len(rows), total)
+        for env in ds.iter_rows():
+            if env["error"]:  # a worker's own exception: the run stops with it, as a local run would
+                raise _unpickled(env["error"])
+            got.append(_unpickled(env["row"]))
+            _add_seconds(job, json.loads(env["stages_s"]))
+            job.progress(done_before + len(got), total)
     except Exception as e:
         if type(e).__module__.split(".")[0] not in ("ray", "pyarrow"):
             raise
         raise _lost(e) from e
     job.clean_temps()  # what killed attempts left behind
-    return rows
-
-
-def stage_seconds(worker_job: Job) -> str:
-    """A worker's stage seconds since the last call, as a row field (JSON: Ray Data rows are Arrow
-    tables, and a nested dict whose keys vary from row to row does not fit one schema)."""
-    out = json.dumps({k: round(v, 6) for k, v in worker_job.stages.items()})
-    worker_job.stages.clear()
-    return out
-
-
-def add_stages(job: Job, rows: list[dict[str, Any]], column: str = "stages_s") -> None:
-    """Add the workers' per-unit stage seconds (``row[column]``, from :func:`stage_seconds`) to the job's."""
-    for row in rows:
-        for k, v in json.loads(row.get(column) or "{}").items():
-            job.stages[k] += float(v)
+    return got

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -31,7 +31,7 @@ from reliableswap.device import resolve_device
 from reliableswap.engine import RayOptions
 from reliableswap.flame.fit import FitConfig, params_for_faces
 from reliableswap.flame.flow import shape_flow
-from reliableswap.flame.layer import load_flame
+from reliableswap.flame.layer import Flame, load_flame
 from reliableswap.flame.model import resolve_flame_path
 from reliableswap.geometry.fields import flow_to_color
 from reliableswap.geometry.grid import warp_backward
@@ -112,23 +112,18 @@ def run_flows(faces: str | os.PathLike, pairs: str | os.PathLike, out: str | os.
             else:
                 todo[key] = p
         pending = [(k, p) for k, p in todo.items() if not job.is_done(k)]
-        job.progress(len(todo) - len(pending), len(todo))
-        chunks = [pending[i:i + batch] for i in range(0, len(pending), batch)]
-        fitted = done_now = 0
+        chunks = [FlowChunk(pending[i:i + batch]) for i in range(0, len(pending), batch)]
         args = {"cfg": cfg, "batch": batch, "backend": backend.value, "previews": previews, "max_rmse": max_rmse}
-        if ray is not None:
-            stage = engine.Stage(FlowWorker, {"folder": str(folder), "out": str(out), "model": model, "embedding": embedding,
+        if ray is not None:  # the workers load the faces and the model themselves
+            stage = engine.Stage(FlowWorker, {"faces": str(folder), "out": str(out), "model": model, "embedding": embedding,
                                               "device": "cuda" if gpus else "cpu", **args}, num_cpus=1.0, num_gpus=gpus)
-            items = [{"pairs": json.dumps([[k, p.to_json()] for k, p in c])} for c in chunks]
-            rows = engine.run_stages(job, items, [stage], ray, info, len(todo) - len(pending), len(todo))
-            engine.add_stages(job, rows)
-            fitted, done_now = sum(r["fitted"] for r in rows), sum(r["written"] for r in rows)
+        else:
+            stage = engine.Stage(FlowWorker, {"faces": faces, "out": str(out), "model": flame, "embedding": None,
+                                              "device": device, **args})
+        rows = engine.run(job, chunks, [stage], ray=ray, info=info, done_before=len(todo) - len(pending), total=len(todo))
+        fitted, done_now = sum(r.fitted for r in rows), sum(r.written for r in rows)
+        if ray is not None:
             job.device = engine.device_label(info)
-        finished = len(todo) - len(pending)
-        for chunk in chunks if ray is None else []:
-            f, w = flow_chunk(job, faces, flame, chunk, **args)
-            fitted, done_now, finished = fitted + f, done_now + w, finished + len(chunk)
-            job.progress(finished, len(todo))
         manifest = []
         for key in todo:
             rec = job.load_unit(key) if job.is_done(key) else None
@@ -164,20 +159,38 @@ def flow_chunk(job: Job, faces: FaceSet, flame, chunk: list[tuple[str, PairRecor
     return n_fit, written
 
 
-class FlowWorker:
-    """Ray stage: one batch of pairs fitted, flowed and written (:func:`flow_chunk`); the faces and
-    the FLAME model are loaded once per actor."""
+class FlowChunk(NamedTuple):
+    """A unit of ``flows``: a batch of pairs, each with its output name."""
 
-    def __init__(self, folder: str, out: str, model: str | None, embedding: str | None, device: str, **args):
+    pairs: list[tuple[str, PairRecord]]
+
+
+class FlowsDone(NamedTuple):
+    """What the flow stage did with a :class:`FlowChunk`."""
+
+    fitted: int  # faces fitted on the fly
+    written: int  # flows written
+
+
+class FlowWorker:
+    """The flows stage: one batch of pairs fitted, flowed and written (:func:`flow_chunk`).
+
+    Args:
+        faces: the prep folder's faces (or the folder, loaded once per worker).
+        out: the output folder.
+        model: the FLAME model (or its file, loaded once per worker, with ``embedding``).
+        device: where the model is loaded from a file.
+        args: :func:`flow_chunk`'s options.
+    """
+
+    def __init__(self, faces: FaceSet | str, out: str, model: Flame | str | None, embedding: str | None, device: str, **args):
         self.job = Job.attach("flows", out, "pairs", device)
-        self.faces = FaceSet.load(folder, strict=False)
-        self.flame = load_flame(model, embedding, device)
+        self.faces = faces if isinstance(faces, FaceSet) else FaceSet.load(faces, strict=False)
+        self.flame = model if isinstance(model, Flame) else load_flame(model, embedding, device)
         self.args = args
 
-    def __call__(self, row: dict) -> dict:
-        chunk = [(k, PairRecord.model_validate(p)) for k, p in json.loads(row["pairs"])]
-        fitted, written = flow_chunk(self.job, self.faces, self.flame, chunk, **self.args)
-        return {"fitted": fitted, "written": written, "stages_s": engine.stage_seconds(self.job)}
+    def __call__(self, chunk: FlowChunk) -> FlowsDone:
+        return FlowsDone(*flow_chunk(self.job, self.faces, self.flame, chunk.pairs, **self.args))
 
 
 def flow_key(a: str, b: str) -> str:

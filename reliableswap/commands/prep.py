@@ -17,12 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable
 
@@ -45,7 +42,7 @@ from reliableswap.images import MAX_PIXELS, InputError, is_image, is_video, iter
 from reliableswap.nets.weights import require, weights_dir
 from reliableswap.synth.learned import FaceParser
 from reliableswap.synth.occluders import PARSER_SOURCES, SOURCES, crop_occluders
-from reliableswap.jobs import Job, OutputError, pid_alive, reject, unit_record_path, writing
+from reliableswap.jobs import Job, OutputError, reject, unit_record_path, writing
 from triplets.jsonl import atomic_write_json
 from triplets.official import VANILLA_PICKLE, write_vanilla_pickle
 from reliableswap.contracts import OCCLUDER_CHANNELS, FaceRecord
@@ -178,22 +175,16 @@ def discover(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: PrepConfig, single_thread: bool = True, parent: int | None = None) -> None:
-    """Load the models for this process; a pool worker also keeps torch/OpenCV to one thread and
-    exits when the process that started the run is gone (``kill -9`` of ``prep`` leaves no worker)."""
+def _init_worker(cfg: PrepConfig, single_thread: bool = True) -> None:
+    """Load the models for this process (kept for the next run with the same settings); a worker
+    of a pool keeps torch/OpenCV to one thread."""
     if single_thread:
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
-    if parent is not None:
-        threading.Thread(target=_die_with, args=(parent,), daemon=True).start()
+    if _WORKER.get("cfg") == cfg:
+        return
     _WORKER["cfg"], _WORKER["proc"] = cfg, cfg.processor()
     _WORKER["parser"] = FaceParser(weights_dir(None), amp=False) if cfg.occluders == MaskBackend.bisenet else None
-
-
-def _die_with(pid: int) -> None:
-    while pid_alive(pid):
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def process_unit(unit: Unit, out: Path) -> UnitResult:
@@ -296,8 +287,6 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
                 progress=progress) as job:
         units, missing, ignored = discover(inputs, exclude=out)
         todo = [u for u in units if not job.is_done(u.key)]
-        done = len(units) - len(todo)
-        job.progress(done, len(units))
         cores = os.cpu_count() or 1
         warning = f"--workers {workers} capped at {cores} (the CPU count)" if ray is None and workers > cores else None
         if ray is not None:
@@ -305,26 +294,12 @@ def run_prep(inputs: list[str | os.PathLike], out: str | os.PathLike, cfg: PrepC
             n = engine.pool_size(stage, ray, info, len(todo))
             # dlib detection is CPU work: the CPU actors share the cluster's GPUs
             stage = replace(stage, num_gpus=min(1.0, info["gpus"] / n) if gpus else 0.0, workers=n)
-            engine.run_stages(job, [{"path": str(u.path), "display": u.display, "key": u.key, "kind": u.kind} for u in todo],
-                              [stage], ray, info, done, len(units))
+        else:
+            n = max(1, min(workers, cores, len(todo)))  # in this process (its thread settings kept), or a pool
+            stage = engine.Stage(PrepWorker, {"cfg": cfg, "out": str(out), "single_thread": n > 1}, workers=n)
+        engine.run(job, todo, [stage], ray=ray, info=info, done_before=len(units) - len(todo), total=len(units))
+        if ray is not None:
             job.device = engine.device_label(info)
-        elif todo:
-            workers = max(1, min(workers, cores, len(todo)))
-            if workers <= 1:
-                if _WORKER.get("cfg") != cfg:
-                    _init_worker(cfg, single_thread=False)  # in-process: leave the caller's thread settings
-                for u in todo:
-                    process_unit(u, out)
-                    done += 1
-                    job.progress(done, len(units))
-            else:
-                # forkserver: children start from a clean process, never from one holding the
-                # progress bar's thread or torch's thread pools (fork deadlocks there).
-                ctx = get_context("forkserver")
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, True, os.getpid())) as ex:
-                    for _ in ex.map(process_unit, todo, [out] * len(todo)):
-                        done += 1
-                        job.progress(done, len(units))
         return assemble(job, units, missing, ignored, cfg, {u.key for u in todo}, warning, engine.describe(ray, info))
 
 
@@ -337,18 +312,18 @@ def _on(cfg: PrepConfig, gpus: float) -> PrepConfig:
 
 
 class PrepWorker:
-    """Ray stage: one input file read, its faces detected, landmarked, aligned and written, then
-    its unit record (:func:`process_unit`); the models are loaded once per actor."""
+    """The prep stage: one input file read, its faces detected, landmarked, aligned and written,
+    then its unit record (:func:`process_unit`); the models are loaded once per worker."""
 
-    def __init__(self, cfg: PrepConfig, out: str):
-        # Ray shows the actor its GPU as cuda; auto: the GPU when the actor holds one
+    def __init__(self, cfg: PrepConfig, out: str, single_thread: bool = True):
+        # on Ray the actor sees its GPU as cuda; auto: the GPU when the worker holds one
         device = "cuda" if cfg.device.startswith("cuda") else str(resolve_device(cfg.device))
-        _init_worker(replace(cfg, device=device), single_thread=True)  # Ray owns the actor's life: no parent watch
+        _init_worker(replace(cfg, device=device), single_thread=single_thread)
         self.out = Path(out)
 
-    def __call__(self, row: dict) -> dict:
-        res = process_unit(Unit(Path(row["path"]), row["display"], row["key"], row["kind"]), self.out)
-        return {"key": res.key, "faces": len(res.faces)}
+    def __call__(self, unit: Unit) -> int:
+        """Faces written for ``unit``."""
+        return len(process_unit(unit, self.out).faces)
 
 
 def assemble(job: Job, units: list[Unit], missing: list[dict], ignored: int, cfg: PrepConfig, ran: set[str],

@@ -15,12 +15,11 @@ import dataclasses
 import functools
 import json
 import os
-import pickle
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -152,8 +151,8 @@ class HostBatch(NamedTuple):
 
 
 class ChunkReader:
-    """Decodes the pairs of a chunk (thread pool, shared crop cache) and stacks them into the
-    device batches: the *read* stage, in the local pipeline's prefetch thread or in Ray read actors."""
+    """Decodes the pairs of a chunk (thread pool, shared crop cache) and stacks them into device
+    batches: the work of the read stage (:class:`TripletReadWorker`)."""
 
     def __init__(self, faces: FaceSet, pairs: list[PairRecord], recipe: TripletRecipe, batch: int, job: Job,
                  threads: int | None = None):
@@ -197,12 +196,6 @@ class ChunkReader:
             tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb, ra, rb))
             batches.append(HostBatch(part, *tensors))
         return batches
-
-    def load(self, idx: list[int], pin: bool) -> tuple[list, list]:
-        """Chunk pairs ``idx`` decoded and batched (off the main thread in the local pipeline)."""
-        loaded = self.read(idx)
-        with self.job.stage("decode"):
-            return loaded, self.batches(loaded, pin)
 
     def _load(self, i: int) -> tuple[str | None, tuple | None]:
         """Both crops and records of pair ``i``, or a one-line reason to skip it."""
@@ -252,9 +245,9 @@ def _stacked(a: list[np.ndarray | None], b: list[np.ndarray | None]) -> tuple[to
 
 
 class TripletRun:
-    """Synthesizes chunks of pairs into the job's folder, as a pipeline: while the device renders
-    chunk k, chunk k+1 is decoded and chunk k−1's folders are encoded and written by thread pools;
-    a chunk's unit record is written once all its folders are in place."""
+    """Synthesizes chunks of pairs into the job's folder: a chunk's batches are rendered on the
+    device while thread pools encode and write the folders (or shard) of the batches before them;
+    a chunk's unit record is written once all its folders are in place (:meth:`finish`)."""
 
     def __init__(self, faces: FaceSet, pairs: list[PairRecord], job: Job, recipe: TripletRecipe, device: torch.device,
                  batch: int, threads: int | None = None):
@@ -264,58 +257,38 @@ class TripletRun:
         self.fitted_on_the_fly = 0
         self.synth = Synthesizer(recipe, self.flame)
         n = threads or io_threads()
-        self.reader = ChunkReader(faces, pairs, recipe, batch, job, n)
-        self.crop = self.reader.crop
+        self.crop = CropCache(faces, recipe.output.quality)  # the read stage's crops, for their JPEG bytes
         self.write_pool = ThreadPoolExecutor(n)
-        self.prefetch, self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.encoder, self.sharder = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.checker = QualityChecker(self.synth.parser, recipe.identity.judge.value, device) if recipe.qc_on else None
         self.webdataset = recipe.output.format == OutputFormat.webdataset
         self.jpeg = choose_encoder(recipe.output.encoder, device)
         self.steps = recipe.steps()  # stored with every triplet
 
     def close(self) -> None:
-        for pool in (self.prefetch, self.encoder, self.sharder, self.write_pool):
+        for pool in (self.encoder, self.sharder, self.write_pool):
             pool.shutdown()
-        self.reader.close()
 
-    # -- the pipeline ---------------------------------------------------------------------------
-    def run(self, chunks: list[int], done: Callable[[int, dict], None]) -> None:
-        """Synthesize ``chunks``; ``done(k, record)`` after chunk k's outputs are all written."""
-        if not chunks:
-            return
-        pin = self.device.type == "cuda"
-        loading = self.prefetch.submit(self.reader.load, self.reader.chunk_pairs(chunks[0]), pin)
-        in_flight: tuple[int, dict, list] | None = None
-        for n, k in enumerate(chunks):
-            loaded = loading.result()
-            if n + 1 < len(chunks):
-                loading = self.prefetch.submit(self.reader.load, self.reader.chunk_pairs(chunks[n + 1]), pin)
-            record, writes = self.render_chunk(k, loaded)
-            if in_flight is not None:
-                self._finish(*in_flight, done)
-            in_flight = (k, record, writes)
-        self._finish(*in_flight, done)
-
-    def run_read(self, k: int, loaded: list) -> dict:
-        """Render and write chunk ``k`` from pairs a read stage decoded (:meth:`ChunkReader.read`),
-        then record it; returns the unit record (the Ray engine's render stage)."""
+    def render_read(self, k: int, loaded: list, batches: list[HostBatch]) -> tuple[dict, list]:
+        """Render chunk ``k`` from the pairs and batches a read stage made (:class:`ChunkRead`);
+        returns its unit record and the futures writing its outputs (:meth:`finish` waits for them)."""
         for i, err, v in loaded:
             if not err:
                 self.crop.put(self.pairs[i].a, v.crop_a)
                 self.crop.put(self.pairs[i].b, v.crop_b)
-        with self.job.stage("decode"):
-            batches = self.reader.batches(loaded, self.device.type == "cuda")
-        record, writes = self.render_chunk(k, (loaded, batches))
-        self._finish(k, record, writes, lambda k, rec: self.job.save_unit(f"chunk-{k:06d}", rec))
-        return record
+        if self.device.type == "cuda":  # batches from another process (Ray) arrive unpinned
+            batches = [HostBatch(*(t.pin_memory() if isinstance(t, torch.Tensor) and not t.is_pinned() else t for t in b))
+                       for b in batches]
+        return self.render_chunk(k, (loaded, batches))
 
-    def _finish(self, k: int, record: dict, writes: list, done: Callable[[int, dict], None]) -> None:
+    def finish(self, k: int, record: dict, writes: list) -> None:
+        """Wait until chunk ``k``'s outputs are written, then write its unit record."""
         with self.job.stage("wait_writes"):
             while writes:  # a future may hand back more futures (the nvJPEG thread submits the writes)
                 got = writes.pop().result()  # an output-side failure (disk full…) stops the run here
                 if isinstance(got, list):
                     writes.extend(got)
-        done(k, record)
+        self.job.save_unit(f"chunk-{k:06d}", record)
 
     def render_chunk(self, k: int, loaded: tuple[list, list]) -> tuple[dict, list]:
         """Synthesize chunk ``k``; returns its unit record and the futures writing its outputs."""
@@ -505,80 +478,129 @@ def run_triplets(faces: str | Path, pairs: str | Path, out: str | Path, recipe: 
         mine = [k for k in range(n_chunks) if k % ns == si]
         todo = [k for k in mine if not job.is_done(f"chunk-{k:06d}")]
         t0 = job.wall
+        rows = engine.run(job, [ChunkUnit(k) for k in todo], _stages(job, faces_dir, faces, pairs_path, pairs, recipe, dev, gpus,
+                                                                     batch, len(todo), ray, info),
+                          ray=ray, info=info, done_before=len(mine) - len(todo), total=len(mine))
+        written_now, fitted = sum(r.written for r in rows), sum(r.fitted for r in rows)
+        jpeg = rows[0].jpeg if rows else choose_encoder(recipe.output.encoder, dev).value
         if ray is not None:
-            written_now, fitted, jpeg = _run_on_ray(job, faces_dir, Path(pairs_path), recipe, gpus, batch, todo,
-                                                    len(mine), ray, info)
             job.device = engine.device_label(info)
-        else:
-            run = TripletRun(faces, pairs, job, recipe, dev, batch)
-            done = [len(mine) - len(todo), 0]  # chunks done, triplets written this run
-            job.progress(done[0], len(mine))
-
-            def finished(k: int, record: dict) -> None:
-                job.save_unit(f"chunk-{k:06d}", record)
-                done[0] += 1
-                done[1] += len(record["records"])
-                job.progress(done[0], len(mine))
-
-            try:
-                run.run(todo, finished)
-            finally:
-                run.close()
-            written_now, fitted, jpeg = done[1], run.fitted_on_the_fly, run.jpeg.value
         return assemble(job, recipe, n_chunks, len(pairs) + len(bad_pairs), written_now, len(mine) - len(todo), (si, ns),
                         fitted, job.wall - t0, jpeg, bad, engine.describe(ray, info))
 
 
-def _run_on_ray(job: Job, faces_dir: Path, pairs_path: Path, recipe: TripletRecipe, gpus: float, batch: int,
-                todo: list[int], n_mine: int, opts: RayOptions, info: dict) -> tuple[int, int, str]:
-    """The chunks ``todo`` through read actors (CPU) and render actors (``gpus`` each, from
-    :func:`engine.joined`); returns (triplets written, faces fitted on the fly, JPEG encoder used)."""
-    common = {"faces_dir": str(faces_dir), "pairs_path": str(pairs_path), "recipe": recipe, "batch": batch}
-    render = engine.Stage(TripletRenderWorker, {**common, "out": str(job.out), "device": "cuda" if gpus else "cpu"},
-                          num_cpus=1.0, num_gpus=gpus)
-    n_render = engine.pool_size(render, opts, info, len(todo))
+def _stages(job: Job, faces_dir: Path, faces: FaceSet, pairs_path: Path, pairs: list[PairRecord], recipe: TripletRecipe,
+            dev: torch.device, gpus: float, batch: int, n_todo: int, opts: RayOptions | None, info: dict | None) -> list[engine.Stage]:
+    """The read and render stages: in this process they share the faces and pairs already read
+    (and every core's I/O threads); on Ray each actor reads them from their files, and renders with
+    ``gpus`` GPUs (from :func:`engine.joined`)."""
+    if opts is None:
+        common = {"faces": faces, "pairs": pairs, "recipe": recipe, "batch": batch, "out": str(job.out)}
+        return [engine.Stage(TripletReadWorker, {**common, "pin": dev.type == "cuda"}),
+                engine.Stage(TripletRenderWorker, {**common, "device": str(dev)})]
+    common = {"faces": str(faces_dir), "pairs": str(pairs_path), "recipe": recipe, "batch": batch, "out": str(job.out),
+              "threads": 2}
+    render = engine.Stage(TripletRenderWorker, {**common, "device": "cuda" if gpus else "cpu"}, num_cpus=1.0, num_gpus=gpus)
+    n_render = engine.pool_size(render, opts, info, n_todo)
     # Readers decode PNG/JPEG crops, far lighter than rendering. Beside GPU renderers, one reader
     # (a CPU) each; beside CPU renderers, one per four, reserving no CPU (else on 2 CPUs a reader
     # would cost a renderer).
     read = engine.Stage(TripletReadWorker, common, num_cpus=1.0 if gpus else 0.0,
                         workers=n_render if gpus else max(1, n_render // 4))
-    render = dataclasses.replace(render, workers=n_render)
-    rows = engine.run_stages(job, [{"chunk": k} for k in todo], [read, render], opts, info, n_mine - len(todo), n_mine)
-    engine.add_stages(job, rows)
-    jpeg = rows[0]["jpeg"] if rows else choose_encoder(recipe.output.encoder, torch.device("cpu")).value
-    return sum(r["written"] for r in rows), sum(r["fitted"] for r in rows), jpeg
+    return [read, dataclasses.replace(render, workers=n_render)]
+
+
+class ChunkUnit(NamedTuple):
+    """A unit of ``triplets``: chunk ``chunk`` of the pairs (:func:`chunk_size` pairs)."""
+
+    chunk: int
+
+
+class ChunkRead(NamedTuple):
+    """A chunk as the read stage hands it on: ``(pair index, reason to skip or None, the pair)`` per
+    pair, and the readable pairs stacked into device batches."""
+
+    chunk: int
+    loaded: list[tuple[int, str | None, LoadedPair | None]]
+    batches: list[HostBatch]
+
+
+class ChunkDone(NamedTuple):
+    """A chunk written and recorded by the render stage."""
+
+    chunk: int
+    written: int  # triplets
+    fitted: int  # faces fitted to FLAME on the fly
+    jpeg: str  # the JPEG encoder used
+
+
+def _faces_and_pairs(faces: FaceSet | str, pairs: list[PairRecord] | str) -> tuple[FaceSet, list[PairRecord]]:
+    """What a stage was given, or read from the files it was given (a Ray actor)."""
+    faces = faces if isinstance(faces, FaceSet) else FaceSet.load(faces, strict=False)
+    return faces, pairs if isinstance(pairs, list) else PairRecord.read_valid(pairs)[0]
 
 
 class TripletReadWorker:
-    """Ray read stage: decodes a chunk's crops and records (one actor holds the faces and pairs)."""
+    """The read stage: decodes a chunk's crops and records (:meth:`ChunkReader.read`).
 
-    def __init__(self, faces_dir: str, pairs_path: str, recipe: TripletRecipe, batch: int):
-        self.job = Job.attach("triplets", faces_dir, "triplets")  # stage timers only: it writes nothing
-        faces = FaceSet.load(faces_dir, strict=False)
-        self.reader = ChunkReader(faces, PairRecord.read_valid(pairs_path)[0], recipe, batch, self.job, threads=2)
+    Args:
+        faces / pairs: the prep folder's faces and the pairs (or their files, read once per worker).
+        recipe / batch: the run's.
+        out: the output folder (its stage timers only: the read stage writes nothing).
+        threads: decoding threads (``None``: every core's, up to 16).
+        pin: pin the batches' memory (a CUDA renderer in this process).
+    """
 
-    def __call__(self, row: dict) -> dict:
-        k = int(row["chunk"])
-        loaded = self.reader.read(self.reader.chunk_pairs(k))
-        return {"chunk": k, "loaded": pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL),
-                "read_s": engine.stage_seconds(self.job)}
+    def __init__(self, faces: FaceSet | str, pairs: list[PairRecord] | str, recipe: TripletRecipe, batch: int, out: str,
+                 threads: int | None = None, pin: bool = False):
+        self.job = Job.attach("triplets", out, "triplets")
+        self.reader = ChunkReader(*_faces_and_pairs(faces, pairs), recipe, batch, self.job, threads)
+        self.pin = pin
+
+    def __call__(self, unit: ChunkUnit) -> ChunkRead:
+        loaded = self.reader.read(self.reader.chunk_pairs(unit.chunk))
+        with self.job.stage("decode"):
+            return ChunkRead(unit.chunk, loaded, self.reader.batches(loaded, self.pin))
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 class TripletRenderWorker:
-    """Ray render stage: synthesizes, checks, encodes and writes a chunk, then its unit record."""
+    """The render stage: synthesizes, checks, encodes and writes a chunk, then its unit record
+    (:class:`TripletRun`). Run as a stream (the local engine), chunk k−1's writes finish while
+    chunk k renders. Arguments as :class:`TripletReadWorker`'s, and the ``device``."""
 
-    def __init__(self, faces_dir: str, pairs_path: str, out: str, recipe: TripletRecipe, batch: int, device: str):
+    def __init__(self, faces: FaceSet | str, pairs: list[PairRecord] | str, recipe: TripletRecipe, batch: int, out: str,
+                 device: str, threads: int | None = None):
         dev = resolve_device(device)
         self.job = Job.attach("triplets", out, "triplets", str(dev))
-        faces = FaceSet.load(faces_dir, strict=False)
-        self.run = TripletRun(faces, PairRecord.read_valid(pairs_path)[0], self.job, recipe, dev, batch, threads=2)
+        self.run = TripletRun(*_faces_and_pairs(faces, pairs), self.job, recipe, dev, batch, threads)
 
-    def __call__(self, row: dict) -> dict:
-        k, fitted = int(row["chunk"]), self.run.fitted_on_the_fly
-        record = self.run.run_read(k, pickle.loads(row["loaded"]))
-        stages = json.loads(row["read_s"]) | json.loads(engine.stage_seconds(self.job))
-        return {"chunk": k, "written": len(record["records"]), "fitted": self.run.fitted_on_the_fly - fitted,
-                "jpeg": self.run.jpeg.value, "stages_s": json.dumps(stages)}
+    def __call__(self, row: ChunkRead) -> ChunkDone:
+        return self._finish(*self._render(row))
+
+    def stream(self, rows: Iterator[ChunkRead]) -> Iterator[ChunkDone]:
+        pending = None
+        for row in rows:
+            now = self._render(row)
+            if pending is not None:
+                yield self._finish(*pending)
+            pending = now
+        if pending is not None:
+            yield self._finish(*pending)
+
+    def close(self) -> None:
+        self.run.close()
+
+    def _render(self, row: ChunkRead) -> tuple[int, dict, list, int]:
+        before = self.run.fitted_on_the_fly
+        record, writes = self.run.render_read(row.chunk, row.loaded, row.batches)
+        return row.chunk, record, writes, self.run.fitted_on_the_fly - before
+
+    def _finish(self, k: int, record: dict, writes: list, fitted: int) -> ChunkDone:
+        self.run.finish(k, record, writes)
+        return ChunkDone(k, len(record["records"]), fitted, self.run.jpeg.value)
 
 
 def assemble(job: Job, recipe: TripletRecipe, n_chunks: int, n_pairs: int, written_now: int, skipped: int,
