@@ -53,7 +53,7 @@ def frechet_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor)
     Otherwise it is computed from the symmetric ``Σx^½ Σy Σx^½`` (``eigh``). Both equal
     ``scipy.linalg.sqrtm``'s trace to round-off where that is well conditioned (tested), and stay
     exact where it is not. Values are comparable only at equal sample counts: FID is biased
-    upwards for small sets."""
+    upwards for small sets. Round-off below 0 is returned as 0."""
     x, y = (np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, np.float64) for t in (x, y))
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"frechet_distance needs two N×D sets of at least 2 samples, got {x.shape} and {y.shape}")
@@ -67,7 +67,8 @@ def frechet_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor)
         w, v = np.linalg.eigh(cx)
         half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
         root_trace = np.sqrt(np.clip(np.linalg.eigvalsh(half @ cy @ half), 0, None)).sum()
-    return float(mu @ mu + (xc * xc).sum() / nx + (yc * yc).sum() / ny - 2 * root_trace)
+    # a distance: two identical sets give 0, not the round-off's −3e-14
+    return max(0.0, float(mu @ mu + (xc * xc).sum() / nx + (yc * yc).sum() / ny - 2 * root_trace))
 
 
 def kernel_inception_distance(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, subsets: int = 100,

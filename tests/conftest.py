@@ -20,6 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FACES = Path(os.environ.get("RELIABLESWAP_FACES", ROOT.parent / "shared" / "data" / "faces"))
 
 
+#: The longest test files (minutes of the suite, measured with ``--durations=0``) go first: `make
+#: test` hands whole files to its two workers in collection order, and a long file handed out
+#: last would leave one core idle while it runs.
+LONGEST_FIRST = ("test_ray.py", "test_hostile.py", "test_nets.py", "test_triplets.py", "test_eval.py", "test_train.py",
+                 "test_prep.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def pytest_sessionstart(session) -> None:
     """In CI (``CI=true``) the shared faces must be there: a run that skipped every real-face test
     would pass green while testing nothing."""

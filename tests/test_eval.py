@@ -250,7 +250,7 @@ def test_eval_of_a_tiny_finetune_run(prepped, eval_pairs, tmp_path, monkeypatch)
         shutil.copy(real / rec["folder"] / "target.jpg", real / rec["folder"] / "output_st.jpg")
         shutil.copy(real / rec["folder"] / "source.jpg", real / rec["folder"] / "output_ts.jpg")
     assert main(["eval", "triplets", str(tmp_path / "tri"), "--out", str(tmp_path / "rep_fid"), "--compare", str(real),
-                 "--inception", str(inc), "--device", "cpu"]) == 0
+                 "--inception", str(inc), "--device", "cpu", "--limit", "4"]) == 0  # Inception on a CPU: 4 triplets
     runs = json.loads((tmp_path / "rep_fid" / "summary.json").read_text())["details"]["runs"]
     synth, same = runs[str(tmp_path / "tri")], runs[str(real)]
     assert synth["fid_samples"] == {"fakes": 2 * synth["triplets"], "real_faces": same["fid_samples"]["real_faces"]}

@@ -399,7 +399,7 @@ def test_kill_and_resume_fit(tmp_path):
     prep.mkdir()
     rng = np.random.default_rng(0)
     recs = [base | {"id": f"f{i:05d}", "landmarks68": (np.asarray(base["landmarks68"]) + rng.normal(0, 1, (68, 2))).round(2).tolist()}
-            for i in range(800)]
+            for i in range(400)]
     FaceRecord.write(prep / "faces.jsonl", recs)
     model = write_model(tmp_path / "generic_model.pkl")
     write_embeddings(tmp_path)
@@ -409,11 +409,11 @@ def test_kill_and_resume_fit(tmp_path):
     assert _cli("fit", ref, "--flame", model, "--batch", "50").returncode == 0
     _kill_when(["fit", prep, "--flame", model, "--batch", "50"], lambda: len(list((prep / ".fit" / "units").glob("*.json"))) >= 2)
     done = len(list((prep / ".fit" / "units").glob("*.json")))
-    assert 2 <= done < 16 and not (prep / "flame.jsonl").exists()
+    assert 2 <= done < 8 and not (prep / "flame.jsonl").exists()
     r = _cli("fit", prep, "--flame", model, "--batch", "50")
     assert r.returncode == 0, r.stderr
     s = json.loads((prep / "fit.summary.json").read_text())
-    assert s["counts"]["skipped"] == 50 * done and s["counts"]["written"] == 800
+    assert s["counts"]["skipped"] == 50 * done and s["counts"]["written"] == 400
     a, b = FaceSet.load(prep).flame, FaceSet.load(ref).flame
     assert a.keys() == b.keys()
     assert max(np.abs(np.subtract(a[k].shape, b[k].shape)).max() for k in a) < 1e-3
@@ -992,7 +992,8 @@ def test_the_ray_token_is_private(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_local_ray_cluster_leaves_a_private_token(tmp_path, faces_dir):
-    """End to end: a new local cluster started by `prep --engine ray` from an empty home."""
+    """End to end: a new local cluster started by `prep --engine ray` (no --ray-address, no
+    $RAY_ADDRESS: the default) from an empty home; it runs the units and ends with the command."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path / "home")}
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes((faces_dir / "london_set" / "london_030_neutral.jpg").read_bytes())
@@ -1000,6 +1001,10 @@ def test_a_local_ray_cluster_leaves_a_private_token(tmp_path, faces_dir):
     assert r.returncode == 0, r.stderr
     tok = tmp_path / "home" / ".ray" / "auth_token"
     assert tok.is_file() and tok.stat().st_mode & 0o777 == 0o600
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    eng = s["details"]["engine"]
+    assert eng["name"] == "ray" and eng["started_here"] and eng["address"] == "local" and eng["nodes"] == 1
+    assert s["counts"]["written"] == 1
 
 
 class _Serve:

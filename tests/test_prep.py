@@ -100,9 +100,9 @@ def _tree(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
-    inputs = [str(faces_dir / d) for d in ("london_set", "cc0_one_person", "ffhq", "hard")]
+    inputs = [str(faces_dir / d) for d in ("london_set", "hard")]  # faces, odd files and files with no face
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run_prep(inputs, ref, PrepConfig(), workers=2)
+    n = run_prep(inputs, ref, PrepConfig(), workers=2)["counts"]["in"]
     proc = subprocess.Popen([*CLI, "prep", *inputs, "--out", str(cut), "--workers", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     records = cut / ".prep" / "units"
@@ -112,10 +112,10 @@ def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     n_done = len(list(records.glob("*.json")))
-    assert 6 <= n_done < 40, "the run must be cut mid-way"
+    assert 6 <= n_done < n, "the run must be cut mid-way"
     assert not (cut / "faces.jsonl").exists()
     summary = run_prep(inputs, cut, PrepConfig(), workers=2)
-    assert summary["counts"]["skipped"] >= 6 and summary["counts"]["in"] - summary["counts"]["skipped"] <= 40 - 6 + 2
+    assert summary["counts"]["skipped"] >= 6 and summary["counts"]["in"] - summary["counts"]["skipped"] <= n - 6
     assert _tree(cut) == _tree(ref)
     assert not list(cut.rglob("*.tmp"))
 

@@ -136,14 +136,15 @@ def test_tiny_finetune_lowers_heldout_cycle_l1(real_triplets, tmp_path):
     from reliableswap.commands.finetune import run_finetune
 
     faces, tri = real_triplets
-    s = run_finetune(_tiny(100), tri, tmp_path / "run", faces=faces)
+    # 60 steps: the held-out error falls to about a third by step 50 (0.21 → 0.07 measured)
+    s = run_finetune(_tiny(60, train__sample_every=30, train__ckpt_every=30), tri, tmp_path / "run", faces=faces)
     ev = s["details"]["eval"]
-    assert s["details"]["heldout_triplets"] == 4 and s["counts"]["written_this_run"] == 100
+    assert s["details"]["heldout_triplets"] == 4 and s["counts"]["written_this_run"] == 60
     assert ev["cycle_l1_end"] < 0.8 * ev["cycle_l1_start"], ev
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("sup/cycle" in m for m in lines) and any("g/adv" in m for m in lines)
-    assert (tmp_path / "run" / "samples" / "step-0000050.png").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "step-0000100.safetensors").is_file()
+    assert (tmp_path / "run" / "samples" / "step-0000030.png").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000060.safetensors").is_file()
 
 
 def test_resume_continues_the_same_trajectory(real_triplets, tmp_path):

@@ -25,6 +25,9 @@ from triplets.webdataset import iter_shard
 
 CLI = [sys.executable, "-m", "reliableswap.cli"]
 CYCLE = Path(__file__).parents[1] / "recipes" / "cycle.toml"
+#: The 2D recipe (no QC): for the tests of output formats, sharding and encoders, where what is
+#: synthesized does not matter and the mesh recipe's cost would.
+TPS = load_recipe(Path(__file__).parents[1] / "recipes" / "tps.toml", TripletRecipe)
 
 
 def load_faces(folder):
@@ -154,14 +157,14 @@ def test_dataset_mixing_and_rec_code(faces_dir, triplet_run, tmp_path):
 
 def test_webdataset_format_and_sharding(prepped, pairs_file, tmp_path):
     out, _ = prepped
-    r = TripletRecipe().with_overrides({"output.format": "webdataset", "output.shard_size": 8})
+    r = TPS.with_overrides({"output.format": "webdataset", "output.shard_size": 8})
     s = run_triplets(out, pairs_file, tmp_path / "wds", r, device="cpu", batch=8)
     shards = sorted((tmp_path / "wds").glob("shard-*.tar"))
     assert len(shards) == 3 and s["counts"]["written"] == len(TripletDataset(tmp_path / "wds")) // 2
     assert len(TripletDataset(tmp_path / "wds" / "manifest.jsonl")) == len(TripletDataset(tmp_path / "wds"))
     # two processes' shards into one folder give the whole set
     for i in range(2):
-        run_triplets(out, pairs_file, tmp_path / "sh", TripletRecipe(), device="cpu", batch=8, shard_index=i, num_shards=2)
+        run_triplets(out, pairs_file, tmp_path / "sh", TPS, device="cpu", batch=8, shard_index=i, num_shards=2)
     assert len(ManifestRecord.read(tmp_path / "sh" / "manifest.jsonl")) == s["counts"]["written"]
 
 
@@ -222,7 +225,7 @@ def test_both_encoder_paths_write_the_same_files(prepped, pairs_file, tmp_path, 
     from reliableswap.images import encode_image
 
     out, _ = prepped
-    base = TripletRecipe().with_overrides({"output.format": fmt, "output.shard_size": 8})
+    base = TPS.with_overrides({"output.format": fmt, "output.shard_size": 8})
     run_triplets(out, pairs_file, tmp_path / "opencv", base.with_overrides({"output.encoder": "opencv"}), device="cpu", batch=8)
     fake = lambda imgs, quality: [torch.frombuffer(bytearray(encode_image(t.permute(1, 2, 0).numpy(), ".jpg", quality)), dtype=torch.uint8)  # noqa: E731
                                   for t in imgs]
