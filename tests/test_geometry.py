@@ -179,3 +179,20 @@ def test_face_masks_do_not_depend_on_the_batch():
     for i in range(3):
         alone = face_mask(lms[i:i + 1], 256, 256, feather=0.03)
         assert (batch[i] - alone[0]).abs().max() < 2 / 255
+
+
+def test_polygon_mask_tests_only_the_polygons_box_and_equals_the_whole_grid_test():
+    """Random polygons of a batch, some reaching past the image or wholly outside it: the mask
+    computed in the polygons' box equals the even-odd test of every pixel of the image."""
+    g = torch.Generator().manual_seed(3)
+    h, w = 37, 53
+    for _ in range(20):
+        poly = torch.rand(3, 9, 2, generator=g) * torch.tensor([w * 1.6, h * 1.6]) - torch.tensor([w * 0.3, h * 0.3])
+        ys = torch.arange(h, dtype=poly.dtype).view(1, h, 1, 1)
+        xs = torch.arange(w, dtype=poly.dtype).view(1, 1, w, 1)
+        p0, p1 = poly[:, None, None], poly.roll(-1, 1)[:, None, None]
+        crosses = (p0[..., 1] > ys) != (p1[..., 1] > ys)
+        t = (ys - p0[..., 1]) / torch.where(p1[..., 1] == p0[..., 1], torch.ones_like(p1[..., 1]), p1[..., 1] - p0[..., 1])
+        whole = ((crosses & (xs < p0[..., 0] + t * (p1[..., 0] - p0[..., 0]))).sum(-1) % 2).float()[:, None]
+        assert torch.equal(polygon_mask(poly, h, w), whole)
+    assert polygon_mask(torch.tensor([[[-9.0, -9.0], [-5.0, -9.0], [-5.0, -5.0]]]), h, w).sum() == 0

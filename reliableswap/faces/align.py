@@ -12,7 +12,7 @@ from kornia.geometry.transform import warp_affine
 
 from reliableswap.errors import UserError
 from reliableswap.faces.ibug68 import LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, RIGHT_EYE, five_points
-from reliableswap.geometry.affine import affine_scale, compose_affine, resize_affine, similarity_lstsq
+from reliableswap.geometry.affine import affine_scale, apply_affine, compose_affine, resize_affine, similarity_lstsq
 
 #: ArcFace (insightface) 5-point template for 112×112: right eye, left eye, nose, mouth corners.
 ARCFACE_112 = torch.tensor(
@@ -119,9 +119,28 @@ def paste_back(image: torch.Tensor, face: torch.Tensor, inverse: torch.Tensor, m
         B×3×H×W composite.
     """
     h, w = image.shape[-2:]
-    fw = warp_affine(face, inverse.to(face.dtype), (h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
-    mw = warp_affine(mask.to(face.dtype), inverse.to(face.dtype), (h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
-    return fw * mw + image * (1 - mw)
+    # only the box the crops land in (over the batch) changes: a face in a large photo costs its
+    # own area, not the photo's
+    s = face.shape[-1]
+    corners = apply_affine(face.new_tensor([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]]).expand(len(face), -1, -1),
+                           inverse.to(face.dtype)).flatten(0, 1)
+    # bilinear sampling reaches one crop pixel past the crop's edge: that many image pixels more
+    pad = int(inverse[:, :, :2].abs().sum(-1).amax().ceil()) + 1
+    x0, y0 = (max(int(v) - pad, 0) for v in corners.amin(0).floor())
+    x1, y1 = (int(v) + pad + 1 for v in corners.amax(0).ceil())
+    x1, y1 = min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return image.clone()
+    shift = inverse.to(face.dtype).clone()
+    shift[:, 0, 2] -= x0
+    shift[:, 1, 2] -= y0
+    size = (y1 - y0, x1 - x0)
+    fw = warp_affine(face, shift, size, mode="bilinear", padding_mode="zeros", align_corners=True)
+    mw = warp_affine(mask.to(face.dtype), shift, size, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = image.clone()
+    box = (..., slice(y0, y1), slice(x0, x1))
+    out[box] = fw * mw + image[box] * (1 - mw)
+    return out
 
 
 __all__ = [

@@ -128,10 +128,21 @@ def interpolate(values: torch.Tensor, faces: torch.Tensor, pix_to_face: torch.Te
 
 
 def polygon_mask(poly: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Rasterize B×N×2 closed polygons (even-odd rule, pixel centres) into B×1×H×W {0, 1}."""
+    """Rasterize B×N×2 closed polygons (even-odd rule, pixel centres) into B×1×H×W {0, 1}. Only
+    the pixels of the polygons' bounding box (over the batch) are tested: a face in a large photo
+    costs its own area, not the photo's (the test is B×h×w×N)."""
     dev, dt = poly.device, poly.dtype
-    ys = torch.arange(height, device=dev, dtype=dt).view(1, height, 1, 1)
-    xs = torch.arange(width, device=dev, dtype=dt).view(1, 1, width, 1)
+    out = torch.zeros(poly.shape[0], 1, height, width, device=dev, dtype=dt)
+    lo = poly.detach().flatten(0, 1).amin(0).floor().clamp_min(0)
+    hi = poly.detach().flatten(0, 1).amax(0).ceil() + 1
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        lo, hi = lo.new_zeros(2), lo.new_tensor([width, height])
+    bx0, by0 = int(lo[0]), int(lo[1])
+    bx1, by1 = min(int(hi[0]), width), min(int(hi[1]), height)
+    if bx1 <= bx0 or by1 <= by0:
+        return out
+    ys = torch.arange(by0, by1, device=dev, dtype=dt).view(1, -1, 1, 1)
+    xs = torch.arange(bx0, bx1, device=dev, dtype=dt).view(1, 1, -1, 1)
     p0 = poly.unsqueeze(1).unsqueeze(1)  # B×1×1×N×2
     p1 = poly.roll(-1, 1).unsqueeze(1).unsqueeze(1)
     y0, y1 = p0[..., 1], p1[..., 1]
@@ -140,4 +151,5 @@ def polygon_mask(poly: torch.Tensor, height: int, width: int) -> torch.Tensor:
     t = (ys - y0) / torch.where(y1 == y0, torch.ones_like(y1), y1 - y0)
     x_at = x0 + t * (x1 - x0)
     inside = (crosses & (xs < x_at)).sum(-1) % 2
-    return inside.to(dt).unsqueeze(1)
+    out[:, 0, by0:by1, bx0:bx1] = inside.to(dt)
+    return out
