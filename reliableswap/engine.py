@@ -38,6 +38,7 @@ else a new local cluster on this machine's CPUs (and GPUs), which ends with the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import stat
 import threading
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -459,9 +461,15 @@ def _processes(job: Job, units: list[Any], stages: list[Stage], done_before: int
     # thread or torch's thread pools (fork deadlocks there).
     ctx = get_context("forkserver")
     got: list[Any] = []
-    with ProcessPoolExecutor(min(stage.workers, len(units)), mp_context=ctx, initializer=_start_process,
-                             initargs=(stage, os.getpid())) as ex:
-        for row, seconds in ex.map(_in_process, units):
+    n = min(stage.workers, len(units))
+    todo = iter(units)
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_start_process, initargs=(stage, os.getpid())) as ex:
+        # a bounded window of units in flight (not one future per unit of a million-file run)
+        pending = deque(ex.submit(_in_process, u) for u in itertools.islice(todo, 2 * n))
+        while pending:
+            row, seconds = pending.popleft().result()
+            for u in itertools.islice(todo, 1):
+                pending.append(ex.submit(_in_process, u))
             got.append(row)
             _add_seconds(job, seconds)
             job.progress(done_before + len(got), total)
