@@ -344,18 +344,7 @@ def run(job: Job, units: Sequence[Any], stages: Sequence[Stage], *, ray: RayOpti
 def drain_seconds(stage: Any) -> dict[str, float]:
     """The stage seconds ``stage``'s own job (if any) counted since the last call, cleared."""
     job = getattr(stage, "job", None)
-    if job is None:
-        return {}
-    with job._stage_lock:
-        out = dict(job.stages)
-        job.stages.clear()
-    return out
-
-
-def _add_seconds(job: Job, seconds: dict[str, float]) -> None:
-    with job._stage_lock:
-        for k, v in seconds.items():
-            job.stages[k] += float(v)
+    return {} if job is None else job.take_stages()
 
 
 # -- local: one thread per stage, bounded queues ------------------------------------------------
@@ -407,7 +396,7 @@ def _threads(job: Job, units: list[Any], stages: list[Stage], done_before: int, 
             src = iter(units) if i == 0 else rows(queues[i - 1])
             out = inst.stream(src) if hasattr(inst, "stream") else map(inst, src)
             for row in out:
-                if stop.is_set() or not put(queues[i], row):
+                if not put(queues[i], row):  # the run stopped
                     return
             put(queues[i], _END)
         except BaseException as e:  # noqa: BLE001 — handed to the driver, which raises it
@@ -427,7 +416,7 @@ def _threads(job: Job, units: list[Any], stages: list[Stage], done_before: int, 
         for t in workers:
             t.join()
         for inst in built:
-            _add_seconds(job, drain_seconds(inst))
+            job.add_stages(drain_seconds(inst))
             if hasattr(inst, "close"):
                 inst.close()
     return got
@@ -471,7 +460,7 @@ def _processes(job: Job, units: list[Any], stages: list[Stage], done_before: int
             for u in itertools.islice(todo, 1):
                 pending.append(ex.submit(_in_process, u))
             got.append(row)
-            _add_seconds(job, seconds)
+            job.add_stages(seconds)
             job.progress(done_before + len(got), total)
     return got
 
@@ -572,7 +561,7 @@ def _on_ray(job: Job, units: list[Any], stages: list[Stage], opts: RayOptions, i
             if env["error"]:  # a worker's own exception: the run stops with it, as a local run would
                 raise _unpickled(env["error"])
             got.append(_unpickled(env["row"]))
-            _add_seconds(job, json.loads(env["stages_s"]))
+            job.add_stages(json.loads(env["stages_s"]))
             job.progress(done_before + len(got), total)
     except Exception as e:
         if type(e).__module__.split(".")[0] not in ("ray", "pyarrow"):

@@ -239,6 +239,19 @@ class Job:
             with self._stage_lock:
                 self.stages[name] += time.perf_counter() - t
 
+    def take_stages(self) -> dict[str, float]:
+        """The stage seconds counted since the last call, cleared (a worker hands them to its driver)."""
+        with self._stage_lock:
+            out = dict(self.stages)
+            self.stages.clear()
+        return out
+
+    def add_stages(self, seconds: dict[str, float]) -> None:
+        """Add a worker's stage seconds (:meth:`take_stages`) to this job's."""
+        with self._stage_lock:
+            for k, v in seconds.items():
+                self.stages[k] += float(v)
+
     def progress(self, done: int, total: int | None) -> None:
         if not self._show:
             return

@@ -56,9 +56,9 @@ def run_fit(faces: str | os.PathLike, flame: str | os.PathLike | None, cfg: FitJ
     folder, model = Path(faces), flame  # the paths; ``faces``/``flame`` below hold the records and the model
     embedding, batch, max_rmse = cfg.embedding, cfg.batch, cfg.max_rmse
     device = str(resolve_device(cfg.device))
-    cfg = cfg.fit
+    fit_cfg = cfg.fit
     faces = FaceSet.load(folder, flame=False, strict=False)
-    settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse}
+    settings = {**flame_settings(model, embedding, fit_cfg), "max_rmse": max_rmse}
     with Job("fit", folder, settings, "faces", shared="fit", device=device, progress=progress) as job:
         with job.stage("load"):
             flame = load_flame(model, embedding, device)
@@ -69,7 +69,7 @@ def run_fit(faces: str | os.PathLike, flame: str | os.PathLike | None, cfg: FitJ
         job.progress(len(faces) - len(todo), len(faces))
         for i in range(0, len(todo), batch):
             with job.stage("fit"):
-                recs = [r.to_json() for r in fit_faces(flame, todo[i:i + batch], cfg, batch)]
+                recs = [r.to_json() for r in fit_faces(flame, todo[i:i + batch], fit_cfg, batch)]
             job.save_unit(f"batch-{n:06d}", {"records": recs})
             by_id.update((r["id"], r) for r in recs)
             n += 1

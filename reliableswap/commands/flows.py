@@ -88,11 +88,11 @@ def run_flows(faces: str | os.PathLike, pairs: str | os.PathLike, out: str | os.
     folder, pairs_file, model, out = Path(faces), pairs, flame, Path(out)  # the paths; the names below hold what they hold
     embedding, batch, previews, backend, max_rmse = cfg.embedding, cfg.batch, cfg.previews, cfg.backend, cfg.max_rmse
     device = str(resolve_device(cfg.device)) if ray is None else str(cfg.device)
-    cfg = cfg.fit
+    fit_cfg = cfg.fit
     faces = FaceSet.load(folder, strict=False)
     pairs, bad_pairs = PairRecord.read_valid(pairs_file)
     backend = Rasterizer(backend)
-    settings = {**flame_settings(model, embedding, cfg), "max_rmse": max_rmse, "previews": previews,
+    settings = {**flame_settings(model, embedding, fit_cfg), "max_rmse": max_rmse, "previews": previews,
                 "rasterizer": backend.value, "pairs_sha256": file_sha256(pairs_file),
                 "faces_sha256": file_sha256(folder / "faces.jsonl"),
                 "flame_sha256": file_sha256(folder / "flame.jsonl") if (folder / "flame.jsonl").is_file() else None}
@@ -113,7 +113,7 @@ def run_flows(faces: str | os.PathLike, pairs: str | os.PathLike, out: str | os.
                 todo[key] = p
         pending = [(k, p) for k, p in todo.items() if not job.is_done(k)]
         chunks = [FlowChunk(pending[i:i + batch]) for i in range(0, len(pending), batch)]
-        args = {"cfg": cfg, "batch": batch, "backend": backend.value, "previews": previews, "max_rmse": max_rmse}
+        args = {"cfg": fit_cfg, "batch": batch, "backend": backend.value, "previews": previews, "max_rmse": max_rmse}
         if ray is not None:  # the workers load the faces and the model themselves
             stage = engine.Stage(FlowWorker, {"faces": str(folder), "out": str(out), "model": model, "embedding": embedding,
                                               "device": "cuda" if gpus else "cpu", **args}, num_cpus=1.0, num_gpus=gpus)

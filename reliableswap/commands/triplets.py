@@ -151,8 +151,8 @@ class HostBatch(NamedTuple):
 
 
 class ChunkReader:
-    """Decodes the pairs of a chunk (thread pool, shared crop cache) and stacks them into device
-    batches: the work of the read stage (:class:`TripletReadWorker`)."""
+    """Decodes the pairs of a chunk (thread pool, shared crop cache): the work of the read stage
+    (:class:`TripletReadWorker`)."""
 
     def __init__(self, faces: FaceSet, pairs: list[PairRecord], recipe: TripletRecipe, batch: int, job: Job,
                  threads: int | None = None):
@@ -171,31 +171,6 @@ class ChunkReader:
         """``(pair index, reason to skip or None, the pair)`` per pair."""
         with self.job.stage("decode"):
             return [(i, err, v) for i, (err, v) in zip(idx, self.pool.map(self._load, idx))]
-
-    def batches(self, loaded: list, pin: bool) -> list[HostBatch]:
-        """The readable pairs of ``loaded`` as device batches (tensors pinned when ``pin``)."""
-        ok = [(i, v) for i, err, v in loaded if not err]
-        batches = []
-        for s in range(0, len(ok), self.batch):
-            part = ok[s:s + self.batch]
-            rows = [v for _, v in part]
-            ua = torch.from_numpy(np.stack([v.crop_a for v in rows]))
-            ub = torch.from_numpy(np.stack([v.crop_b for v in rows]))
-            la = torch.from_numpy(np.asarray([v.face_a.landmarks68 for v in rows], np.float32))
-            lb = torch.from_numpy(np.asarray([v.face_b.landmarks68 for v in rows], np.float32))
-            ma = mb = ha = hb = None
-            if self.r.uses_mesh and all(v.face_a.mesh468 is not None and v.face_b.mesh468 is not None for v in rows):
-                ma = torch.from_numpy(np.asarray([v.face_a.mesh468 for v in rows], np.float32))
-                mb = torch.from_numpy(np.asarray([v.face_b.mesh468 for v in rows], np.float32))
-            if self.r.uses_mesh and self.r.masks.hands and all(v.face_a.hands is not None and v.face_b.hands is not None for v in rows):
-                # hands stored by prep: their masks are drawn here instead of detected per pair
-                ha = stored_hand_masks([v.face_a.hands for v in rows], ua.shape[1:3])
-                hb = stored_hand_masks([v.face_b.hands for v in rows], ua.shape[1:3])
-            ga, gb = _stacked([v.glasses_a for v in rows], [v.glasses_b for v in rows])
-            ra, rb = _stacked([v.hair_a for v in rows], [v.hair_b for v in rows])
-            tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb, ra, rb))
-            batches.append(HostBatch(part, *tensors))
-        return batches
 
     def _load(self, i: int) -> tuple[str | None, tuple | None]:
         """Both crops and records of pair ``i``, or a one-line reason to skip it."""
@@ -237,6 +212,33 @@ class ChunkReader:
         return {n: masks[OCCLUDER_CHANNELS.index(n)].numpy() if n in full else zeros for n in names}
 
 
+def stack_batches(loaded: list, recipe: TripletRecipe, batch: int, pin: bool) -> list[HostBatch]:
+    """The readable pairs of ``loaded`` (:meth:`ChunkReader.read`) as device batches of ``batch``
+    pairs (tensors pinned when ``pin``)."""
+    ok = [(i, v) for i, err, v in loaded if not err]
+    batches = []
+    for s in range(0, len(ok), batch):
+        part = ok[s:s + batch]
+        rows = [v for _, v in part]
+        ua = torch.from_numpy(np.stack([v.crop_a for v in rows]))
+        ub = torch.from_numpy(np.stack([v.crop_b for v in rows]))
+        la = torch.from_numpy(np.asarray([v.face_a.landmarks68 for v in rows], np.float32))
+        lb = torch.from_numpy(np.asarray([v.face_b.landmarks68 for v in rows], np.float32))
+        ma = mb = ha = hb = None
+        if recipe.uses_mesh and all(v.face_a.mesh468 is not None and v.face_b.mesh468 is not None for v in rows):
+            ma = torch.from_numpy(np.asarray([v.face_a.mesh468 for v in rows], np.float32))
+            mb = torch.from_numpy(np.asarray([v.face_b.mesh468 for v in rows], np.float32))
+        if recipe.uses_mesh and recipe.masks.hands and all(v.face_a.hands is not None and v.face_b.hands is not None for v in rows):
+            # hands stored by prep: their masks are drawn here instead of detected per pair
+            ha = stored_hand_masks([v.face_a.hands for v in rows], ua.shape[1:3])
+            hb = stored_hand_masks([v.face_b.hands for v in rows], ua.shape[1:3])
+        ga, gb = _stacked([v.glasses_a for v in rows], [v.glasses_b for v in rows])
+        ra, rb = _stacked([v.hair_a for v in rows], [v.hair_b for v in rows])
+        tensors = (t.pin_memory() if pin and t is not None else t for t in (ua, ub, la, lb, ma, mb, ha, hb, ga, gb, ra, rb))
+        batches.append(HostBatch(part, *tensors))
+    return batches
+
+
 def _stacked(a: list[np.ndarray | None], b: list[np.ndarray | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-row S×S masks of both faces as B×1×S×S tensors, when every row has them (else None)."""
     if any(m is None for m in a + b):
@@ -269,17 +271,18 @@ class TripletRun:
         for pool in (self.encoder, self.sharder, self.write_pool):
             pool.shutdown()
 
-    def render_read(self, k: int, loaded: list, batches: list[HostBatch]) -> tuple[dict, list]:
-        """Render chunk ``k`` from the pairs and batches a read stage made (:class:`ChunkRead`);
-        returns its unit record and the futures writing its outputs (:meth:`finish` waits for them)."""
+    def render_read(self, k: int, loaded: list, batches: list[HostBatch] | None) -> tuple[dict, list]:
+        """Render chunk ``k`` from the pairs a read stage decoded, stacked into device batches there
+        or (``None``) here (:class:`ChunkRead`); returns its unit record and the futures writing its
+        outputs (:meth:`finish` waits for them)."""
         for i, err, v in loaded:
             if not err:
                 self.crop.put(self.pairs[i].a, v.crop_a)
                 self.crop.put(self.pairs[i].b, v.crop_b)
-        if self.device.type == "cuda":  # batches from another process (Ray) arrive unpinned
-            batches = [HostBatch(*(t.pin_memory() if isinstance(t, torch.Tensor) and not t.is_pinned() else t for t in b))
-                       for b in batches]
-        return self.render_chunk(k, (loaded, batches))
+        if batches is None:
+            with self.job.stage("decode"):
+                batches = stack_batches(loaded, self.r, self.batch, self.device.type == "cuda")
+        return self.render_chunk(k, loaded, batches)
 
     def finish(self, k: int, record: dict, writes: list) -> None:
         """Wait until chunk ``k``'s outputs are written, then write its unit record."""
@@ -290,9 +293,8 @@ class TripletRun:
                     writes.extend(got)
         self.job.save_unit(f"chunk-{k:06d}", record)
 
-    def render_chunk(self, k: int, loaded: tuple[list, list]) -> tuple[dict, list]:
+    def render_chunk(self, k: int, loaded: list, batches: list[HostBatch]) -> tuple[dict, list]:
         """Synthesize chunk ``k``; returns its unit record and the futures writing its outputs."""
-        loaded, batches = loaded
         rejects = [reject(f"pair {i}", err, pair=self.pairs[i].to_json()) for i, err, _ in loaded if err]
         records: list[dict] = []
         writes: list = []
@@ -505,7 +507,7 @@ def _stages(job: Job, faces_dir: Path, faces: FaceSet, pairs_path: Path, pairs: 
     # Readers decode PNG/JPEG crops, far lighter than rendering. Beside GPU renderers, one reader
     # (a CPU) each; beside CPU renderers, one per four, reserving no CPU (else on 2 CPUs a reader
     # would cost a renderer).
-    read = engine.Stage(TripletReadWorker, common, num_cpus=1.0 if gpus else 0.0,
+    read = engine.Stage(TripletReadWorker, {**common, "stack": False}, num_cpus=1.0 if gpus else 0.0,
                         workers=n_render if gpus else max(1, n_render // 4))
     return [read, dataclasses.replace(render, workers=n_render)]
 
@@ -518,11 +520,12 @@ class ChunkUnit(NamedTuple):
 
 class ChunkRead(NamedTuple):
     """A chunk as the read stage hands it on: ``(pair index, reason to skip or None, the pair)`` per
-    pair, and the readable pairs stacked into device batches."""
+    pair, and the readable pairs stacked into device batches (``None``: the render stage stacks
+    them, so a row between processes carries each crop once)."""
 
     chunk: int
     loaded: list[tuple[int, str | None, LoadedPair | None]]
-    batches: list[HostBatch]
+    batches: list[HostBatch] | None
 
 
 class ChunkDone(NamedTuple):
@@ -548,19 +551,24 @@ class TripletReadWorker:
         recipe / batch: the run's.
         out: the output folder (its stage timers only: the read stage writes nothing).
         threads: decoding threads (``None``: every core's, up to 16).
+        stack: stack the device batches here, off the renderer's thread (when the renderer is in
+            this process; else it stacks them itself: a row between processes would carry every
+            crop twice).
         pin: pin the batches' memory (a CUDA renderer in this process).
     """
 
     def __init__(self, faces: FaceSet | str, pairs: list[PairRecord] | str, recipe: TripletRecipe, batch: int, out: str,
-                 threads: int | None = None, pin: bool = False):
+                 threads: int | None = None, stack: bool = True, pin: bool = False):
         self.job = Job.attach("triplets", out, "triplets")
         self.reader = ChunkReader(*_faces_and_pairs(faces, pairs), recipe, batch, self.job, threads)
-        self.pin = pin
+        self.stack, self.pin = stack, pin
 
     def __call__(self, unit: ChunkUnit) -> ChunkRead:
         loaded = self.reader.read(self.reader.chunk_pairs(unit.chunk))
+        if not self.stack:
+            return ChunkRead(unit.chunk, loaded, None)
         with self.job.stage("decode"):
-            return ChunkRead(unit.chunk, loaded, self.reader.batches(loaded, self.pin))
+            return ChunkRead(unit.chunk, loaded, stack_batches(loaded, self.reader.r, self.reader.batch, self.pin))
 
     def close(self) -> None:
         self.reader.close()
