@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import os
+import shutil
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -39,6 +46,40 @@ def pytest_sessionstart(session) -> None:
         pytest.exit(f"CI=true but the shared face fixtures are missing: {FACES} (set RELIABLESWAP_FACES)", returncode=4)
 
 
+CLI = [sys.executable, "-m", "reliableswap.cli"]
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    """The CLI's entry point (``reliableswap.cli.main``, the one error boundary) run in this process
+    with its stdout and stderr captured: the same code a user's process runs, without a second
+    start-up of torch per call (seconds each). With ``timeout`` or ``env`` it runs in a child
+    process instead (the tests that kill a run start their own)."""
+    argv = [str(a) for a in args]
+    if kw:
+        return subprocess.run([*CLI, *argv], capture_output=True, text=True, **kw)
+    from reliableswap import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:  # what `--debug` lets through: the interpreter prints it and exits 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        cli.DEBUG["on"] = False
+    return subprocess.CompletedProcess([*CLI, *argv], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``run_cli``: ``cli("pairs", folder, "--out", path)`` gives a CompletedProcess."""
+    return run_cli
+
+
 def need_faces() -> Path:
     if not (FACES / "MANIFEST.tsv").is_file():
         pytest.skip(f"shared face fixtures not found at {FACES} (set RELIABLESWAP_FACES); outside CI the real-face tests skip")
@@ -56,6 +97,23 @@ def manifest(faces_dir) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+def _once(tmp_path_factory, name: str, make) -> Path:
+    """The folder ``name`` made by ``make(folder)`` once per test session: under pytest-xdist the
+    first worker to get here makes it, the others wait and read it (``name.done`` marks it whole)."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp()
+    else:
+        root = tmp_path_factory.getbasetemp().parent
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (root / f"{name}.done").is_file():
+            make(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def prepped(faces_dir, tmp_path_factory):
     """``prep`` over every still image of the shared faces (videos excluded), 256 px FFHQ, with
@@ -64,21 +122,28 @@ def prepped(faces_dir, tmp_path_factory):
     from reliableswap.commands.prep import PrepConfig, run_prep
 
     inputs = [p for p in sorted(faces_dir.iterdir()) if p.is_dir() and p.name not in ("video",)]
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        out = tmp_path_factory.mktemp("prepped")
-        return out, run_prep(inputs, out, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
-    # under pytest-xdist the first worker to get here preps, the others wait and read its folder
-    import json
+    out = _once(tmp_path_factory, "prepped",
+                lambda d: run_prep(inputs, d, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2))
+    return out, json.loads((out / "summary.json").read_text())
 
-    from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent / "prepped"
-    with FileLock(str(shared) + ".lock"):
-        done = shared / "prepped.summary.json"
-        if not done.is_file():
-            summary = run_prep(inputs, shared, PrepConfig(embed=True, landmarks=LandmarkBackend.mesh), workers=2)
-            done.write_text(json.dumps(summary))
-    return shared, json.loads(done.read_text())
+@pytest.fixture(scope="session")
+def sface_cache(prepped, tmp_path_factory):
+    """``embeddings.jsonl``: the SFace descriptors of every prepped face, the cache that ``pairs``
+    keeps beside its output, made once. ``copy_to(folder)`` puts it where a test writes its pairs
+    file, so that ``pairs`` reads the descriptors instead of running SFace on every face again
+    (tests/test_judge.py checks the computing path and the cache)."""
+    from reliableswap.commands.pairs import run_pairs
+    from reliableswap.recipes import PairsSection
+
+    folder = _once(tmp_path_factory, "sface_cache", lambda d: run_pairs(prepped[0], d / "pairs.jsonl", PairsSection(n=1)))
+    cache = folder / "embeddings.jsonl"
+
+    def copy_to(dst: Path) -> Path:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(cache, Path(dst) / cache.name))
+
+    return copy_to
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from reliableswap.jobs import Job, SettingsMismatch, reject, remove_stale_temps
 from reliableswap.recipes import PairsSection, RecipeError, TrainRecipe, TripletRecipe, builtin_recipes, load_recipe, validate_recipe
 from triplets.records import ContractError, FlowRecord, ManifestRecord, PairRecord, resolve_inside
 from reliableswap.contracts import FaceRecord, FaceSet, FlameRecord, Summary
+from conftest import run_cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,13 +246,6 @@ def test_temps_of_a_zombie_writer_are_removed(tmp_path):
 
 
 # -- the CLI's one error boundary -----------------------------------------------------------------
-
-CLI = [sys.executable, "-m", "reliableswap.cli"]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True)
-
 
 def test_cli_bad_contract_and_recipe_are_one_line_with_exit_2(tmp_path):
     folder = tmp_path / "prep"

@@ -148,13 +148,14 @@ def test_fid_inception_reads_the_published_layout(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def eval_pairs(prepped, tmp_path_factory):
+def eval_pairs(prepped, sface_cache, tmp_path_factory):
     """12 pairs of different people among the shared faces."""
     from reliableswap.commands.pairs import run_pairs
     from reliableswap.recipes import PairsSection
 
     out, _ = prepped
     d = tmp_path_factory.mktemp("eval_pairs")
+    sface_cache(d)
     run_pairs(out, d / "pairs.jsonl", PairsSection(n=12, seed=1))
     return out, d / "pairs.jsonl"
 

@@ -32,20 +32,30 @@ def ffpp_videos(faces_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def no_fid(monkeypatch, tmp_path):
+    """FID's Inception (seconds an image on one CPU thread) only in the run that checks it: the
+    other runs point it at a missing file, and their summaries say FID was not computed."""
+    monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
+
+
 def _run(videos, pairs, out, swapper="ReturnSource", *extra):
     code = main(["eval", "ffpp", "--videos", str(videos), "--pairs", str(pairs), "--out", str(out),
                  "--swapper", f"reliableswap.testing.swappers:{swapper}", "--frames", "4", "--device", "cpu", *extra])
     return code, (json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None)
 
 
-def test_the_protocol_end_to_end_on_a_stand_in(ffpp_videos, tmp_path):
+def test_the_protocol_end_to_end_on_a_stand_in(ffpp_videos, tmp_path, monkeypatch):
     split = tmp_path / "test.json"
     split.write_text(json.dumps([["000", "001"], ["002", "009"]]))  # 009 is not there: both its swaps are skipped
+    monkeypatch.delenv("RELIABLESWAP_FID_TORCHSCRIPT")  # this run measures FID with the wheel's Inception
     code, s = _run(ffpp_videos, split, tmp_path / "src")
+    monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
     assert code == 0
     d = s["details"]
     # each pair both ways, 4 frames each, frame k of the target with frame k of the source
     assert d["samples"] == {"video_pairs": 2, "swaps": 8, "gallery_source_frames": 8, "fid": d["samples"]["fid"]}
+    assert d["samples"]["fid"]["swaps"] == 8 and d["fid"] >= 0 and "TorchScript" in d["measured_by"]["fid"]
     assert d["comparable_with_papers"] is False and "NOT comparable" in d["metrics_note"]
     assert "dlib's 68 points" in d["alignment"] and d["measured_by"]["identity"] == "sface"
     # the swapper that returns the source: every swap is retrieved as its source video

@@ -33,29 +33,10 @@ from reliableswap.testing.flame import write_embeddings, write_model
 from triplets import TripletDataset
 from triplets.records import ContractError, ManifestRecord, PairRecord, RejectRecord
 from reliableswap.contracts import FaceRecord, FaceSet
+from conftest import CLI
+from conftest import run_cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "reliableswap.cli"]
-
-
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    """The CLI's entry point (``reliableswap.cli.main``, the one error boundary) run in this process
-    with its stdout and stderr captured: the same code a user's process runs, without a second
-    start-up of torch per call. With ``timeout`` or ``env`` it runs in a child process instead."""
-    if kw:
-        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, **kw)
-    import contextlib
-    import io
-
-    from reliableswap import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main([str(a) for a in args])
-    finally:
-        cli.DEBUG["on"] = False
-    return subprocess.CompletedProcess([*CLI, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def _png_bomb(w: int, h: int) -> bytes:

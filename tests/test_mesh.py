@@ -263,7 +263,7 @@ def test_contract_and_recipe_rules():
 
 
 @pytest.mark.slow
-def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
+def test_mesh_recipe_end_to_end_on_real_faces(prepped, sface_cache, tmp_path):
     """Default recipe (mesh): prep stored meshes → pairs → triplets with QC → inspect sheet."""
     from reliableswap.commands.inspect import run_inspect
     from reliableswap.commands.pairs import run_pairs
@@ -271,6 +271,7 @@ def test_mesh_recipe_end_to_end_on_real_faces(prepped, tmp_path):
     from reliableswap.recipes import PairsSection
 
     out, _ = prepped
+    sface_cache(tmp_path)
     run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=10, seed=3))
     recipe = TripletRecipe().with_overrides({"qc.enabled": True})
     s = run_triplets(out, tmp_path / "pairs.jsonl", tmp_path / "trip", recipe, device="cpu", batch=5)

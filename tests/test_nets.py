@@ -320,7 +320,7 @@ def test_restoration_changes_only_the_blended_face(pair_batch, weights):
 
 
 @pytest.mark.slow
-def test_official_recipe_end_to_end_on_real_faces(prepped, weights, tmp_path):
+def test_official_recipe_end_to_end_on_real_faces(prepped, sface_cache, weights, tmp_path):
     """recipes/official.toml (LIA + BiSeNet + GPEN + 10-level multi-band + LCT) through the CLI on
     real faces with random weights: triplets in the official layout, steps recorded, inspect works."""
     import json
@@ -330,6 +330,7 @@ def test_official_recipe_end_to_end_on_real_faces(prepped, weights, tmp_path):
     from reliableswap.recipes import PairsSection
 
     out, _ = prepped
+    sface_cache(tmp_path)
     run_pairs(out, tmp_path / "pairs.jsonl", PairsSection(n=1, seed=5))  # one pair: every step runs on it (GPEN-512 is slow on a CPU)
     rc = main(["triplets", str(out), "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "t"),
                "--recipe", os.path.join(ROOT, "recipes", "official.toml"), "--weights", str(weights), "--batch", "1"])

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,13 +18,11 @@ import pytest
 from reliableswap.commands.prep import PrepConfig, run_prep
 from triplets.records import RejectRecord
 from reliableswap.contracts import FaceRecord
+from conftest import CLI
 
 
 def load_faces(folder):
     return FaceRecord.read(Path(folder) / "faces.jsonl")
-
-CLI = [sys.executable, "-m", "reliableswap.cli"]
-
 
 def test_prepped_records_follow_contract(prepped):
     out, summary = prepped
@@ -138,21 +135,17 @@ def test_identity_from_folder_and_config_guard(faces_dir, tmp_path):
         run_prep([faces_dir / "london_set"], tmp_path, PrepConfig(size=128), workers=1)
 
 
-def test_cli_exit_codes_and_messages(faces_dir, tmp_path):
-    bad = subprocess.run([*CLI, "prep", str(faces_dir / "hard" / "reject"), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True)
+def test_cli_exit_codes_and_messages(faces_dir, tmp_path, cli):
+    bad = cli("prep", faces_dir / "hard" / "reject", "--out", tmp_path / "r")
     assert bad.returncode == 1 and "no usable face" in bad.stderr and "Traceback" not in bad.stderr
     rej = RejectRecord.read(tmp_path / "r" / "rejects.jsonl")
     assert len(rej) == len(list((faces_dir / "hard" / "reject").iterdir()))
-    arg = subprocess.run([*CLI, "prep", str(faces_dir), "--out", str(tmp_path / "a"), "--align", "nope"],
-                         capture_output=True, text=True)
+    arg = cli("prep", faces_dir, "--out", tmp_path / "a", "--align", "nope")
     assert arg.returncode == 2 and "--align" in arg.stderr and "Traceback" not in arg.stderr
-    ok = subprocess.run([*CLI, "prep", str(faces_dir / "public_domain"), "--out", str(tmp_path / "o"), "--workers", "1"],
-                        capture_output=True, text=True)
+    ok = cli("prep", faces_dir / "public_domain", "--out", tmp_path / "o", "--workers", "1")
     assert ok.returncode == 0, ok.stderr
     assert len(load_faces(tmp_path / "o")) >= 2
-    sheet = subprocess.run([*CLI, "inspect", str(tmp_path / "o"), "--sheet", str(tmp_path / "s.png")],
-                           capture_output=True, text=True)
+    sheet = cli("inspect", tmp_path / "o", "--sheet", tmp_path / "s.png")
     assert sheet.returncode == 0 and cv2.imread(str(tmp_path / "s.png")) is not None
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["command"] == "prep"
     shutil.rmtree(tmp_path / "a", ignore_errors=True)

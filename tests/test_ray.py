@@ -136,26 +136,6 @@ def local_triplets(prepped, pairs_12, tmp_path_factory):
     return dst, summary
 
 
-def test_ray_triplets_write_the_local_engines_folder(prepped, pairs_12, local_triplets, ray_address, tmp_path):
-    """Same seed, same inputs: every JPEG, the manifest (QC figures included) and the rejects are
-    byte-identical; the summary counts the same and says where it ran."""
-    local, ls = local_triplets
-    s = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, device="cpu",
-                     batch=2, ray=RayOptions(address=ray_address))
-    assert _files(tmp_path / "t", "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
-    for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
-        assert (tmp_path / "t" / name).read_bytes() == (local / name).read_bytes(), name
-    assert s["counts"] == ls["counts"]
-    eng = s["details"]["engine"]
-    assert eng["name"] == "ray" and eng["address"] == ray_address and not eng["started_here"] and eng["cpus"] == 2
-    assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
-    assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
-    assert _temps(tmp_path / "t") == []
-    again = run_triplets(prepped[0], pairs_12, tmp_path / "t", QC_ALL, device="cpu",
-                         batch=2, ray=RayOptions(address=ray_address))
-    assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
-
-
 def _render_workers() -> list:
     return [p for p in psutil.process_iter(["cmdline"]) if "TripletRenderWorker" in " ".join(p.info["cmdline"] or [])]
 
@@ -185,23 +165,33 @@ def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
     return victims, n_at_kill, res
 
 
-def test_ray_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets, ray_address, tmp_path):
-    """kill -9 of the only render worker once a chunk is written: Ray restarts it and re-runs its
-    chunk; the folder ends complete, identical to the local engine's, with no temps left."""
+def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets, ray_address,
+                                                                        tmp_path):
+    """Same seed, same inputs, and kill -9 of the only render worker once a chunk is written: Ray
+    restarts it and re-runs its chunk; every JPEG, the manifest (QC figures included) and the
+    rejects are byte-identical to the local engine's, the summary counts the same and says where
+    it ran, no temp is left, and a re-run finds nothing to do."""
     local, ls = local_triplets
     out = tmp_path / "t"
+    ray = RayOptions(address=ray_address, workers=1, retries=2)
     victims, n_at_kill, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu",
-                             batch=2, ray=RayOptions(address=ray_address, workers=1, retries=2)), out)
+        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu", batch=2, ray=ray), out)
     if "error" in res:
         raise res["error"]
     assert len(victims) == 1 and n_at_kill < ls["details"]["chunks"], "the kill came after the run or hit no worker"
     assert not victims[0].is_running()
     s = res["summary"]
-    assert s["counts"]["written"] == ls["counts"]["written"] and s["counts"]["written_this_run"] == ls["counts"]["written"]
-    assert _files(out, "*.jpg") == _files(local, "*.jpg")
-    assert (out / "manifest.jsonl").read_bytes() == (local / "manifest.jsonl").read_bytes()
+    assert s["counts"] == ls["counts"] and s["counts"]["written_this_run"] == ls["counts"]["written"]
+    assert _files(out, "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
+    for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
+    eng = s["details"]["engine"]
+    assert eng["name"] == "ray" and eng["address"] == ray_address and not eng["started_here"] and eng["cpus"] == 2
+    assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
+    assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
     assert _temps(out) == []
+    again = run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu", batch=2, ray=ray)
+    assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
 
 
 def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(prepped, pairs_12, local_triplets,
@@ -223,15 +213,16 @@ def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(
 
 
 def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_address, tmp_path):
-    """An output that cannot be written (a file where pair 5's folder goes) stops the run with the
-    worker's own exception, as the local engine would, not Ray's wrapper and traceback."""
+    """An output that cannot be written (a file where pair 1's folder goes, in the first chunk)
+    stops the run with the worker's own exception, as the local engine would, not Ray's wrapper
+    and traceback."""
     out = tmp_path / "t"
     out.mkdir()
-    (out / "00000005").write_text("in the way")
+    (out / "00000001").write_text("in the way")
     with pytest.raises(OSError) as e:
         run_triplets(prepped[0], pairs_12, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
-    assert "00000005" in str(e.value)
+    assert "00000001" in str(e.value)
 
 
 def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray_address, tmp_path):
@@ -283,21 +274,25 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pairs_12, ray_address, tmp_path, capsys,
                                                                      monkeypatch):
+    """The CLI's own entry point, in this process (a subprocess each is seconds of start-up), on
+    two of the pairs: the flags reach the engine, and wrong combinations are refused in one line."""
     folder = str(prepped[0])
-    r = _cli("triplets", folder, "--pairs", str(pairs_12), "--out", str(tmp_path / "t"), "--recipe", "recipes/tps.toml",
-             "--device", "cpu", "--engine", "ray", "--ray-address", ray_address)
-    assert r.returncode == 0, r.stderr[-2000:]
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(pairs_12.read_text().splitlines(keepends=True)[:2]))
+    for k, v in LOOPBACK.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["triplets", folder, "--pairs", str(two), "--out", str(tmp_path / "t"), "--recipe", "recipes/tps.toml",
+               "--device", "cpu", "--engine", "ray", "--ray-address", ray_address])
+    assert rc == 0, capsys.readouterr().err[-2000:]
     s = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert s["details"]["engine"]["address"] == ray_address and s["counts"]["written"] >= 10
+    assert s["details"]["engine"]["address"] == ray_address and s["counts"]["written"] == 2
     bad = [
         (["--ray-workers", "2"], "--ray-address/--ray-workers go with --engine ray"),
         (["--engine", "ray", "--ray-address", ray_address, "--num-shards", "2"], "drop --shard-index/--num-shards"),
         (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda:1"], "each worker gets a GPU of its own"),
         (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda"], "the Ray cluster has no GPU"),
     ]
-    for k, v in LOOPBACK.items():
-        monkeypatch.setenv(k, v)
-    for extra, words in bad:  # the CLI's own entry point, in this process (a subprocess each is seconds of start-up)
+    for extra, words in bad:
         capsys.readouterr()
         rc = main(["triplets", folder, "--pairs", str(pairs_12), "--out", str(tmp_path / "x"), "--recipe", "recipes/tps.toml",
                    *extra])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from triplets.layout import FILES, TYPE_TABLE
 from triplets.records import ManifestRecord, PairRecord, RejectRecord
 from reliableswap.contracts import FaceRecord
 from triplets.webdataset import iter_shard
-
-CLI = [sys.executable, "-m", "reliableswap.cli"]
+from conftest import CLI, run_cli
 CYCLE = Path(__file__).parents[1] / "recipes" / "cycle.toml"
 #: The 2D recipe (no QC): for the tests of output formats, sharding and encoders, where what is
 #: synthesized does not matter and the mesh recipe's cost would.
@@ -184,7 +182,7 @@ def test_kill_and_resume_gives_identical_folders(prepped, pairs_file, triplet_ru
     proc.wait()
     done = len(list((cut / ".triplets" / "units").glob("chunk-*.json")))
     assert 1 <= done < 3
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert run_cli(*args[len(CLI):]).returncode == 0  # the resume, in this process
     for r in ManifestRecord.read(ref_dir / "manifest.jsonl"):
         for f in FILES.values():
             assert (cut / r.folder / f).read_bytes() == (ref_dir / r.folder / f).read_bytes(), (r.folder, f)
@@ -203,15 +201,14 @@ def test_bad_pairs_are_skipped_with_reason(prepped, pairs_file, tmp_path):
     assert "no-such-face" in rej[0].reason and rej[0].pair["b"] == "no-such-face"
 
 
-def test_cli_user_errors_have_no_traceback(prepped, tmp_path):
+def test_cli_user_errors_have_no_traceback(prepped, sface_cache, tmp_path, cli):
     out, _ = prepped
-    r = subprocess.run([*CLI, "triplets", str(tmp_path), "--pairs", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    sface_cache(tmp_path)
+    r = cli("triplets", tmp_path, "--pairs", tmp_path / "x.jsonl", "--out", tmp_path / "o")
     assert r.returncode == 2 and "faces.jsonl" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--strategy", "nope"],
-                       capture_output=True, text=True)
+    r = cli("pairs", out, "--out", tmp_path / "p.jsonl", "--strategy", "nope")
     assert r.returncode == 2 and "--strategy" in r.stderr
-    r = subprocess.run([*CLI, "pairs", str(out), "--out", str(tmp_path / "p.jsonl"), "--n", "5"], capture_output=True, text=True)
+    r = cli("pairs", out, "--out", tmp_path / "p.jsonl", "--n", "5")
     assert r.returncode == 0 and len(PairRecord.read(tmp_path / "p.jsonl")) == 5
 
 
