@@ -63,9 +63,7 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = cli.main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+                code = cli.main(argv)  # SystemExit (typer's usage errors) is already its exit code
             except Exception:  # what `--debug` lets through: the interpreter prints it and exits 1
                 traceback.print_exc()
                 code = 1

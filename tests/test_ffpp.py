@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import cv2
 import pytest
@@ -32,11 +33,14 @@ def ffpp_videos(faces_dir, tmp_path_factory):
     return out
 
 
+NO_FID = "RELIABLESWAP_FID_TORCHSCRIPT"
+
+
 @pytest.fixture(autouse=True)
 def no_fid(monkeypatch, tmp_path):
     """FID's Inception (seconds an image on one CPU thread) only in the run that checks it: the
     other runs point it at a missing file, and their summaries say FID was not computed."""
-    monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
+    monkeypatch.setenv(NO_FID, str(tmp_path / "no_inception.pt"))
 
 
 def _run(videos, pairs, out, swapper="ReturnSource", *extra):
@@ -48,9 +52,10 @@ def _run(videos, pairs, out, swapper="ReturnSource", *extra):
 def test_the_protocol_end_to_end_on_a_stand_in(ffpp_videos, tmp_path, monkeypatch):
     split = tmp_path / "test.json"
     split.write_text(json.dumps([["000", "001"], ["002", "009"]]))  # 009 is not there: both its swaps are skipped
-    monkeypatch.delenv("RELIABLESWAP_FID_TORCHSCRIPT")  # this run measures FID with the wheel's Inception
+    missing = os.environ[NO_FID]
+    monkeypatch.delenv(NO_FID)  # this run measures FID with the wheel's Inception
     code, s = _run(ffpp_videos, split, tmp_path / "src")
-    monkeypatch.setenv("RELIABLESWAP_FID_TORCHSCRIPT", str(tmp_path / "no_inception.pt"))
+    monkeypatch.setenv(NO_FID, missing)
     assert code == 0
     d = s["details"]
     # each pair both ways, 4 frames each, frame k of the target with frame k of the source

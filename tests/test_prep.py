@@ -24,6 +24,7 @@ from conftest import CLI
 def load_faces(folder):
     return FaceRecord.read(Path(folder) / "faces.jsonl")
 
+
 def test_prepped_records_follow_contract(prepped):
     out, summary = prepped
     faces = load_faces(out)

@@ -25,7 +25,6 @@ import torch
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'reliableswap[ray]')")
 psutil = pytest.importorskip("psutil")
 
-from reliableswap.cli import main  # noqa: E402
 from reliableswap.commands.flows import FlowsConfig, run_flows  # noqa: E402
 from reliableswap.commands.prep import PrepConfig, run_prep  # noqa: E402
 from reliableswap.commands.triplets import run_triplets  # noqa: E402
@@ -36,10 +35,10 @@ from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
 from reliableswap.testing.flame import write_embeddings, write_model  # noqa: E402
 from triplets.records import PairRecord  # noqa: E402
 from reliableswap.contracts import FaceRecord  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
-CLI = [sys.executable, "-m", "reliableswap.cli"]
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
 #: The default recipe with its QC measured and no pair dropped: these tests compare engines.
 QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
@@ -268,12 +267,7 @@ def test_ray_flows_match_local(ray_address, tmp_path):
     assert (tmp_path / "ray" / "manifest.jsonl").read_bytes() == (tmp_path / "local" / "manifest.jsonl").read_bytes()
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **LOOPBACK})
-
-
-def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pairs_12, ray_address, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pairs_12, ray_address, tmp_path, monkeypatch):
     """The CLI's own entry point, in this process (a subprocess each is seconds of start-up), on
     two of the pairs: the flags reach the engine, and wrong combinations are refused in one line."""
     folder = str(prepped[0])
@@ -281,9 +275,9 @@ def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pair
     two.write_text("".join(pairs_12.read_text().splitlines(keepends=True)[:2]))
     for k, v in LOOPBACK.items():
         monkeypatch.setenv(k, v)
-    rc = main(["triplets", folder, "--pairs", str(two), "--out", str(tmp_path / "t"), "--recipe", "recipes/tps.toml",
-               "--device", "cpu", "--engine", "ray", "--ray-address", ray_address])
-    assert rc == 0, capsys.readouterr().err[-2000:]
+    r = run_cli("triplets", folder, "--pairs", two, "--out", tmp_path / "t", "--recipe", "recipes/tps.toml",
+                "--device", "cpu", "--engine", "ray", "--ray-address", ray_address)
+    assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert s["details"]["engine"]["address"] == ray_address and s["counts"]["written"] == 2
     bad = [
@@ -293,12 +287,9 @@ def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pair
         (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda"], "the Ray cluster has no GPU"),
     ]
     for extra, words in bad:
-        capsys.readouterr()
-        rc = main(["triplets", folder, "--pairs", str(pairs_12), "--out", str(tmp_path / "x"), "--recipe", "recipes/tps.toml",
-                   *extra])
-        err = capsys.readouterr().err
-        lines = err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and words in lines[0], (extra, err[-1500:])
+        r = run_cli("triplets", folder, "--pairs", pairs_12, "--out", tmp_path / "x", "--recipe", "recipes/tps.toml", *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (extra, r.stderr[-1500:])
         assert not (tmp_path / "x").exists(), extra  # refused before the output folder is made
 
 
@@ -306,7 +297,8 @@ def test_ray_cli_an_unanswered_address_is_one_line(faces_dir, tmp_path):
     """(A new local cluster, the default without --ray-address, is started end to end by
     tests/test_hostile.py::test_a_local_ray_cluster_leaves_a_private_token.)"""
     dead = f"127.0.0.1:{_free_port()}"
-    r = _cli("prep", str(faces_dir / "public_domain"), "--out", str(tmp_path / "q"), "--engine", "ray", "--ray-address", dead)
+    r = run_cli("prep", faces_dir / "public_domain", "--out", tmp_path / "q", "--engine", "ray", "--ray-address", dead,
+                timeout=300, env={**os.environ, **LOOPBACK})  # a child: Ray's failed connection leaves no state here
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]  # Ray logs its retries too
     assert r.returncode == 2 and len(lines) == 1 and f"--ray-address {dead}: no Ray cluster answers there" in lines[0]
     assert not (tmp_path / "q").exists()  # nothing made before the cluster answered

@@ -22,6 +22,7 @@ from triplets.records import ManifestRecord, PairRecord, RejectRecord
 from reliableswap.contracts import FaceRecord
 from triplets.webdataset import iter_shard
 from conftest import CLI, run_cli
+
 CYCLE = Path(__file__).parents[1] / "recipes" / "cycle.toml"
 #: The 2D recipe (no QC): for the tests of output formats, sharding and encoders, where what is
 #: synthesized does not matter and the mesh recipe's cost would.
