@@ -34,7 +34,7 @@ userpath: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # In dependency order: bench_triplets makes bench_out/prep_shared, which bench_mesh reads.
 bench: $(STAMP)

@@ -473,6 +473,23 @@ def _pack(e: BaseException) -> bytes:
         return pickle.dumps(RuntimeError(f"{type(e).__name__}: {' '.join(str(e).split())}"))
 
 
+#: Ray Data's threads that fetch a run's blocks (``ray.get``) in the driver.
+_RAY_DATA_FETCH_THREADS = ("iter_threaded",)
+
+
+def _stop_rows(rows: Any, before: set[threading.Thread], timeout: float = 30.0) -> None:
+    """Close a Ray Data row iterator (its ``finally`` shuts the streaming executor down) and wait,
+    at most ``timeout`` seconds, for the fetch threads started since ``before`` to end: a thread still
+    inside ``ray.get`` when the caller leaves the cluster makes Ray end the whole process ("the core
+    worker has already been shutdown"). A failure to close never hides the run's own outcome."""
+    with contextlib.suppress(Exception):
+        rows.close()
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t not in before and t.name in _RAY_DATA_FETCH_THREADS:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 def _unpickled(data: bytes) -> Any:
     """A row or exception the engine's own workers pickled (never bytes read from a file)."""
     return pickle.loads(data)
@@ -556,8 +573,10 @@ def _on_ray(job: Job, units: list[Any], stages: list[Stage], opts: RayOptions, i
                         compute=ray.data.ActorPoolStrategy(size=pool_size(s, opts, info, len(items))),
                         max_restarts=opts.retries, max_task_retries=opts.retries)
     got: list[Any] = []
+    before = set(threading.enumerate())
+    rows = iter(ds.iter_rows())
     try:
-        for env in ds.iter_rows():
+        for env in rows:
             if env["error"]:  # a worker's own exception: the run stops with it, as a local run would
                 raise _unpickled(env["error"])
             got.append(_unpickled(env["row"]))
@@ -567,5 +586,9 @@ def _on_ray(job: Job, units: list[Any], stages: list[Stage], opts: RayOptions, i
         if type(e).__module__.split(".")[0] not in ("ray", "pyarrow"):
             raise
         raise _lost(e) from e
+    finally:
+        # Ray Data's executor and fetch threads stop here, before the caller may leave the cluster:
+        # for a run stopped by an error, garbage collection would do it, maybe after ray.shutdown()
+        _stop_rows(rows, before)
     job.clean_temps()  # what killed attempts left behind
     return got

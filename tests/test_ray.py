@@ -67,10 +67,17 @@ def ray_address():
     """A 2-CPU head on loopback, with a token (Ray's default for local clusters); gone at the end."""
     env = {**os.environ, **LOOPBACK}
     port = _free_port()
+    # the head's one fixed default port (its dashboard agent's) made a free one too: a head left by
+    # a test process that died must not keep this one from coming up
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-                             "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+                             "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+                             "--dashboard-agent-listen-port", str(_free_port())],
                             env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
+    # …and none is left behind: should this process die before the fixture ends, a watchdog ends the head
+    subprocess.Popen(["sh", "-c", f"while kill -0 {os.getpid()} && kill -0 -{head.pid}; do sleep 1; done 2>/dev/null; "
+                      f"kill -9 -{head.pid} 2>/dev/null"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -85,7 +92,8 @@ def ray_address():
                 time.sleep(1)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start ends the processes it started…
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # --block: ray start ends the processes it started…
         try:
             head.wait(2)
         except subprocess.TimeoutExpired:  # …taking its time (30 s): the rest of its group goes at once
@@ -222,6 +230,9 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_add
         run_triplets(prepped[0], pairs_12, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
     assert "00000001" in str(e.value)
+    # the run's fetch threads ended before it left the cluster (one still in ray.get then makes
+    # Ray end this whole process)
+    assert not [t for t in threading.enumerate() if t.name == "iter_threaded"]
 
 
 def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray_address, tmp_path):
