@@ -26,6 +26,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parents[1]
 FACES = Path(os.environ.get("RELIABLESWAP_FACES", ROOT.parent / "shared" / "data" / "faces"))
 
+from xdist_scheduling import pytest_xdist_make_scheduler  # noqa: E402,F401 — a hook: pytest finds it here
+
 
 #: The longest test files (minutes of the suite, measured with ``--durations=0``) go first: `make
 #: test` hands whole files to its two workers in collection order, and a long file handed out
