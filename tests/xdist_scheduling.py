@@ -3,7 +3,10 @@ in a module of its own so that a test can run it in a nested pytest without the 
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.hookimpl(optionalhook=True)  # a run without xdist (-p no:xdist) does not know the hook
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` as pytest-xdist 3.8 does it, but for the files a crashed worker had
     finished: xdist puts every file of the crashed worker back in its queue, finished ones
