@@ -28,7 +28,7 @@ psutil = pytest.importorskip("psutil")
 from reliableswap.commands.flows import FlowsConfig, run_flows  # noqa: E402
 from reliableswap.commands.prep import PrepConfig, run_prep  # noqa: E402
 from reliableswap.commands.triplets import run_triplets  # noqa: E402
-from reliableswap.engine import RayOptions, WorkerLost, cluster  # noqa: E402
+from reliableswap.engine import _RAY_DATA_FETCH_THREADS, RayOptions, WorkerLost, cluster  # noqa: E402
 from reliableswap.pairs import make_pairs  # noqa: E402
 from reliableswap.recipes import PairsSection, TripletRecipe  # noqa: E402
 from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
@@ -232,7 +232,7 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_add
     assert "00000001" in str(e.value)
     # the run's fetch threads ended before it left the cluster (one still in ray.get then makes
     # Ray end this whole process)
-    assert not [t for t in threading.enumerate() if t.name == "iter_threaded"]
+    assert not [t for t in threading.enumerate() if t.name in _RAY_DATA_FETCH_THREADS]
 
 
 def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray_address, tmp_path):
