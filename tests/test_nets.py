@@ -314,9 +314,18 @@ def test_restoration_changes_only_the_blended_face(pair_batch, weights):
     diff = (full["fake"] - plain["fake"]).abs().amax(1, keepdim=True)
     inside = float(diff[plain["mask"] > 0.99].mean())
     assert inside > 0.01  # the face itself was restored (random weights: changed)
-    # outside the blend mask only the multi-band blend's coarse bands carry the change
-    # (measured: 0.015 outside against 0.11 inside with random GPEN weights)
-    assert float(diff[plain["mask"] < 0.01].mean()) < 0.25 * inside
+    # Outside the blend mask only the multi-band blend's coarse bands carry the change, so there
+    # it is smooth: its fine detail (the change less its Gaussian blur) is near zero outside and
+    # large inside (measured: 0.0002 against 0.016). How much of it gets out at all depends on the
+    # low-frequency colour that the random GPEN output happens to carry (outside/inside means of
+    # 0.10 to 0.26 across float orderings of the same weights), hence the loose second bound.
+    import kornia
+
+    signed = full["fake"] - plain["fake"]
+    blur = kornia.filters.gaussian_blur2d(signed, (13, 13), (2.0, 2.0), border_type="replicate")
+    fine = (signed - blur).abs().amax(1, keepdim=True)
+    assert float(fine[plain["mask"] < 0.01].mean()) < 0.05 * float(fine[plain["mask"] > 0.99].mean())
+    assert float(diff[plain["mask"] < 0.01].mean()) < 0.5 * inside
 
 
 @pytest.mark.slow
