@@ -231,6 +231,18 @@ def test_the_source_s_upper_lip_outside_its_mesh_never_lands_on_the_fake_s_skin(
     assert landed(tache_a, (-35.0, -4.0, -4.0)) > 0.01  # 2.7 %: kept
 
 
+def test_a_grey_photo_s_moustache_is_never_taken_for_lip(real):
+    """In a black-and-white photo nothing is redder than the skin: the stray-lip rule finds no lip
+    there, and the moustaches of the 1927 Solvay conference stay their owners' (the rule's colour
+    test once measured redness in units of the skin's a* spread, which is zero in a grey image,
+    and filled most of them with skin)."""
+    recs, imgs, _, mesh = real
+    grey = [i for i, im in enumerate(imgs) if float((im.amax(0) - im.amin(0)).max()) == 0]
+    assert len(grey) >= 10 and any("solvay" in recs[i].id for i in grey)
+    labels = ms.region_map(mesh[grey], imgs.shape[-1])[2]
+    assert int(ms.stray_upper_lip(imgs[grey], mesh[grey], labels).sum()) == 0
+
+
 @pytest.mark.parametrize("strength", [1.0, 2.0])
 def test_mesh_reshape_flow_never_folds(real, strength):
     _, _, _, mesh = real

@@ -64,6 +64,10 @@ STRAY_LIP_SD = 1.2
 #: ... and at least this many skin standard deviations redder: darkness alone (a moustache on an
 #: evenly lit face) is never lip.
 STRAY_LIP_RED = 0.5
+#: The skin's standard deviations (CIE-LAB units) used as units by the stray-lip test are at
+#: least this: a black-and-white photo has none in a* (its moustaches were taken for lip), every
+#: colour face of the shared set has 2.1 or more.
+SKIN_SD_FLOOR = 2.0
 #: The band searched above the upper lip: this fraction of the way up to the nose base's level.
 STRAY_LIP_BAND = 0.7
 #: How far (a fraction of the crop) the stray lip may reach from the mesh's lips.
@@ -293,7 +297,8 @@ def stray_upper_lip(img: torch.Tensor, mesh: torch.Tensor, labels: torch.Tensor)
     if not bool(lip.any()):
         return out
     mu, sd = skin_lab_stats(img, labels)
-    z = (rgb_to_lab(img[box].clamp(0, 1).float())[:, :2] - mu[:, :2]) / sd[:, :2]
+    # the spread has a floor: a grey photo's skin has none in a*, and its noise is no lip
+    z = (rgb_to_lab(img[box].clamp(0, 1).float())[:, :2] - mu[:, :2]) / sd[:, :2].clamp_min(SKIN_SD_FLOOR)
     lip &= ((z[:, 1:2] - 0.5 * z[:, :1]) > STRAY_LIP_SD) & (z[:, 1:2] > STRAY_LIP_RED)
     # only what is joined to the mesh's lips: grown from them through lip-coloured pixels (a
     # nostril's shadow above a short philtrum is as red and dark, but stands apart)
