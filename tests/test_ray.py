@@ -42,6 +42,8 @@ RAY = Path(sys.executable).with_name("ray")
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
 #: The default recipe with its QC measured and no pair dropped: these tests compare engines.
 QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
+#: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves three to retry.
+RAY_PAIRS = 8
 
 
 def _free_port() -> int:
@@ -123,23 +125,23 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pairs_12(prepped, tmp_path_factory):
+def ray_pairs(prepped, tmp_path_factory):
     out, _ = prepped
     path = tmp_path_factory.mktemp("raypairs") / "pairs.jsonl"
-    PairRecord.write(path, make_pairs(FaceRecord.read(out / "faces.jsonl"), PairsSection(n=12, max_yaw_diff=20, seed=11)))
+    PairRecord.write(path, make_pairs(FaceRecord.read(out / "faces.jsonl"), PairsSection(n=RAY_PAIRS, max_yaw_diff=20, seed=11)))
     return path
 
 
 @pytest.fixture(scope="module")
-def local_triplets(prepped, pairs_12, tmp_path_factory):
+def local_triplets(prepped, ray_pairs, tmp_path_factory):
     """The local engine's folder for the same faces, pairs, recipe (the default: mesh) and batch,
     its CPU arithmetic on one thread as in a 1-CPU Ray actor: float sums split over another number
     of threads round differently, as between two machines with other core counts (how far:
     scripts/bench_ray.py, BENCHMARKS.md "Ray engine")."""
     dst = tmp_path_factory.mktemp("raylocal") / "t"
     with one_thread():
-        summary = run_triplets(prepped[0], pairs_12, dst, QC_ALL, device="cpu", batch=2)
-    assert summary["counts"]["written"] >= 10
+        summary = run_triplets(prepped[0], ray_pairs, dst, QC_ALL, device="cpu", batch=2)
+    assert summary["counts"]["written"] >= RAY_PAIRS - 2
     return dst, summary
 
 
@@ -172,7 +174,7 @@ def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
     return victims, n_at_kill, res
 
 
-def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped, pairs_12, local_triplets, ray_address,
+def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped, ray_pairs, local_triplets, ray_address,
                                                                         tmp_path):
     """Same seed, same inputs, and kill -9 of the only render worker once a chunk is written: Ray
     restarts it and re-runs its chunk; every JPEG, the manifest (QC figures included) and the
@@ -182,7 +184,7 @@ def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped
     out = tmp_path / "t"
     ray = RayOptions(address=ray_address, workers=1, retries=2)
     victims, n_at_kill, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu", batch=2, ray=ray), out)
+        lambda: run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2, ray=ray), out)
     if "error" in res:
         raise res["error"]
     assert len(victims) == 1 and n_at_kill < ls["details"]["chunks"], "the kill came after the run or hit no worker"
@@ -197,29 +199,29 @@ def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped
     assert ls["details"]["engine"] == {"name": "local"} and s["device"].startswith("ray (1 node")
     assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
     assert _temps(out) == []
-    again = run_triplets(prepped[0], pairs_12, out, QC_ALL, device="cpu", batch=2, ray=ray)
+    again = run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2, ray=ray)
     assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
 
 
-def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(prepped, pairs_12, local_triplets,
+def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(prepped, ray_pairs, local_triplets,
                                                                                ray_address, tmp_path):
     local, ls = local_triplets
     out = tmp_path / "t"
     recipe = QC_ALL
     victims, _, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], pairs_12, out, recipe, device="cpu", batch=2,
+        lambda: run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2,
                              ray=RayOptions(address=ray_address, workers=1, retries=0)), out)
     err = res.get("error")
     assert len(victims) == 1
     assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
     kept = len(list((out / ".triplets" / "units").glob("*.json")))
     assert 1 <= kept < ls["details"]["chunks"]
-    s = run_triplets(prepped[0], pairs_12, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address))
+    s = run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
     assert _files(out, "*.jpg") == _files(local, "*.jpg") and _temps(out) == []
 
 
-def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_address, tmp_path):
+def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, ray_pairs, ray_address, tmp_path):
     """An output that cannot be written (a file where pair 1's folder goes, in the first chunk)
     stops the run with the worker's own exception, as the local engine would, not Ray's wrapper
     and traceback."""
@@ -227,7 +229,7 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, pairs_12, ray_add
     out.mkdir()
     (out / "00000001").write_text("in the way")
     with pytest.raises(OSError) as e:
-        run_triplets(prepped[0], pairs_12, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
+        run_triplets(prepped[0], ray_pairs, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
     assert "00000001" in str(e.value)
     # the run's fetch threads ended before it left the cluster (one still in ray.get then makes
@@ -278,12 +280,12 @@ def test_ray_flows_match_local(ray_address, tmp_path):
     assert (tmp_path / "ray" / "manifest.jsonl").read_bytes() == (tmp_path / "local" / "manifest.jsonl").read_bytes()
 
 
-def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pairs_12, ray_address, tmp_path, monkeypatch):
+def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, ray_pairs, ray_address, tmp_path, monkeypatch):
     """The CLI's own entry point, in this process (a subprocess each is seconds of start-up), on
     two of the pairs: the flags reach the engine, and wrong combinations are refused in one line."""
     folder = str(prepped[0])
     two = tmp_path / "two.jsonl"
-    two.write_text("".join(pairs_12.read_text().splitlines(keepends=True)[:2]))
+    two.write_text("".join(ray_pairs.read_text().splitlines(keepends=True)[:2]))
     for k, v in LOOPBACK.items():
         monkeypatch.setenv(k, v)
     r = run_cli("triplets", folder, "--pairs", two, "--out", tmp_path / "t", "--recipe", "recipes/tps.toml",
@@ -298,7 +300,7 @@ def test_ray_cli_joins_a_cluster_and_refuses_bad_flags_in_one_line(prepped, pair
         (["--engine", "ray", "--ray-address", ray_address, "--device", "cuda"], "the Ray cluster has no GPU"),
     ]
     for extra, words in bad:
-        r = run_cli("triplets", folder, "--pairs", pairs_12, "--out", tmp_path / "x", "--recipe", "recipes/tps.toml", *extra)
+        r = run_cli("triplets", folder, "--pairs", ray_pairs, "--out", tmp_path / "x", "--recipe", "recipes/tps.toml", *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (extra, r.stderr[-1500:])
         assert not (tmp_path / "x").exists(), extra  # refused before the output folder is made
