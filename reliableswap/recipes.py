@@ -141,6 +141,10 @@ class QCSection(Section):
     # drop pairs whose fakes have a smaller identity margin, in the judge's units (implies enabled);
     # with QC on and no value: 0, i.e. a fake whose identity is closer to its attribute donor is dropped
     min_id_margin: float | None = None
+    # with QC on, drop pairs whose fakes' re-measured head pose is further than this (degrees, the
+    # largest of yaw/pitch/roll) from their attribute donor's: such a fake is not in its target's
+    # pose (a turn the identity face's texture could not follow), and a swapper would learn that
+    max_pose_err: float = Field(15.0, gt=0, le=180)
 
     @property
     def id_margin_bound(self) -> float | None:

@@ -214,6 +214,45 @@ def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped
     assert s["counts"]["rejected_by_reason"] == {"identity margin below --min-id-margin 0.0": 2}
 
 
+def test_the_default_qc_drops_a_fake_that_is_not_in_its_target_s_pose(prepped, tmp_path, monkeypatch):
+    """Fakes that keep their identity donor's identity but not their target's pose (each the
+    synthesized fake turned by 30° in the image plane, as a face whose texture could not follow a
+    head turn): the default QC drops the pair for its pose error, with the figure; with the bound
+    raised to 180° the same pairs are written, and a kept fake's pose error is within the bound."""
+    from kornia.geometry.transform import rotate
+
+    from reliableswap.commands.triplets import run_triplets
+    from reliableswap.recipes import TripletRecipe, load_recipe
+    from reliableswap.synth.pipeline import Synthesizer
+    from triplets.records import PairRecord
+
+    faces = FaceSet.load(prepped[0])
+    ids = [f.id for f in faces if "/london_set/" in f.origin.path and "neutral" in f.origin.path][:4]
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=ids[0], b=ids[2]), PairRecord(a=ids[1], b=ids[3])])
+    real = Synthesizer.cycle
+
+    def turned(self, ia, la, ib, lb, *rest):
+        res = real(self, ia, la, ib, lb, *rest)
+        angle = torch.full((ia.shape[0],), 30.0, dtype=ia.dtype)
+        res["fake_st"], res["fake_ts"] = rotate(res["fake_st"], angle), rotate(res["fake_ts"], angle)
+        return res
+
+    monkeypatch.setattr(Synthesizer, "cycle", turned)
+    r = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe).with_overrides({"qc.enabled": True})
+    assert r.qc.max_pose_err == 15.0
+    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, device="cpu", batch=2)
+    assert s["counts"]["written"] == 0 and s["counts"]["rejected_by_reason"] == {"pose error above [qc] max_pose_err 15°": 2}
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
+    worst = [float(x.split("(")[1].split("°")[0]) for x in reasons]
+    assert all(w > 20 for w in worst), reasons  # about the 30° turn, measured on the fake
+    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "all", r.with_overrides({"qc.max_pose_err": 180.0}),
+                     device="cpu", batch=2)
+    assert s["counts"]["written"] == 2 and s["counts"]["rejected"] == 0
+    monkeypatch.setattr(Synthesizer, "cycle", real)
+    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "plain", r, device="cpu", batch=2)
+    assert s["counts"]["written"] == 2 and s["details"]["qc"]["pose_err_st"]["max"] <= 15
+
+
 def test_where_the_two_judges_disagree_on_the_shared_faces(tmp_path, faces_dir):
     """The shared faces' pairs that dlib and SFace decide differently at their own thresholds (every
     other pair of the labelled faces they decide alike, BENCHMARKS.md):

@@ -322,6 +322,11 @@ class TripletRun:
                     why = "; a fake looks more like its attribute donor" if margin == 0 else ""
                     rejects.append(reject(f"pair {i}", f"identity margin below --min-id-margin {margin} "
                                           f"({self.checker.judge.name}: {worst:.3f}{why})", pair=pair.to_json()))
+                elif qc[j] and max(qc[j]["pose_err_st"], qc[j]["pose_err_ts"]) > self.r.qc.max_pose_err:
+                    worst = max(qc[j]["pose_err_st"], qc[j]["pose_err_ts"])
+                    rejects.append(reject(f"pair {i}", f"pose error above [qc] max_pose_err {self.r.qc.max_pose_err:g}° "
+                                          f"({worst:.1f}°: a fake is not in its attribute donor's pose)",
+                                          pair=pair.to_json()))
                 else:
                     keep.append(j)
             keys, recs = [], []
