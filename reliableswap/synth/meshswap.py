@@ -54,6 +54,9 @@ FILL_ITERS = 20
 #: Inside the mesh's lips, pixels this many skin standard deviations darker than the skin are
 #: the mouth's cavity or gums, not lip.
 CAVITY_SD = 2.5
+#: Uncovered slivers inside the face outline up to twice this fraction of the crop wide are
+#: closed (3 px each side at 256 px).
+SILHOUETTE_CLOSE = 0.012
 #: Pixels by which an identity donor's glasses frame grows before it is filled (its rim's soft edge).
 FRAME_GROW = 1
 #: Above the mesh's upper lip, skin pixels whose lip score (CIE-LAB a* minus half of L*, each in
@@ -146,7 +149,8 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
             pixels that would sample them (> 0.5) take a's face around them instead (``filled``).
     Returns:
         dict: ``face`` B×3×S×S (zeros off the mesh), ``covered`` B×1×S×S bool, ``labels`` B×1×S×S,
-        ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, filled from their neighbours),
+        ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, or in a sliver the rasterization
+        left out inside the outline: filled from their neighbours),
         ``into_mouth`` B×1×S×S bool (pixels that would have shown a's mouth interior), and with
         ``occluded_a`` ``occluded`` B×1×S×S: how much of each pixel samples what covers a (to leave
         out of the blend: a's hand is never pasted onto b).
@@ -156,6 +160,12 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     faces = t["faces"].to(img_a.device)
     p2f, bary, labels = region_map(mesh_ab, s, backend)
     covered = labels >= 0
+    # the thin triangles folding over a turned cheek leave slivers of the face uncovered (a
+    # sawtooth along its outline, where b would show through): they are sampled as hidden points
+    # are, from their neighbours, as skin
+    gaps = silhouette_gaps(mesh_ab, covered)
+    labels = torch.where(gaps, torch.full_like(labels, fm.SKIN), labels)
+    covered = covered | gaps
     # where each pixel of M_ab lies in a (x, y, depth) and in b (x, y)
     src = interpolate(torch.cat([mesh_a, mesh_b[..., :2]], -1).to(bary.dtype), faces, p2f, bary)  # B×5×S×S
     xy_a, z_a, xy_b = src[:, :2], src[:, 2:3], src[:, 3:5]
@@ -165,7 +175,7 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     zbuf_a = torch.where((p2f_a >= 0).unsqueeze(1), zbuf_a, torch.full_like(zbuf_a, float("inf")))
     width = (mesh_a[:, fm.FACE_OVAL, 0].amax(1) - mesh_a[:, fm.FACE_OVAL, 0].amin(1)).view(-1, 1, 1, 1)
     seen = sample_at_nearest(zbuf_a, xy_a)
-    hidden = covered & (z_a > seen + occlusion_tol * width)
+    hidden = (covered & (z_a > seen + occlusion_tol * width)) | gaps
     grid = pixel_grid(s, s, img_a.device, xy_a.dtype).T.reshape(1, 2, s, s)
     off_a = torch.where(covered, xy_a - grid, torch.zeros_like(xy_a))
     if bool(hidden.any()):
@@ -207,6 +217,18 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
     if occluded_a is not None:
         out["occluded"] = warp_backward(occluded_a.to(img_a.dtype), off_a.to(img_a.dtype), "zeros") * (covered & ~mouth)
     return out
+
+
+def silhouette_gaps(mesh: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """B×1×S×S bool: the pixels inside a mesh's (B×468×3, pixels) face outline that its
+    rasterization ``covered`` (B×1×S×S bool) leaves out in gaps narrower than
+    :data:`SILHOUETTE_CLOSE` of the crop on each side (a morphological closing)."""
+    s = covered.shape[-1]
+    r = max(1, round(SILHOUETTE_CLOSE * s))
+    grown = torch.nn.functional.max_pool2d(covered.float(), 2 * r + 1, 1, r)
+    closed = -torch.nn.functional.max_pool2d(-grown, 2 * r + 1, 1, r) > 0.5
+    oval = polygon_mask(mesh[:, fm.FACE_OVAL, :2].float(), s, s) > 0.5
+    return closed & oval & ~covered
 
 
 def fill_inside_box(img: torch.Tensor, holes: torch.Tensor, known: torch.Tensor, margin: int = 8,
