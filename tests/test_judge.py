@@ -186,11 +186,9 @@ def test_pairs_qc_and_eval_use_the_judge(prepped, tmp_path):
     assert "id_keep_st" in ev and "id_leak_st" in ev
 
 
-def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped, tmp_path, monkeypatch):
-    """A 'fake' that is the attribute donor itself (the worst identity leak): dropped by the
-    default QC with its reason, in the judge's units."""
-    from reliableswap.commands.triplets import run_triplets
-    from reliableswap.recipes import TripletRecipe, load_recipe
+def _two_pairs_with_fakes(prepped, tmp_path, monkeypatch, change) -> Path:
+    """A pairs file of two pairs of different people (the London set's neutral faces); every
+    synthesized batch's ``res`` (fakes included) goes through ``change(res, ia, ib)`` first."""
     from reliableswap.synth.pipeline import Synthesizer
     from triplets.records import PairRecord
 
@@ -199,14 +197,27 @@ def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped
     PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=ids[0], b=ids[2]), PairRecord(a=ids[1], b=ids[3])])
     real = Synthesizer.cycle
 
-    def leaky(self, ia, la, ib, lb, *rest):
+    def cycle(self, ia, la, ib, lb, *rest):
         res = real(self, ia, la, ib, lb, *rest)
-        res["fake_st"], res["fake_ts"] = ib.clone(), ia.clone()  # each fake is its attribute donor
+        change(res, ia, ib)
         return res
 
-    monkeypatch.setattr(Synthesizer, "cycle", leaky)
+    monkeypatch.setattr(Synthesizer, "cycle", cycle)
+    return tmp_path / "p.jsonl"
+
+
+def test_the_default_qc_drops_a_fake_that_looks_like_its_attribute_donor(prepped, tmp_path, monkeypatch):
+    """A 'fake' that is the attribute donor itself (the worst identity leak): dropped by the
+    default QC with its reason, in the judge's units."""
+    from reliableswap.commands.triplets import run_triplets
+    from reliableswap.recipes import TripletRecipe, load_recipe
+
+    def leak(res, ia, ib):
+        res["fake_st"], res["fake_ts"] = ib.clone(), ia.clone()  # each fake is its attribute donor
+
+    pairs = _two_pairs_with_fakes(prepped, tmp_path, monkeypatch, leak)
     r = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe).with_overrides({"qc.enabled": True})
-    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, device="cpu", batch=2)
+    s = run_triplets(prepped[0], pairs, tmp_path / "tri", r, device="cpu", batch=2)
     assert s["counts"]["written"] == 0 and s["counts"]["rejected"] == 2
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
     assert all(x.startswith("identity margin below --min-id-margin 0.0 (sface: -") and
@@ -223,33 +234,23 @@ def test_the_default_qc_drops_a_fake_that_is_not_in_its_target_s_pose(prepped, t
 
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.recipes import TripletRecipe, load_recipe
-    from reliableswap.synth.pipeline import Synthesizer
-    from triplets.records import PairRecord
 
-    faces = FaceSet.load(prepped[0])
-    ids = [f.id for f in faces if "/london_set/" in f.origin.path and "neutral" in f.origin.path][:4]
-    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=ids[0], b=ids[2]), PairRecord(a=ids[1], b=ids[3])])
-    real = Synthesizer.cycle
-
-    def turned(self, ia, la, ib, lb, *rest):
-        res = real(self, ia, la, ib, lb, *rest)
+    def turn(res, ia, ib):
         angle = torch.full((ia.shape[0],), 30.0, dtype=ia.dtype)
         res["fake_st"], res["fake_ts"] = rotate(res["fake_st"], angle), rotate(res["fake_ts"], angle)
-        return res
 
-    monkeypatch.setattr(Synthesizer, "cycle", turned)
+    pairs = _two_pairs_with_fakes(prepped, tmp_path, monkeypatch, turn)
     r = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe).with_overrides({"qc.enabled": True})
     assert r.qc.max_pose_err == 15.0
-    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "tri", r, device="cpu", batch=2)
+    s = run_triplets(prepped[0], pairs, tmp_path / "tri", r, device="cpu", batch=2)
     assert s["counts"]["written"] == 0 and s["counts"]["rejected_by_reason"] == {"pose error above [qc] max_pose_err 15°": 2}
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "tri" / "rejects.jsonl").read_text().splitlines()]
     worst = [float(x.split("(")[1].split("°")[0]) for x in reasons]
     assert all(w > 20 for w in worst), reasons  # about the 30° turn, measured on the fake
-    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "all", r.with_overrides({"qc.max_pose_err": 180.0}),
-                     device="cpu", batch=2)
+    s = run_triplets(prepped[0], pairs, tmp_path / "all", r.with_overrides({"qc.max_pose_err": 180.0}), device="cpu", batch=2)
     assert s["counts"]["written"] == 2 and s["counts"]["rejected"] == 0
-    monkeypatch.setattr(Synthesizer, "cycle", real)
-    s = run_triplets(prepped[0], tmp_path / "p.jsonl", tmp_path / "plain", r, device="cpu", batch=2)
+    monkeypatch.undo()  # the real fakes
+    s = run_triplets(prepped[0], pairs, tmp_path / "plain", r, device="cpu", batch=2)
     assert s["counts"]["written"] == 2 and s["details"]["qc"]["pose_err_st"]["max"] <= 15
 
 
