@@ -16,13 +16,18 @@ from triplets.webdataset import iter_shard
 
 
 def _label(img: np.ndarray, lines: list[str]) -> np.ndarray:
+    """``img`` (H×W×3 uint8) with ``lines`` of text at its top left, white on a dark translucent
+    band each (an outline as thick as small letters' strokes runs them together)."""
     out = img.copy()
     scale = max(0.35, img.shape[1] / 640)
+    step = int(16 * scale / 0.45)
     y = int(14 * scale / 0.45)
     for line in lines:
-        cv2.putText(out, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        (w, h), base = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        y0, y1, x1 = max(y - h - 2, 0), min(y + base, out.shape[0]), min(w + 7, out.shape[1])
+        out[y0:y1, :x1] = (out[y0:y1, :x1] * 0.35).astype(out.dtype)
         cv2.putText(out, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-        y += int(16 * scale / 0.45)
+        y += step
     return out
 
 
