@@ -13,7 +13,7 @@ from reliableswap.faces.ibug68 import MIRROR68, five_points
 from reliableswap.faces.masks import face_mask
 from reliableswap.faces.pose import head_pose
 from reliableswap.geometry.affine import apply_affine as transform_points
-from reliableswap.geometry.affine import invert_affine, similarity_lstsq
+from reliableswap.geometry.affine import compose_affine, invert_affine, similarity_lstsq, translate_affine
 from reliableswap.images import read_image, to_tensor
 
 
@@ -85,12 +85,10 @@ def test_align_paste_back_roundtrip_psnr(faces_dir, dlib_models, name, mode):
     assert len(changed) and int(changed[:, 0].min()) >= y0 and int(changed[:, 0].max()) < y1
     assert int(changed[:, 1].min()) >= x0 and int(changed[:, 1].max()) < x1
     box = (..., slice(y0, y1), slice(x0, x1))
-    shift = torch.tensor([[[1.0, 0.0, -x0], [0.0, 1.0, -y0]]], dtype=img.dtype)
     if name.startswith("hard/valid/large"):  # the face's box only: the same as warping over the whole photo
         from kornia.geometry.transform import warp_affine
 
-        inv = invert_affine(m)
-        inv_box = torch.cat([shift[:, :, :2] @ inv[:, :, :2], shift[:, :, :2] @ inv[:, :, 2:] + shift[:, :, 2:]], -1)
+        inv_box = compose_affine(translate_affine(-x0, -y0, dtype=img.dtype), invert_affine(m))
         fw, mw = (warp_affine(x, inv_box, (y1 - y0, x1 - x0), mode="bilinear", padding_mode="zeros", align_corners=True)
                   for x in (crop, inner.to(crop.dtype)))
         assert float((back[box] - (fw * mw + img[box] * (1 - mw))).abs().max()) < 1e-9

@@ -309,23 +309,24 @@ class TripletRun:
             if self.checker is not None:
                 with self.job.stage("qc"):
                     qc = self._qc(part, res, *tensors)
-            keep, margin = [], self.r.qc.id_margin_bound
+            keep, margin, max_pose = [], self.r.qc.id_margin_bound, self.r.qc.max_pose_err
             for j, (i, _) in enumerate(part):
-                pair = self.pairs[i]
+                pair, q = self.pairs[i], qc[j]
+                # the pair's worst fake by each QC figure (empty without QC)
+                low_margin = min(q["id_margin_st"], q["id_margin_ts"]) if q else None
+                high_pose = max(q["pose_err_st"], q["pose_err_ts"]) if q else None
                 if not finite[j]:
                     rejects.append(reject(f"pair {i}", "synthesis produced NaN/inf", pair=pair.to_json()))
                 elif left is not None and left[j]:
                     rejects.append(reject(f"pair {i}", "an identity donor's glasses frame is still visible in its fake "
                                           "(the fill could not clean it)", pair=pair.to_json()))
-                elif margin is not None and min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"]) < margin:
-                    worst = min(qc[j]["id_margin_st"], qc[j]["id_margin_ts"])
+                elif margin is not None and low_margin < margin:
                     why = "; a fake looks more like its attribute donor" if margin == 0 else ""
                     rejects.append(reject(f"pair {i}", f"identity margin below --min-id-margin {margin} "
-                                          f"({self.checker.judge.name}: {worst:.3f}{why})", pair=pair.to_json()))
-                elif qc[j] and max(qc[j]["pose_err_st"], qc[j]["pose_err_ts"]) > self.r.qc.max_pose_err:
-                    worst = max(qc[j]["pose_err_st"], qc[j]["pose_err_ts"])
-                    rejects.append(reject(f"pair {i}", f"pose error above [qc] max_pose_err {self.r.qc.max_pose_err:g}° "
-                                          f"({worst:.1f}°: a fake is not in its attribute donor's pose)",
+                                          f"({self.checker.judge.name}: {low_margin:.3f}{why})", pair=pair.to_json()))
+                elif high_pose is not None and high_pose > max_pose:
+                    rejects.append(reject(f"pair {i}", f"pose error above [qc] max_pose_err {max_pose:g}° "
+                                          f"({high_pose:.1f}°: a fake is not in its attribute donor's pose)",
                                           pair=pair.to_json()))
                 else:
                     keep.append(j)
