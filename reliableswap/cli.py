@@ -394,7 +394,8 @@ def eval_triplets(
             ("keep st/ts", lambda r, a: both(a, "id_keep", ".3f")), ("leak st/ts", lambda r, a: both(a, "id_leak", ".3f")),
             ("margin st/ts", lambda r, a: both(a, "id_margin", ".3f")),
             ("both positive", lambda r, a: str(a.get("positive_id_margin_rate", "–"))),
-            ("expr err st/ts", lambda r, a: both(a, "expr_err", ".4f")), ("pose err st/ts", lambda r, a: both(a, "pose_err", ".2f")),
+            ("expr err st/ts", lambda r, a: both(a, "expr_err", ".4f")), ("eye err st/ts", lambda r, a: both(a, "eye_err", ".3f")),
+            ("pose err st/ts", lambda r, a: both(a, "pose_err", ".2f")),
             ("detected", lambda r, a: str(a["detection_rate"])),
             ("FID", lambda r, a: "–" if a["fid"] is None else f"{a['fid']:.2f}"),
             ("KID", lambda r, a: "–" if a.get("kid") is None else f"{a['kid']:.4f}")]

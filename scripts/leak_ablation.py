@@ -7,7 +7,9 @@ The rules: the brows, eyes and lips always in the blend mask (``feature_mask``) 
 trim stopping above the brows; the occluder rule limited to the forehead (hair, hats); each brow
 moved by the target's brow raise; the target's eyelids and mouth shape; the source's teeth kept
 off the fake's lips (``mouth_interior``); the source's upper lip left outside its mesh kept off the
-fake's skin (``stray_upper_lip``); the hand masks; the glasses rule; the colour transfer; the reshape; the
+fake's skin (``stray_upper_lip``); the mesh's eyelids moved to the 68 points' lids
+(``refine_eyelids``); the target's eye in an opening the source's eye cannot fill (``EYE_FROM_B``);
+the hand masks; the glasses rule; the colour transfer; the reshape; the
 outline's erosion.
 The 2D recipe (``recipes/tps.toml``) is the reference row.
 
@@ -33,6 +35,7 @@ import torch
 from reliableswap.commands.pairs import run_pairs
 from reliableswap.commands.prep import PrepConfig, run_prep
 from reliableswap.evaluation import expression_error, frechet_distance, kernel_inception_distance, pose_error
+from reliableswap.faces.pose import eye_openness_error
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.faces.occluders import glasses_score
@@ -101,6 +104,8 @@ def variants() -> dict:
         "occluder rule below the brows too": (same, lambda: patched(meshswap, "occluders", _occluders_below_brows(meshswap.occluders))),
         "no brow raise from the target": (same, no_brow_raise),
         "no eyelids from the target": (same, lambda: zero_weight("w_eyes")),
+        "eyelids as the mesh reads them": (same, lambda: patched(meshswap, "refine_eyelids", lambda mesh, lm: mesh)),
+        "no target eye where the source's cannot open": (same, lambda: patched(meshswap, "EYE_FROM_B", 0.0)),
         "no mouth shape from the target": (same, lambda: zero_weight("w_mouth")),
         "source's teeth allowed on the lips": (same, lambda: patched(meshswap, "mouth_interior", lambda img, labels, *a, **k: labels == fm.MOUTH_R)),
         "source's upper lip outside its mesh kept": (same, lambda: patched(meshswap, "stray_upper_lip", lambda img, mesh, labels: torch.zeros_like(labels, dtype=torch.bool))),
@@ -162,12 +167,14 @@ class Bench:
             emb = self.judge.embed(fake, lm)
             keep, leak = self.judge.score(emb, keep_ref), self.judge.score(emb, leak_ref)
             margin = (keep - leak).numpy()
+            eye = eye_openness_error(lm, lm_attr).numpy()
             self.per_fake[d] = {"margin": margin, "expr_err": expression_error(lm, lm_attr).numpy(),
-                                "pose_err": pose_error(lm, lm_attr).numpy()}
+                                "pose_err": pose_error(lm, lm_attr).numpy(), "eye_err": eye}
             row |= {f"keep_{d}": round(float(keep.mean()), 3), f"leak_{d}": round(float(leak.mean()), 3),
                     f"margin_median_{d}": round(float(np.median(margin)), 3), f"positive_{d}": round(float((margin > 0).mean()), 3),
                     f"expr_err_{d}": round(float(expression_error(lm, lm_attr).mean()), 4),
-                    f"pose_err_{d}": round(float(pose_error(lm, lm_attr).mean()), 2)}
+                    f"pose_err_{d}": round(float(pose_error(lm, lm_attr).mean()), 2),
+                    f"eye_err_{d}": round(float(eye.mean()), 4)}
             if f"mesh_{d}" in cat:  # how much the fakes read as wearing glasses (the rays' test below the eyes)
                 row[f"glasses_{d}"] = round(float(glasses_score(fake, cat[f"mesh_{d}"]).mean()), 3)
         if self.fidnet is not None:

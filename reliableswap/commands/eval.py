@@ -292,7 +292,7 @@ def _fid(fake: list[torch.Tensor], real: list[torch.Tensor], source: str, fakes:
 
 # -- triplets --------------------------------------------------------------------------------------
 
-QC_KEYS = ("id_keep", "id_leak", "id_margin", "pose_err", "expr_err", "seam", "fold", "mouth_err", "face_parse")
+QC_KEYS = ("id_keep", "id_leak", "id_margin", "pose_err", "expr_err", "eye_err", "seam", "fold", "mouth_err", "face_parse")
 
 
 def measure_triplets(folder: Path, limit: int | None = None, fidnet: torch.nn.Module | None = None,

@@ -89,3 +89,21 @@ def expression_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
     moved = apply_affine(lm.double(), m)
     iod = (lm_ref[:, 36:42].mean(1) - lm_ref[:, 42:48].mean(1)).norm(dim=-1).double()
     return ((moved[:, EXPRESSION] - lm_ref[:, EXPRESSION].double()).norm(dim=-1).mean(1) / iod).float()
+
+
+def eye_aspect_ratio(lm: torch.Tensor) -> torch.Tensor:
+    """Each eye's opening (B×68×2 → B×2, the subject's right then left): the mean of the two
+    lid-to-lid distances over the corner-to-corner one (Soukupová and Čech 2016); about 0.3 for an
+    open eye, below 0.15 for a squint or a closed one."""
+    out = []
+    for e in (36, 42):
+        p = lm[:, e:e + 6].double()
+        lids = (p[:, 1] - p[:, 5]).norm(dim=-1) + (p[:, 2] - p[:, 4]).norm(dim=-1)
+        out.append(lids / (2 * (p[:, 0] - p[:, 3]).norm(dim=-1).clamp_min(1e-9)))
+    return torch.stack(out, 1).float()
+
+
+def eye_openness_error(lm: torch.Tensor, lm_ref: torch.Tensor) -> torch.Tensor:
+    """B: the larger of the two eyes' |eye aspect ratio − the reference's| (B×68×2 each): how far
+    a fake's eyes are from being as open as its attribute donor's."""
+    return (eye_aspect_ratio(lm) - eye_aspect_ratio(lm_ref)).abs().amax(1)

@@ -99,6 +99,80 @@ def similarity3d(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -> torch
     return (scale.view(-1, 1, 1) * s @ r.transpose(1, 2) + md).to(src.dtype)
 
 
+#: Each eye's mesh contour (16 vertices: outer corner, upper lid, inner corner, lower lid) with the
+#: 68-point landmarks of the same eye: outer corner, the upper lid's two points from the outer
+#: corner on, inner corner, the lower lid's two points from the outer corner on.
+EYELIDS = ((fm.RIGHT_EYE, (36, 37, 38, 39, 41, 40)), (fm.LEFT_EYE, (45, 44, 43, 42, 46, 47)))
+#: Bounds of the factor by which an eyelid's height above (below) the corner line is scaled.
+EYELID_SCALE = (0.05, 3.0)
+#: When an eye of the fake is open more than 1/EYE_FROM_B times the identity face's same eye
+#: (:func:`eye_openness`), the fake's eye openings show the attribute face's eyes. 0.45: on the
+#: shared faces' pairs this takes the squints laid on open eyes and costs no identity margin.
+EYE_FROM_B = 0.45
+
+
+def _lid_coords(p0: torch.Tensor, p1: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points B×N×2 in the frame of the corner line p0 → p1 (B×1×2 each), in units of its length:
+    ``(t, h)`` B×N each, t along the line (0 at p0, 1 at p1), h across it."""
+    d = p1 - p0
+    length2 = (d ** 2).sum(-1, keepdim=True).clamp_min(1e-12)
+    rel = pts - p0
+    t = (rel * d).sum(-1) / length2[..., 0]
+    h = (rel[..., 0] * -d[..., 1] + rel[..., 1] * d[..., 0]) / length2[..., 0]
+    return t, h
+
+
+def _interp(tq: torch.Tensor, tk: torch.Tensor, hk: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear h(tq) through the knots (tk, hk) (B×K each, tk increasing), held flat
+    outside them."""
+    k = tk.shape[1]
+    i = torch.searchsorted(tk.contiguous(), tq.contiguous()).clamp(1, k - 1)
+    t0, t1, h0, h1 = tk.gather(1, i - 1), tk.gather(1, i), hk.gather(1, i - 1), hk.gather(1, i)
+    w = ((tq - t0) / (t1 - t0).clamp_min(1e-6)).clamp(0, 1)
+    return h0 + w * (h1 - h0)
+
+
+def refine_eyelids(mesh: torch.Tensor, lm68: torch.Tensor) -> torch.Tensor:
+    """B×468×3 meshes whose eyelid contours open or close to the 68-point landmarks' eyes
+    (B×68×2, same pixels). The mesh's contour keeps its shape; each lid's height across the corner
+    line is scaled so that, where the landmarks have their lid points, it matches theirs
+    (within :data:`EYELID_SCALE`). The face mesh reads a squint or a downcast lid as an open eye
+    (its lids sit on the lashes), where dlib's points follow the lid: without this, a squinting
+    face's closed lids were rendered into an open eye as dark smudges, and an open eye was kept
+    where the attribute face's were closed."""
+    out = mesh.clone()
+    xy = mesh[..., :2].double()
+    lm = lm68.double()
+    for ring, (o, u1, u2, i, l1, l2) in EYELIDS:
+        ring_t = torch.as_tensor(ring, device=mesh.device)
+        c = xy[:, ring_t]  # B×16×2: outer corner, upper lid (7), inner corner, lower lid (7)
+        t, h = _lid_coords(c[:, :1], c[:, 8:9], c)
+        tl, hl = _lid_coords(lm[:, o:o + 1], lm[:, i:i + 1], lm[:, [u1, u2, l1, l2]])
+        d = c[:, 8] - c[:, 0]
+        normal = torch.stack([-d[:, 1], d[:, 0]], -1).unsqueeze(1)  # B×1×2, |normal| = the corner line's length
+        for lid, pts in ((slice(1, 8), slice(0, 2)), (slice(9, 16), slice(2, 4))):
+            order = torch.argsort(t[:, lid], 1)
+            tk, hk = t[:, lid].gather(1, order), h[:, lid].gather(1, order)
+            h_mesh = _interp(tl[:, pts], tk, hk)  # the mesh lid's height where the landmarks have theirs
+            scale = ((hl[:, pts] * h_mesh).sum(1) / (h_mesh ** 2).sum(1).clamp_min(1e-12)).clamp(*EYELID_SCALE)
+            move = (scale.view(-1, 1) - 1) * h[:, lid]  # B×7: change of height, in corner-line units
+            idx = ring_t[lid]
+            out[:, idx, :2] = (xy[:, idx] + move.unsqueeze(-1) * normal).to(mesh.dtype)
+    return out
+
+
+def eye_openness(mesh: torch.Tensor) -> torch.Tensor:
+    """B×2 (right, left): the area inside each eye's mesh contour over the squared distance
+    between its corners (B×468×(2|3) pixels); about 0.25 for an open eye, near 0 for a closed one."""
+    out = []
+    for ring, _ in EYELIDS:
+        c = mesh[:, ring, :2].double()
+        x, y = c[..., 0], c[..., 1]
+        area = 0.5 * (x * y.roll(-1, 1) - x.roll(-1, 1) * y).sum(1).abs()
+        out.append(area / ((c[:, 8] - c[:, 0]) ** 2).sum(-1).clamp_min(1e-12))
+    return torch.stack(out, 1).to(mesh.dtype)
+
+
 def reenact_mesh(mesh_a: torch.Tensor, mesh_b: torch.Tensor) -> torch.Tensor:
     """``M_ab``: a's 3D face in b's pose with b's mouth, eyelids and brow raise (B×468×3, b's pixels).
 
@@ -151,7 +225,8 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
         dict: ``face`` B×3×S×S (zeros off the mesh), ``covered`` B×1×S×S bool, ``labels`` B×1×S×S,
         ``hidden`` B×1×S×S bool (pixels whose point is hidden in a, or in a sliver the rasterization
         left out inside the outline: filled from their neighbours),
-        ``into_mouth`` B×1×S×S bool (pixels that would have shown a's mouth interior), and with
+        ``into_mouth`` B×1×S×S bool (pixels that would have shown a's mouth interior),
+        ``eyes_from_b`` B×1×S×S bool (eye openings sampled from b: :data:`EYE_FROM_B`), and with
         ``occluded_a`` ``occluded`` B×1×S×S: how much of each pixel samples what covers a (to leave
         out of the blend: a's hand is never pasted onto b).
     """
@@ -209,9 +284,15 @@ def render_mesh(img_a: torch.Tensor, mesh_a: torch.Tensor, img_b: torch.Tensor, 
         filled = covered & ~mouth & on_frame
         if bool(filled.any()):
             face_a = fill_inside_box(face_a, filled, covered & ~mouth & ~filled & ~into_mouth)
-    face = torch.where(mouth, face_b, face_a) * covered
+    # an eye that must open much wider than a's is open (a squint laid on an open eye) has no eye of
+    # a's to stretch over it (its lids and lashes would be stretched into a dark smudge): the eye
+    # openings sample b's eyes, as the mouth opening samples b's mouth (both eyes, so that the
+    # two match)
+    from_b = (eye_openness(mesh_a) < EYE_FROM_B * eye_openness(mesh_ab)).any(1).view(-1, 1, 1, 1)  # B×1×1×1
+    eyes_b = ((labels == fm.RIGHT_EYE_R) | (labels == fm.LEFT_EYE_R)) & from_b
+    face = torch.where(mouth | eyes_b, face_b, face_a) * covered
     out = {"face": face, "covered": covered, "labels": labels, "hidden": hidden, "into_mouth": into_mouth,
-           "stray_lip": stray}
+           "stray_lip": stray, "eyes_from_b": eyes_b}
     if filled is not None:
         out["filled"] = filled
     if occluded_a is not None:

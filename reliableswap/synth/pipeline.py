@@ -126,7 +126,8 @@ class Synthesizer:
                     glasses_attr: torch.Tensor | None = None, hair_id: torch.Tensor | None = None,
                     hair_attr: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The mesh path of :meth:`render` (see ``reliableswap.synth.meshswap``); adds ``mesh``
-        (B×468×3, the fake's face mesh) and ``kept`` (B, fraction of the reshape displacement kept
+        (B×468×3, the fake's face mesh, its eyelids where the face mesh reads them, as in a prep's
+        stored meshes; the render itself puts them where the 68 points see them) and ``kept`` (B, fraction of the reshape displacement kept
         to stay fold-free) to the outputs. ``hands_id``/``hands_attr``: B×1×S×S hand masks of the
         two crops (measured here with ``[masks] hands`` when None): the attribute face's hand stays
         in the fake, the identity face's hand is never pasted into it (``source_hand`` B×1×S×S:
@@ -153,7 +154,13 @@ class Synthesizer:
             img_id, lm_id, mesh_id = mirror_toward(img_id, lm_id, lm_attr, mesh_id, flip)
             hands_id, glasses_id, hair_id = (None if m is None else torch.where(flip.view(-1, 1, 1, 1), m.flip(-1), m)
                                              for m in (hands_id, glasses_id, hair_id))
+        # the lids where the 68 points see them (the mesh reads a squint as an open eye)
+        mesh_id, native_attr = meshswap.refine_eyelids(mesh_id, lm_id), mesh_attr
+        mesh_attr = meshswap.refine_eyelids(mesh_attr, lm_attr)
         mesh_ab = meshswap.reenact_mesh(mesh_id, mesh_attr)
+        # the fake's mesh as its readers know a face mesh (its 68 points, the glasses rays, the QC's
+        # mouth check), with b's lids where the face mesh reads them: on the lashes
+        mesh_out = meshswap.reenact_mesh(mesh_id, native_attr)
         flow = torch.zeros(img_attr.shape[0], 2, h, w, dtype=img_attr.dtype, device=img_attr.device)
         kept = torch.zeros(img_attr.shape[0], dtype=img_attr.dtype, device=img_attr.device)
         background = img_attr
@@ -188,7 +195,7 @@ class Synthesizer:
                 recoloured, _ = meshswap.skin_transfer(face, img_attr, m_src, m_ref, r.appearance.large_gap, lab_face, lab_b)
             else:
                 recoloured = appearance.transfer(method.value, face, img_attr, m_src, m_ref)
-            face = torch.where(labels == fm.MOUTH_R, face, recoloured)  # b's own mouth stays as it is
+            face = torch.where((labels == fm.MOUTH_R) | rend["eyes_from_b"], face, recoloured)  # b's own mouth and eyes stay as they are
         face = torch.where(covered, face, background)
         mask = meshswap.face_oval_mask(mesh_ab, h, r.blend.erode, r.blend.forehead, r.blend.feather)
         mask = mask * (1 - torch.maximum(occ, occ_b))
@@ -210,17 +217,17 @@ class Synthesizer:
             fake = blend.poisson_blend(face, background, mask)
         if frame_b is not None:  # a frame is a few pixels wide: the blend's low bands would wash it out, so it goes on last
             fake = fake * (1 - frame_b) + background * frame_b
-        lm_out = fm.mesh_to_68(mesh_ab).to(lm_attr.dtype)
+        lm_out = fm.mesh_to_68(mesh_out).to(lm_attr.dtype)
         if r.reshape.enabled and r.reshape.method == ReshapeMethod.tps:
             fake, flow, lm_out = reshape(fake, lm_out, lm_id, r.reshape.strength)
-        out = {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_ab, "kept": kept}
+        out = {"fake": fake, "landmarks": lm_out, "mask": mask, "flow": flow, "mesh": mesh_out, "kept": kept}
         if occluded_a is not None:
             out["source_hand"] = rend["occluded"]  # where the render sampled the identity face's hand (or stored hair)
         if glasses_id is not None:
             out["source_glasses"] = rend.get("filled", torch.zeros_like(covered))  # where a's frame was filled
             # the fill could not clean it: the fake still reads as wearing glasses that only a wore
             only_a = (glasses_id.flatten(1).amax(1) > 0) & (glasses_attr.flatten(1).amax(1) == 0)
-            out["glasses_left"] = only_a & (glasses_score(fake, mesh_ab) >= MIN_RAYS) if bool(only_a.any()) else only_a
+            out["glasses_left"] = only_a & (glasses_score(fake, mesh_out) >= MIN_RAYS) if bool(only_a.any()) else only_a
         return out
 
     def blend_mask(self, lm: torch.Tensor, h: int, w: int) -> torch.Tensor:

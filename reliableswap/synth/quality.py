@@ -14,7 +14,7 @@ import torch
 
 from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.faces.mesh import load_face_mesh, mouth_open_ratio
-from reliableswap.faces.pose import expression_error, head_pose
+from reliableswap.faces.pose import expression_error, eye_openness_error, head_pose
 from reliableswap.geometry.grid import jacobian_determinant
 from reliableswap.images import to_uint8
 from reliableswap.judge import Judge, keep_leak_margin, load_judge
@@ -24,7 +24,8 @@ from reliableswap.synth.learned import FACE, FaceParser, class_mask
 class QualityChecker:
     """Per fake: ``id_keep``, ``id_leak``, ``id_margin`` (the judge's), ``pose_err`` (deg, max over
     yaw/pitch/roll), ``expr_err`` (68-point expression landmarks after a similarity on the rigid
-    points, interocular units; the fake's re-measured against its attribute donor's) and ``seam``; with the
+    points, interocular units; the fake's re-measured against its attribute donor's), ``eye_err``
+    (the larger of the two eyes' eye-aspect-ratio differences, same landmarks) and ``seam``; with the
     reshape ``flow``, ``fold`` (smallest Jacobian determinant: ≤ 0 means the warp folds); with the
     fake's expected mesh, ``mouth_err`` (|measured − expected| inner-lip gap / mouth width); with a
     face ``parser`` (``[masks] backend = "bisenet"``), ``face_parse``: the share of the blend mask
@@ -52,8 +53,9 @@ class QualityChecker:
         pose_a = head_pose(lm_attr.detach().cpu().double())
         pose_err = (pose_f - pose_a).abs().amax(-1).numpy()
         expr_err = expression_error(torch.from_numpy(measured).double(), lm_attr.detach().cpu().double()).numpy()
+        eye_err = eye_openness_error(torch.from_numpy(measured), lm_attr.detach().cpu()).numpy()
         out = {"id_keep": ident["keep"], "id_leak": ident["leak"], "id_margin": ident["margin"], "pose_err": pose_err,
-               "expr_err": expr_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
+               "expr_err": expr_err, "eye_err": eye_err, "seam": seam_score(fake, img_attr, mask).cpu().numpy()}
         if flow is not None:
             out["fold"] = jacobian_determinant(flow).flatten(1).amin(1).cpu().numpy()
         if self.parser is not None:
