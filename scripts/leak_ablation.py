@@ -179,6 +179,7 @@ class Bench:
                 row[f"glasses_{d}"] = round(float(glasses_score(fake, cat[f"mesh_{d}"]).mean()), 3)
         if self.fidnet is not None:
             f = self.features(torch.cat([cat["fake_st"], cat["fake_ts"]]))
+            self.per_fake["fakes"] = {"inception": f.numpy()}  # the st fakes of every pair, then the ts fakes
             kid, _ = kernel_inception_distance(f, self.real_feats)
             row |= {"fid": round(frechet_distance(f, self.real_feats), 2), "kid": round(kid, 4)}
         return row
@@ -192,7 +193,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--fid", action="store_true", help="also FID/KID of the fakes against the real crops")
     ap.add_argument("--variants", nargs="*", default=None, help="row names (default: all)")
-    ap.add_argument("--dump", type=Path, default=None, help="write each row's per-fake margin, expression and pose error (.npz) here")
+    ap.add_argument("--dump", type=Path, default=None, help="write each row's per-fake margin, expression, eye and pose error "
+                    "(and with --fid the fakes' and real crops' Inception features, for scripts/fid_bootstrap.py) here")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     prep = a.prep
@@ -219,6 +221,8 @@ def main() -> None:
             a.dump.mkdir(parents=True, exist_ok=True)
             np.savez(a.dump / f"{name.replace(' ', '_').replace('/', '_')}.npz",
                      **{f"{k}_{d}": v for d, f in bench.per_fake.items() for k, v in f.items()})
+            if bench.real_feats is not None:
+                np.save(a.dump / "real_inception.npy", bench.real_feats.numpy())
         print(json.dumps({"variant": name, **rows[name]}), flush=True)
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "pairs": len(pairs), "prep": str(prep), "rows": rows}
