@@ -208,6 +208,10 @@ class OnnxGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(inputs)}")
+        # image batches channels-last: the convolutions (depthwise ones above all) run twice as fast
+        # on the CPU in that layout (SFace, 32 faces: 0.80 → 0.40 s on 2 cores); values are the same
+        inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 and x.is_floating_point() else x
+                       for x in inputs)
         env: dict[str, torch.Tensor] = dict(zip(self.inputs, inputs))
         for op, ins, outs, attrs in self.steps:
             args = [None if not i else env[i] if i in env else getattr(self, self._names[i]) for i in ins]
