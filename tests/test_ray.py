@@ -216,7 +216,8 @@ def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(
     assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
     kept = len(list((out / ".triplets" / "units").glob("*.json")))
     assert 1 <= kept < ls["details"]["chunks"]
-    s = run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address))
+    # the rerun on one actor a stage (each actor loads every model: seconds of the suite)
+    s = run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address, workers=1))
     assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
     assert _files(out, "*.jpg") == _files(local, "*.jpg") and _temps(out) == []
 
@@ -229,7 +230,7 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, ray_pairs, ray_ad
     out.mkdir()
     (out / "00000001").write_text("in the way")
     with pytest.raises(OSError) as e:
-        run_triplets(prepped[0], ray_pairs, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address))
+        run_triplets(prepped[0], ray_pairs, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address, workers=1))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
     assert "00000001" in str(e.value)
     # the run's fetch threads ended before it left the cluster (one still in ray.get then makes
@@ -257,7 +258,7 @@ def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray
     again = run_prep(inputs, tmp_path / "ray", PrepConfig(), workers=1)
     assert again["counts"]["written_this_run"] == n_lost and again["counts"]["skipped"] == again["counts"]["in"] - 2
     assert (tmp_path / "ray" / "faces.jsonl").read_bytes() == (tmp_path / "local" / "faces.jsonl").read_bytes()
-    third = run_prep(inputs, tmp_path / "ray", PrepConfig(), ray=RayOptions(address=ray_address))
+    third = run_prep(inputs, tmp_path / "ray", PrepConfig(), ray=RayOptions(address=ray_address, workers=1))
     assert third["counts"]["written_this_run"] == 0 and _files(tmp_path / "ray", "*.png") == _files(tmp_path / "local", "*.png")
 
 
