@@ -46,8 +46,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, real: np.ndarray, draws: int,
         r = real[rng.integers(0, len(real), len(real))] if resample_real else real
         diffs[k] = frechet_distance(b[idx], r) - frechet_distance(a[idx], r)
     lo, mid, hi = np.percentile(diffs, [2.5, 50, 97.5])
-    return {"fid_a": round(frechet_distance(a, real), 2), "fid_b": round(frechet_distance(b, real), 2),
-            "diff": round(frechet_distance(b, real) - frechet_distance(a, real), 2),
+    fid_a, fid_b = frechet_distance(a, real), frechet_distance(b, real)
+    return {"fid_a": round(fid_a, 2), "fid_b": round(fid_b, 2), "diff": round(fid_b - fid_a, 2),
             "diff_ci95": [round(float(lo), 2), round(float(hi), 2)], "diff_median": round(float(mid), 2),
             "share_b_worse": round(float((diffs > 0).mean()), 3), "draws": draws, "pairs": p, "real": len(real)}
 

@@ -167,14 +167,12 @@ class Bench:
             emb = self.judge.embed(fake, lm)
             keep, leak = self.judge.score(emb, keep_ref), self.judge.score(emb, leak_ref)
             margin = (keep - leak).numpy()
-            eye = eye_openness_error(lm, lm_attr).numpy()
-            self.per_fake[d] = {"margin": margin, "expr_err": expression_error(lm, lm_attr).numpy(),
-                                "pose_err": pose_error(lm, lm_attr).numpy(), "eye_err": eye}
+            figs = self.per_fake[d] = {"margin": margin, "expr_err": expression_error(lm, lm_attr).numpy(),
+                                       "pose_err": pose_error(lm, lm_attr).numpy(), "eye_err": eye_openness_error(lm, lm_attr).numpy()}
             row |= {f"keep_{d}": round(float(keep.mean()), 3), f"leak_{d}": round(float(leak.mean()), 3),
                     f"margin_median_{d}": round(float(np.median(margin)), 3), f"positive_{d}": round(float((margin > 0).mean()), 3),
-                    f"expr_err_{d}": round(float(expression_error(lm, lm_attr).mean()), 4),
-                    f"pose_err_{d}": round(float(pose_error(lm, lm_attr).mean()), 2),
-                    f"eye_err_{d}": round(float(eye.mean()), 4)}
+                    f"expr_err_{d}": round(float(figs["expr_err"].mean()), 4), f"pose_err_{d}": round(float(figs["pose_err"].mean()), 2),
+                    f"eye_err_{d}": round(float(figs["eye_err"].mean()), 4)}
             if f"mesh_{d}" in cat:  # how much the fakes read as wearing glasses (the rays' test below the eyes)
                 row[f"glasses_{d}"] = round(float(glasses_score(fake, cat[f"mesh_{d}"]).mean()), 3)
         if self.fidnet is not None:

@@ -196,3 +196,13 @@ def test_polygon_mask_tests_only_the_polygons_box_and_equals_the_whole_grid_test
         whole = ((crosses & (xs < p0[..., 0] + t * (p1[..., 0] - p0[..., 0]))).sum(-1) % 2).float()[:, None]
         assert torch.equal(polygon_mask(poly, h, w), whole)
     assert polygon_mask(torch.tensor([[[-9.0, -9.0], [-5.0, -9.0], [-5.0, -5.0]]]), h, w).sum() == 0
+
+
+def test_piecewise_linear_passes_through_its_knots_and_is_flat_outside():
+    from reliableswap.geometry.fields import piecewise_linear
+
+    xk = torch.tensor([[0.0, 1.0, 3.0], [-1.0, 0.0, 2.0]])
+    yk = torch.tensor([[0.0, 2.0, 0.0], [5.0, 1.0, 1.0]])
+    assert torch.allclose(piecewise_linear(xk, xk, yk), yk)
+    got = piecewise_linear(torch.tensor([[0.5, 2.0, -4.0, 9.0], [-0.5, 1.0, -3.0, 3.0]]), xk, yk)
+    assert torch.allclose(got, torch.tensor([[1.0, 1.0, 0.0, 0.0], [3.0, 1.0, 5.0, 1.0]]))

@@ -1,4 +1,5 @@
-"""Dense fields: harmonic (Laplace) extension from known pixels, and colour-wheel rendering of flows.
+"""Dense fields: harmonic (Laplace) extension from known pixels, colour-wheel rendering of flows, and
+piecewise-linear functions through knots (colour quantile maps, eyelid profiles).
 
 Fields are B×C×H×W; flows B×2×H×W pixel offsets.
 """
@@ -37,3 +38,14 @@ def flow_to_color(flow: torch.Tensor, max_mag: float | None = None) -> torch.Ten
     top = max_mag if max_mag is not None else mag.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
     hsv = torch.cat([ang, (mag / top).clamp(0, 1), torch.ones_like(mag)], 1)
     return hsv_to_rgb(hsv)
+
+
+def piecewise_linear(xq: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear function through the knots ``(xk, yk)`` (…×K each, ``xk`` increasing
+    along the last dimension) at ``xq`` (…×N, the same leading dimensions), held flat outside the
+    knots."""
+    k = xk.shape[-1]
+    i = torch.searchsorted(xk.contiguous(), xq.contiguous()).clamp(1, k - 1)
+    x0, x1, y0, y1 = xk.gather(-1, i - 1), xk.gather(-1, i), yk.gather(-1, i - 1), yk.gather(-1, i)
+    t = ((xq - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0, 1)
+    return y0 + t * (y1 - y0)

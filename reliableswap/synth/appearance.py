@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
+from reliableswap.geometry.fields import piecewise_linear
+
 
 def masked_stats(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted per-channel mean and std: B×C×1×1 each."""
@@ -96,12 +98,7 @@ def sliced_ot(
         sr = torch.gather(pr, 2, idx_r.unsqueeze(1).expand(-1, c, -1))
         qx = torch.quantile(sx, qs, dim=2).permute(1, 2, 0).contiguous()  # B×C×Q
         qr = torch.quantile(sr, qs, dim=2).permute(1, 2, 0).contiguous()
-        # piecewise-linear map qx → qr applied to every pixel
-        k = torch.searchsorted(qx, px.contiguous()).clamp(1, qs.numel() - 1)
-        x0, x1 = qx.gather(2, k - 1), qx.gather(2, k)
-        y0, y1 = qr.gather(2, k - 1), qr.gather(2, k)
-        t = ((px - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0, 1)
-        x = rot.T @ (y0 + t * (y1 - y0))
+        x = rot.T @ piecewise_linear(px, qx, qr)  # the quantile map qx → qr applied to every pixel
     return x.reshape(b, c, h, w).clamp(0, 1)
 
 

@@ -38,7 +38,7 @@ from kornia.filters import gaussian_blur2d
 
 from reliableswap.faces import mesh as fm
 from reliableswap.faces.masks import soft_polygon_mask
-from reliableswap.geometry.fields import harmonic_fill
+from reliableswap.geometry.fields import harmonic_fill, piecewise_linear
 from reliableswap.geometry.grid import border_points, jacobian_determinant, pixel_grid, warp_backward
 from reliableswap.geometry.raster import interpolate, polygon_mask, rasterize
 from reliableswap.geometry.tps import dense_field
@@ -122,16 +122,6 @@ def _lid_coords(p0: torch.Tensor, p1: torch.Tensor, pts: torch.Tensor) -> tuple[
     return t, h
 
 
-def _interp(tq: torch.Tensor, tk: torch.Tensor, hk: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear h(tq) through the knots (tk, hk) (B×K each, tk increasing), held flat
-    outside them."""
-    k = tk.shape[1]
-    i = torch.searchsorted(tk.contiguous(), tq.contiguous()).clamp(1, k - 1)
-    t0, t1, h0, h1 = tk.gather(1, i - 1), tk.gather(1, i), hk.gather(1, i - 1), hk.gather(1, i)
-    w = ((tq - t0) / (t1 - t0).clamp_min(1e-6)).clamp(0, 1)
-    return h0 + w * (h1 - h0)
-
-
 def refine_eyelids(mesh: torch.Tensor, lm68: torch.Tensor) -> torch.Tensor:
     """B×468×3 meshes whose eyelid contours open or close to the 68-point landmarks' eyes
     (B×68×2, same pixels). The mesh's contour keeps its shape; each lid's height across the corner
@@ -153,7 +143,7 @@ def refine_eyelids(mesh: torch.Tensor, lm68: torch.Tensor) -> torch.Tensor:
         for lid, pts in ((slice(1, 8), slice(0, 2)), (slice(9, 16), slice(2, 4))):
             order = torch.argsort(t[:, lid], 1)
             tk, hk = t[:, lid].gather(1, order), h[:, lid].gather(1, order)
-            h_mesh = _interp(tl[:, pts], tk, hk)  # the mesh lid's height where the landmarks have theirs
+            h_mesh = piecewise_linear(tl[:, pts], tk, hk)  # the mesh lid's height where the landmarks have theirs
             scale = ((hl[:, pts] * h_mesh).sum(1) / (h_mesh ** 2).sum(1).clamp_min(1e-12)).clamp(*EYELID_SCALE)
             move = (scale.view(-1, 1) - 1) * h[:, lid]  # B×7: change of height, in corner-line units
             idx = ring_t[lid]
