@@ -25,6 +25,8 @@ from reliableswap.evaluation import frechet_distance
 def load_row(dump: Path, row: str) -> np.ndarray:
     """The row's fakes' Inception features: 2P×D, the st fakes of P pairs, then their ts fakes."""
     path = Path(row) if row.endswith(".npz") else dump / f"{row}.npz"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such row dump (rows are the .npz files leak_ablation.py --dump writes)")
     with np.load(path) as z:
         if "inception_fakes" not in z.files:
             raise SystemExit(f"{path}: no Inception features (dump it with leak_ablation.py --fid --dump)")
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fixed-real", action="store_true", help="keep the real crops fixed (resample the pairs only)")
     a = ap.parse_args()
+    if not (a.dump / "real_inception.npy").is_file():
+        raise SystemExit(f"{a.dump}: no real_inception.npy (dump the rows with leak_ablation.py --fid --dump)")
     real = np.load(a.dump / "real_inception.npy").astype(np.float64)
     res = paired_bootstrap(load_row(a.dump, a.row_a), load_row(a.dump, a.row_b), real, a.draws, a.seed, not a.fixed_real)
     print(json.dumps({"a": a.row_a, "b": a.row_b, **res}))
