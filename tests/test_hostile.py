@@ -408,8 +408,8 @@ def test_kill_and_resume_flows(tmp_path, fitted_first):
     """`flows` killed mid-run resumes to the uninterrupted run's files: byte for byte when `fit`
     ran first; within float32 rounding of the fits when faces are fitted on the fly (the resumed
     run fits the remaining faces in other batches)."""
-    prep = write_synthetic_prep(tmp_path / "prep", 24)
-    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{(i + 1) % 24:05d}") for i in range(24)])
+    prep = write_synthetic_prep(tmp_path / "prep", 12)
+    PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{(i + 1) % 12:05d}") for i in range(12)])
     model = write_model(tmp_path / "generic_model.pkl")
     write_embeddings(tmp_path)
     if fitted_first:
@@ -418,11 +418,11 @@ def test_kill_and_resume_flows(tmp_path, fitted_first):
     assert _cli(*args, "--out", tmp_path / "ref").returncode == 0
     _kill_when([*args, "--out", tmp_path / "cut"], lambda: len(list((tmp_path / "cut" / ".flows" / "units").glob("*.json"))) >= 2)
     done = len(list((tmp_path / "cut" / ".flows" / "units").glob("*.json")))
-    assert 2 <= done < 24
+    assert 2 <= done < 12
     assert _cli(*args, "--out", tmp_path / "cut").returncode == 0
     a = [json.loads(line) for line in (tmp_path / "cut" / "manifest.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "ref" / "manifest.jsonl").read_text().splitlines()]
-    assert [r["key"] for r in a] == [r["key"] for r in b] and len(a) == 24
+    assert [r["key"] for r in a] == [r["key"] for r in b] and len(a) == 12
     for p in sorted((tmp_path / "ref" / "flows").glob("*.npz")):
         with np.load(p) as x, np.load(tmp_path / "cut" / "flows" / p.name) as y:
             for k in x.files:
@@ -457,23 +457,6 @@ def test_kill_and_resume_finetune(tmp_path):
 
     a, b = load_file(str(ck / "step-0000040.safetensors")), load_file(str(tmp_path / "ref" / "checkpoints" / "step-0000040.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
-def test_prep_workers_die_with_their_parent(faces_dir, tmp_path):
-    psutil = pytest.importorskip("psutil")
-    proc = subprocess.Popen([*CLI, "prep", faces_dir / "london_set", faces_dir / "ffhq", "--out", tmp_path / "o", "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    units = tmp_path / "o" / ".prep" / "units"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(units.glob("*.json"))) < 2:
-        time.sleep(0.05)
-    family = psutil.Process(proc.pid).children(recursive=True)
-    assert len(family) >= 2
-    os.kill(proc.pid, signal.SIGKILL)  # only the main process: its workers must follow
-    proc.wait()
-    gone, alive = psutil.wait_procs(family, timeout=15)
-    assert not alive, [p.pid for p in alive]
 
 
 # -- third round: no code from a data folder, bounded decodes, no silent loss ---------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -98,6 +99,10 @@ def _tree(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
+    """kill -9 of the main process alone mid-run: its prep workers end with it (none is left
+    running or writing), and a re-run resumes to the uninterrupted run's files, byte for byte."""
+    import psutil
+
     inputs = [str(faces_dir / d) for d in ("london_set", "hard")]  # faces, odd files and files with no face
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     n = run_prep(inputs, ref, PrepConfig(), workers=2)["counts"]["in"]
@@ -107,8 +112,13 @@ def test_kill_and_resume_gives_same_files(faces_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list(records.glob("*.json"))) < 6:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)  # only the main process: its workers must follow
     proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # (should the check below fail, nothing is left running)
+    assert len(family) >= 2 and not alive, ([p.pid for p in family], [p.pid for p in alive])
     n_done = len(list(records.glob("*.json")))
     assert 6 <= n_done < n, "the run must be cut mid-way"
     assert not (cut / "faces.jsonl").exists()

@@ -42,8 +42,8 @@ RAY = Path(sys.executable).with_name("ray")
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
 #: The default recipe with its QC measured and no pair dropped: these tests compare engines.
 QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
-#: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves three to retry.
-RAY_PAIRS = 8
+#: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves two to retry.
+RAY_PAIRS = 6
 
 
 def _free_port() -> int:
