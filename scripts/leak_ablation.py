@@ -7,7 +7,8 @@ The rules: the brows, eyes and lips always in the blend mask (``feature_mask``) 
 trim stopping above the brows; the occluder rule limited to the forehead (hair, hats); each brow
 moved by the target's brow raise; the target's eyelids and mouth shape; the source's teeth kept
 off the fake's lips (``mouth_interior``); the source's upper lip left outside its mesh kept off the
-fake's skin (``stray_upper_lip``); the mesh's eyelids moved to the 68 points' lids
+fake's skin (``stray_upper_lip``); the source's mesh lips moved onto the lips its image shows
+(``refine_lips``); the mesh's eyelids moved to the 68 points' lids
 (``refine_eyelids``); the target's eye in an opening the source's eye cannot fill (``EYE_FROM_B``);
 the hand masks; the glasses rule; the colour transfer; the reshape; the
 outline's erosion.
@@ -109,6 +110,7 @@ def variants() -> dict:
         "no mouth shape from the target": (same, lambda: zero_weight("w_mouth")),
         "source's teeth allowed on the lips": (same, lambda: patched(meshswap, "mouth_interior", lambda img, labels, *a, **k: labels == fm.MOUTH_R)),
         "source's upper lip outside its mesh kept": (same, lambda: patched(meshswap, "stray_upper_lip", lambda img, mesh, labels: torch.zeros_like(labels, dtype=torch.bool))),
+        "source's lips as its mesh fits them": (same, lambda: patched(meshswap, "refine_lips", lambda img, mesh: mesh)),
         "no hand masks": (over({"masks.hands": False}), none),
         "no glasses rule (masks.glasses = off)": (over({"masks.glasses": "off"}), none),
         "target's glasses kept (masks.glasses = keep)": (over({"masks.glasses": "keep"}), none),

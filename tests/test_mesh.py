@@ -163,6 +163,41 @@ def test_the_mesh_s_eyelids_follow_the_68_points_and_nothing_else_moves(real):
     assert agreement(ref) > 0.95 and agreement(mesh) < 0.5  # measured: 0.99 against 0.25
 
 
+def test_the_lips_cover_the_lips_the_image_shows(real):
+    """A grin's mesh lips sit on its teeth (the upper lip lifted above the fitted contour):
+    ``refine_lips`` moves only the lip rings and the skin between the upper lip and the nose, in
+    the image plane. Over the shared faces whose mesh lips show teeth or the mouth's cavity (more
+    than 15 % of the lip), that share falls by a fifth; no face's lips take more of its teeth; lips
+    that show none (under 5 %) barely move."""
+    _, imgs, lm, mesh = real
+    ref = ms.refine_lips(imgs, mesh)
+    assert torch.equal(ref[..., 2], mesh[..., 2])
+    move = (ref - mesh)[..., :2].norm(dim=-1)  # B×468
+    rings = sorted({v for ring in ms.LIP_RINGS for v in ring})
+    others = [v for v in range(468) if v not in rings]
+    # the skin that follows lies below the nose base's level (towards the mouth), never past it,
+    # and moves less than the lips
+    nose = mesh[:, ms.SUBNASALE, :2].unsqueeze(1)
+    up = torch.nn.functional.normalize(nose[:, 0] - mesh[:, fm.LIPS_OUTER[5], :2], dim=-1).unsqueeze(1)
+    skin = move[:, others] > 0  # B×N
+    assert bool(skin.any())
+    assert bool((((mesh[:, others, :2] - nose) * up).sum(-1)[skin] <= 1e-3).all())
+    assert bool((move[:, others] <= move[:, rings].amax(1, keepdim=True) + 1e-4).all())
+    labels0 = ms.region_map(mesh, imgs.shape[-1])[2]
+    inside = ms.teeth_or_cavity(imgs, *ms.skin_lab_stats(imgs, labels0))
+
+    def share(m: torch.Tensor) -> torch.Tensor:  # B: the lip pixels that read as teeth or cavity
+        lips = ms.region_map(m, imgs.shape[-1])[2] == fm.LIPS_R
+        return (lips & inside).flatten(1).sum(1) / lips.flatten(1).sum(1).clamp_min(1)
+
+    before, after = share(mesh), share(ref)
+    grin, closed = before > 0.15, before < 0.05
+    assert int(grin.sum()) >= 5 and int(closed.sum()) >= 5
+    assert float(after[grin].mean()) < 0.85 * float(before[grin].mean())  # measured: 0.305 → 0.241 over 36 faces
+    assert float((after - before).max()) < 0.01  # no face's lips take more of its teeth (measured: +0.002 at most)
+    assert float(move[closed][:, rings].amax()) <= 2.0  # measured: 1.5 px at most
+
+
 def test_the_fake_s_eyes_are_as_open_as_the_target_s(real):
     """The most closed eyes of the shared faces as identity donors onto the most open as targets,
     and the reverse: the fakes' re-measured eye openness (dlib's eye aspect ratio) is closer to the

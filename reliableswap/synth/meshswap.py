@@ -151,6 +151,110 @@ def refine_eyelids(mesh: torch.Tensor, lm68: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: The face mesh's four lip rings, outer to inner, index-aligned (corner, upper lip 1–9, corner,
+#: lower lip 11–19): vertex k of every ring lies on the line from the outer to the inner ring's k.
+LIP_RINGS = (fm.LIPS_OUTER,
+             [76, 184, 74, 73, 72, 11, 302, 303, 304, 408, 306, 307, 320, 404, 315, 16, 85, 180, 90, 77],
+             [62, 183, 42, 41, 38, 12, 268, 271, 272, 407, 292, 325, 319, 403, 316, 15, 86, 179, 89, 96],
+             fm.LIPS_INNER)
+#: Columns of the upper lip (between the corners, 0 and 10) and of the lower lip.
+UPPER_COLS, LOWER_COLS = tuple(range(1, 10)), tuple(range(11, 20))
+#: The lips keep at least this fraction of the mesh's thickness when their inner contour moves
+#: off the teeth.
+LIP_MIN_KEEP = 0.25
+#: The upper lip's outer contour moves up by at most this many times as far as its inner contour
+#: moved off the teeth: the mesh laid the whole lip too low, and only where it did (a lip-red
+#: shadow under the nose above a lip the mesh fits stays skin).
+LIP_MAX_GROW = 1.5
+#: Pixels between the samples of a lip column.
+LIP_STEP = 0.5
+
+
+def teeth_or_cavity(img: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """B×1×H×W bool: what a mouth shows inside its lips in ``img`` (B×3×H×W in [0, 1]), against the
+    face's skin colour (CIE-LAB mean ``mu`` and spread ``sd``, B×3×1×1, :func:`skin_lab_stats`):
+    teeth, brighter and less red than the skin; the cavity, :data:`CAVITY_SD` spreads darker."""
+    lab = rgb_to_lab(img.clamp(0, 1).float())
+    ell, a_star = lab[:, :1], lab[:, 1:2]
+    return ((a_star < mu[:, 1:2]) & (ell > mu[:, :1])) | (ell < mu[:, :1] - CAVITY_SD * sd[:, :1])
+
+
+def _run_length(hit: torch.Tensor) -> torch.Tensor:
+    """…×K bool samples along rays → …: how many samples from the first one are all True."""
+    return torch.cumprod(hit.to(torch.uint8), -1).sum(-1)
+
+
+def refine_lips(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
+    """B×468×3 meshes whose lips cover the lips the image (B×3×S×S in [0, 1]) shows. The face mesh
+    fits a wide grin's lips where a closed mouth's would be: its upper lip contour sits below the
+    lifted upper lip, its inner contours on the teeth. Read through such a mesh, the lip laid on a
+    closed mouth was teeth (filled with skin) under a band of the real upper lip. Along each lip
+    column (the four lip rings' vertices k), in the direction from the lip's middle to the nose base
+    (down for the lower lip):
+
+    - the inner contour moves outwards over what reads as teeth or the mouth's cavity
+      (:func:`teeth_or_cavity`), keeping at least :data:`LIP_MIN_KEEP` of the lip's thickness;
+    - the upper lip's outer contour moves up over the upper lip the mesh left out
+      (:func:`stray_upper_lip`), at most :data:`LIP_MAX_GROW` times as far as its inner contour
+      moved, a single column no further than its neighbours (a median of three); the skin above
+      follows, less and less up to the nose base, so no triangle folds.
+
+    The two lip rings between move with the contours, linearly along the column; z is kept. Where
+    the colours show no teeth and no left-out lip (a closed mouth the mesh fits), nothing moves."""
+    s = img.shape[-1]
+    dev = mesh.device
+    xy = mesh[..., :2].float()
+    labels = region_map(mesh, s)[2]
+    inside = teeth_or_cavity(img, *skin_lab_stats(img, labels))
+    stray = stray_upper_lip(img, mesh, labels)
+    maps = torch.cat([inside, stray], 1).float()  # B×2×S×S
+    rings = torch.as_tensor(LIP_RINGS, device=dev)  # 4×20
+    outer, inner = xy[:, rings[0]], xy[:, rings[3]]  # B×20×2
+    nose = xy[:, SUBNASALE].unsqueeze(1)  # B×1×2
+    up = torch.nn.functional.normalize(nose[:, 0] - outer[:, 5], dim=-1).unsqueeze(1)  # B×1×2
+    sign = torch.zeros(20, device=dev)
+    sign[list(UPPER_COLS)], sign[list(LOWER_COLS)] = 1.0, -1.0
+    unit = sign.view(1, -1, 1) * up  # B×20×2: outwards from the mouth (zero at the corners)
+    thick = ((outer - inner) * unit).sum(-1).clamp_min(0)  # B×20
+    rise = ((nose - outer) * up).sum(-1).clamp_min(0)  # B×20
+    span = torch.cat([thick, (LIP_MAX_GROW + 1) * thick], 1).amax() + 2
+    k = int(torch.ceil(span / LIP_STEP)) + 1
+    steps = torch.arange(k, device=dev, dtype=xy.dtype) * LIP_STEP  # K
+    ray = (unit.unsqueeze(2) * steps.view(1, 1, -1, 1))  # B×20×K×2
+
+    def sample(m: torch.Tensor, start: torch.Tensor) -> torch.Tensor:  # B×1×S×S, B×20×2 → B×20×K bool
+        grid = (start.unsqueeze(2) + ray + 0.5) / s * 2 - 1
+        return torch.nn.functional.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0] > 0.5
+
+    move_in = (_run_length(sample(maps[:, :1], inner)) * LIP_STEP).minimum((1 - LIP_MIN_KEEP) * thick)  # B×20
+    grow = (_run_length(sample(maps[:, 1:], outer + LIP_STEP * unit)[..., :]) * LIP_STEP)
+    grow = grow.minimum(LIP_MAX_GROW * move_in).minimum(STRAY_LIP_BAND * rise) * (sign > 0)
+    grow = torch.stack([grow.roll(1, 1), grow, grow.roll(-1, 1)], -1).median(-1).values * (sign > 0)  # corners are 0
+    out = xy.clone()
+    for ring in rings:  # each lip vertex: the two contours' moves, mixed by where it lies on its column
+        t = (((xy[:, ring] - inner) * unit).sum(-1) / thick.clamp_min(1e-6)).clamp(0, 1)  # B×20
+        out[:, ring] = xy[:, ring] + ((1 - t) * move_in + t * grow).unsqueeze(-1) * unit
+    # the skin between the upper lip and the nose base follows the lip's outer contour: fully at
+    # the contour, not at all at the nose base's level
+    corner0, axis = outer[:, 0], outer[:, 10] - outer[:, 0]
+    axis_len2 = (axis ** 2).sum(-1, keepdim=True).clamp_min(1e-6)  # B×1
+    along = lambda p: ((p - corner0.unsqueeze(1)) * axis.unsqueeze(1)).sum(-1) / axis_len2  # noqa: E731
+    height = lambda p: ((p - corner0.unsqueeze(1)) * up).sum(-1)  # noqa: E731
+    cols = [0, *UPPER_COLS, 10]
+    knots, order = torch.sort(along(outer[:, cols]), 1)
+    tv, hv = along(xy), height(xy)  # B×468
+    h_lip = piecewise_linear(tv, knots, height(outer[:, cols]).gather(1, order))
+    g = piecewise_linear(tv, knots, grow[:, cols].gather(1, order))
+    h_nose = height(nose)  # B×1
+    w = ((h_nose - hv) / (h_nose - h_lip).clamp_min(1e-6)).clamp(0, 1) * (hv > h_lip) * (tv > 0) * (tv < 1)
+    skin = torch.ones(mesh.shape[1], dtype=torch.bool, device=dev)
+    skin[rings.flatten()] = False
+    out = torch.where(skin.view(1, -1, 1), out + (w * g).unsqueeze(-1) * up, out)
+    res = mesh.clone()
+    res[..., :2] = out.to(mesh.dtype)
+    return res
+
+
 def eye_openness(mesh: torch.Tensor) -> torch.Tensor:
     """B×2 (right, left): the area inside each eye's mesh contour over the squared distance
     between its corners (B×468×(2|3) pixels); about 0.25 for an open eye, near 0 for a closed one."""
@@ -337,15 +441,10 @@ def mouth_interior(img: torch.Tensor, labels: torch.Tensor, dilate: int = 1) -> 
     lips = labels == fm.LIPS_R
     if bool(lips.any()):
         # the colour tests only inside the lips' box
-        mu, sd = skin_lab_stats(img, labels)
         ys, xs = torch.nonzero(lips.any(0)[0], as_tuple=True)
         box = (..., slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
-        lab = rgb_to_lab(img[box].clamp(0, 1).float())
-        ell, a_star = lab[:, :1], lab[:, 1:2]
-        teeth = (a_star < mu[:, 1:2]) & (ell > mu[:, :1])
-        cavity = ell < mu[:, :1] - CAVITY_SD * sd[:, :1]
         inner = inner.clone()
-        inner[box] = inner[box] | (lips[box] & (teeth | cavity))
+        inner[box] = inner[box] | (lips[box] & teeth_or_cavity(img[box], *skin_lab_stats(img, labels)))
     if dilate > 0:
         k = 2 * dilate + 1
         inner = torch.nn.functional.max_pool2d(inner.float(), k, 1, dilate) > 0.5

@@ -170,8 +170,9 @@ class Synthesizer:
             background = warp_backward(img_attr, flow, "border")
         backend = r.flame.rasterizer.value
         occluded_a = _union(hands_id, hair_id)  # what covers a's face and must not come along: its hands, stored hair
-        rend = meshswap.render_mesh(img_id, mesh_id, img_attr, mesh_attr, mesh_ab, backend, occluded_a=occluded_a,
-                                      fill_a=glasses_id)
+        # a's texture is read through its lips as the image shows them (a grin's mesh lips sit on the teeth)
+        rend = meshswap.render_mesh(img_id, meshswap.refine_lips(img_id, mesh_id), img_attr, mesh_attr, mesh_ab, backend,
+                                    occluded_a=occluded_a, fill_a=glasses_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
         if self.restorer is not None:
             face = torch.where(covered, self.restorer(torch.where(covered, face, background)), face)
