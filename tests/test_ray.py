@@ -30,7 +30,7 @@ from reliableswap.commands.prep import PrepConfig, run_prep  # noqa: E402
 from reliableswap.commands.triplets import run_triplets  # noqa: E402
 from reliableswap.engine import _RAY_DATA_FETCH_THREADS, RayOptions, WorkerLost, cluster  # noqa: E402
 from reliableswap.pairs import make_pairs  # noqa: E402
-from reliableswap.recipes import PairsSection, TripletRecipe  # noqa: E402
+from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe  # noqa: E402
 from reliableswap.testing.faces import write_synthetic_prep  # noqa: E402
 from reliableswap.testing.flame import write_embeddings, write_model  # noqa: E402
 from triplets.records import PairRecord  # noqa: E402
@@ -42,6 +42,7 @@ RAY = Path(sys.executable).with_name("ray")
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0.0.1
 #: The default recipe with its QC measured and no pair dropped: these tests compare engines.
 QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
+TPS = load_recipe(Path(__file__).parents[1] / "recipes" / "tps.toml", TripletRecipe)
 #: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves two to retry.
 RAY_PAIRS = 6
 
@@ -225,12 +226,12 @@ def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(
 def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, ray_pairs, ray_address, tmp_path):
     """An output that cannot be written (a file where pair 1's folder goes, in the first chunk)
     stops the run with the worker's own exception, as the local engine would, not Ray's wrapper
-    and traceback."""
+    and traceback. (The 2D recipe: its workers load no face mesh, hand or judge model.)"""
     out = tmp_path / "t"
     out.mkdir()
     (out / "00000001").write_text("in the way")
     with pytest.raises(OSError) as e:
-        run_triplets(prepped[0], ray_pairs, out, TripletRecipe(), device="cpu", batch=2, ray=RayOptions(address=ray_address, workers=1))
+        run_triplets(prepped[0], ray_pairs, out, TPS, device="cpu", batch=2, ray=RayOptions(address=ray_address, workers=1))
     assert type(e.value).__module__.split(".")[0] not in ("ray", "pyarrow") and "\n" not in str(e.value)
     assert "00000001" in str(e.value)
     # the run's fetch threads ended before it left the cluster (one still in ray.get then makes
@@ -240,7 +241,7 @@ def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, ray_pairs, ray_ad
 
 def test_ray_prep_matches_local_and_the_engines_resume_each_other(faces_dir, ray_address, tmp_path):
     inputs = [faces_dir / "london_set", faces_dir / "ffhq"]
-    local = run_prep(inputs, tmp_path / "local", PrepConfig(), workers=2)
+    local = run_prep(inputs, tmp_path / "local", PrepConfig(), workers=1)  # in this process: no worker start-ups
     s = run_prep(inputs, tmp_path / "ray", PrepConfig(), ray=RayOptions(address=ray_address))
     assert s["counts"] == local["counts"] and s["counts"]["written"] >= 18
     assert (tmp_path / "ray" / "faces.jsonl").read_bytes() == (tmp_path / "local" / "faces.jsonl").read_bytes()
