@@ -4,10 +4,11 @@ each fake judged by SFace (keep, leak, margin), its dlib 68 points (expression a
 against the attribute donor) and, with ``--fid``, the FID/KID of all fakes against the real crops.
 
 The rules: the brows, eyes and lips always in the blend mask (``feature_mask``) and the forehead
-trim stopping above the brows; the occluder rule limited to the forehead (hair, hats); each brow
-moved by the target's brow raise; the target's eyelids and mouth shape; the source's teeth kept
-off the fake's lips (``mouth_interior``); the source's upper lip left outside its mesh kept off the
-fake's skin (``stray_upper_lip``); the source's mesh lips moved onto the lips its image shows
+trim stopping above the brows; the occluder rule limited to the forehead (hair, hats), its hair
+told from the plain skin's colour (``SKIN_TRIM``); each brow moved by the target's brow raise;
+the target's eyelids and mouth shape; the source's teeth kept off the fake's lips
+(``mouth_interior``); the source's upper lip left outside its mesh kept off the fake's skin
+(``stray_upper_lip``); the source's mesh lips moved onto the lips its image shows
 (``refine_lips``); the mesh's eyelids moved to the 68 points' lids
 (``refine_eyelids``); the target's eye in an opening the source's eye cannot fill (``EYE_FROM_B``);
 the hand masks; the glasses rule; the colour transfer; the reshape; the
@@ -103,6 +104,7 @@ def variants() -> dict:
         "features not forced into the mask": (same, no_features),
         "forehead trim through the brows (no cap, no feature mask)": (same, uncapped_trim),
         "occluder rule below the brows too": (same, lambda: patched(meshswap, "occluders", _occluders_below_brows(meshswap.occluders))),
+        "forehead hair told from all of the skin (old rule)": (same, lambda: patched(meshswap, "SKIN_TRIM", (0.0, 1.0))),
         "no brow raise from the target": (same, no_brow_raise),
         "no eyelids from the target": (same, lambda: zero_weight("w_eyes")),
         "eyelids as the mesh reads them": (same, lambda: patched(meshswap, "refine_eyelids", lambda mesh, lm: mesh)),

@@ -75,6 +75,9 @@ SKIN_SD_FLOOR = 2.0
 STRAY_LIP_BAND = 0.7
 #: How far (a fraction of the crop) the stray lip may reach from the mesh's lips.
 STRAY_LIP_REACH = 0.08
+#: The skin pixels whose lightness lies between these quantiles of the face's skin pixels give
+#: the skin colour that forehead hair is told from (:func:`occluders`).
+SKIN_TRIM = (0.1, 0.95)
 #: Mesh vertices: the nose's base (subnasale) and the upper lip's outer arc, corner to corner.
 SUBNASALE = 2
 UPPER_LIP_ARC = fm.LIPS_OUTER[:11]
@@ -585,7 +588,13 @@ def occluders(img: torch.Tensor, labels: torch.Tensor, ref_mask: torch.Tensor, t
     CIE-LAB when the caller has it already."""
     lab = rgb_to_lab(img.clamp(0, 1).float()) if lab is None else lab
     b, c = lab.shape[:2]
-    mu, cov = masked_cov(lab, ref_mask.float())
+    # the skin's colour from its plain part: the mesh's skin also holds nostrils, lash lines,
+    # creases and shadows, whose dark tail widened the skin's spread until a fringe of brown hair
+    # read as skin
+    ell = torch.where(ref_mask > 0.5, lab[:, :1], torch.full_like(lab[:, :1], float("nan"))).flatten(1)
+    lo, hi = torch.nanquantile(ell, SKIN_TRIM[0], 1), torch.nanquantile(ell, SKIN_TRIM[1], 1)
+    plain = (ref_mask > 0.5) & (lab[:, :1] >= lo.view(b, 1, 1, 1)) & (lab[:, :1] <= hi.view(b, 1, 1, 1))
+    mu, cov = masked_cov(lab, torch.where(plain.flatten(1).any(1).view(b, 1, 1, 1), plain, ref_mask > 0.5).float())
     mu = mu.view(b, c, 1, 1)
     cov = cov + 4.0 * torch.eye(c, device=img.device)  # ridge: 2 LAB units
     d = (lab - mu).reshape(b, c, -1)
