@@ -11,8 +11,8 @@ the target's eyelids and mouth shape; the source's teeth kept off the fake's lip
 (``stray_upper_lip``); the source's mesh lips moved onto the lips its image shows
 (``refine_lips``); the mesh's eyelids moved to the 68 points' lids
 (``refine_eyelids``); the target's eye in an opening the source's eye cannot fill (``EYE_FROM_B``);
-the hand masks; the glasses rule; the colour transfer; the reshape; the
-outline's erosion.
+the hand masks; the glasses rule; the colour transfer, and its gain cap (``LCT_MAX_GAIN``); the
+reshape; the outline's erosion.
 The 2D recipe (``recipes/tps.toml``) is the reference row.
 
 Usage: ``.venv/bin/python scripts/leak_ablation.py [--prep DIR] [--pairs N] [--fid] [--variants NAME ...]``.
@@ -117,6 +117,7 @@ def variants() -> dict:
         "no glasses rule (masks.glasses = off)": (over({"masks.glasses": "off"}), none),
         "target's glasses kept (masks.glasses = keep)": (over({"masks.glasses": "keep"}), none),
         "no colour transfer": (over({"appearance.method": "none"}), none),
+        "colour transfer without its gain cap": (same, lambda: patched(meshswap, "LCT_MAX_GAIN", None)),
         "no reshape": (over({"reshape.enabled": False}), none),
         "no outline erosion": (over({"blend.erode": 0.0}), none),
         "2D recipe (recipes/tps.toml)": (tps, none),

@@ -60,13 +60,18 @@ def _sqrtm(c: torch.Tensor, inv: bool = False) -> torch.Tensor:
     return (v @ torch.diag_embed(d) @ v.transpose(-1, -2)).to(c.device, c.dtype)
 
 
-def linear_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor) -> torch.Tensor:
+def linear_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_ref: torch.Tensor,
+                    max_gain: float | None = None) -> torch.Tensor:
     """Linear colour transfer (the official ReliableSwap 'LCT'): match RGB mean and covariance,
-    ``x' = C_r^{1/2} C_s^{-1/2} (x − μ_s) + μ_r``."""
+    ``x' = C_r^{1/2} C_s^{-1/2} (x − μ_s) + μ_r``. ``max_gain``: the transform's singular values
+    are clamped to at most this (None: the official transfer, unclamped)."""
     b, c, h, w = src.shape
     mu_s, cs = masked_cov(src, m_src)
     mu_r, cr = masked_cov(ref, m_ref)
     t = _sqrtm(cr) @ _sqrtm(cs, inv=True)
+    if max_gain is not None:
+        u, sv, vh = torch.linalg.svd(t)
+        t = u @ torch.diag_embed(sv.clamp(max=max_gain)) @ vh
     x = src.reshape(b, c, -1) - mu_s.unsqueeze(-1)
     return (t @ x + mu_r.unsqueeze(-1)).reshape(b, c, h, w).clamp(0, 1)
 

@@ -48,6 +48,10 @@ from reliableswap.synth.appearance import linear_transfer, masked_cov, masked_st
 _POSE_WEIGHT_CUTOFF = 0.05
 #: Far-apart skins: each LAB channel's spread changes by at most this factor.
 DAMPED_RATIO = 1.4
+#: Close skins (LCT): no colour direction of the skin's variation is stretched more than this. A
+#: pale, even skin brought to a warmer, more varied one had its freckles, pores and a grin's
+#: shading stretched up to several times (blotches, a moustache-like band).
+LCT_MAX_GAIN = 2.0
 #: Jacobi iterations per pyramid level of the hole fills (hidden points, the mouth): the
 #: coarse-to-fine start leaves little to do at each finer level.
 FILL_ITERS = 20
@@ -619,7 +623,8 @@ def skin_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_r
                   large_gap: float = 25.0, lab_src: torch.Tensor | None = None,
                   lab_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recolour ``src`` so its skin matches ``ref``'s skin, statistics from skin pixels only: linear
-    colour transfer (LCT) when the skins are close; where they are far apart (``skin_gap`` >
+    colour transfer (LCT, no direction stretched more than :data:`LCT_MAX_GAIN`) when the skins are
+    close; where they are far apart (``skin_gap`` >
     ``large_gap`` LAB units), where full covariance matching over-stretches, a damped LAB transfer
     (Reinhard with the spread kept within :data:`DAMPED_RATIO`: a dark face brought to a pale
     target keeps its shading instead of blown-up contrast).
@@ -628,7 +633,7 @@ def skin_transfer(src: torch.Tensor, ref: torch.Tensor, m_src: torch.Tensor, m_r
     when the caller has them already (each is needed three times in the mesh path).
     """
     gap = skin_gap(src, ref, m_src, m_ref, lab_src, lab_ref)
-    out = linear_transfer(src, ref, m_src, m_ref)
+    out = linear_transfer(src, ref, m_src, m_ref, max_gain=LCT_MAX_GAIN)
     far = gap > large_gap
     if bool(far.any()):
         out = torch.where(far.view(-1, 1, 1, 1), reinhard(src, ref, m_src, m_ref, DAMPED_RATIO, lab_src, lab_ref), out)
