@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,3 +28,9 @@ def best(fn: Callable[[], object], reps: int = 3, warmup: bool = False) -> float
         sync()
         fastest = min(fastest, time.perf_counter() - t)
     return fastest
+
+
+def dump_file(folder: Path, row: str) -> Path:
+    """Where ``leak_ablation.py --dump folder`` keeps a row's per-fake figures (and
+    ``fid_bootstrap.py`` finds them): the row's name, spaces and slashes as underscores, ``.npz``."""
+    return Path(folder) / f"{row.replace(' ', '_').replace('/', '_')}.npz"

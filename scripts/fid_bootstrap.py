@@ -18,14 +18,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _bench import dump_file
 
 from reliableswap.evaluation import frechet_distance
 
 
 def load_row(dump: Path, row: str) -> np.ndarray:
     """The row's fakes' Inception features: 2P×D, the st fakes of P pairs, then their ts fakes."""
-    # a row by its name in the table (as leak_ablation.py names its dump file) or by its file's stem
-    path = Path(row) if row.endswith(".npz") else dump / f"{row.replace(' ', '_').replace('/', '_')}.npz"
+    path = Path(row) if row.endswith(".npz") else dump_file(dump, row)  # a path, or the row's name or file stem
     if not path.is_file():
         raise SystemExit(f"{path}: no such row dump (rows are the .npz files leak_ablation.py --dump writes)")
     with np.load(path) as z:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import dump_file
 
 from reliableswap.commands.pairs import run_pairs
 from reliableswap.commands.prep import PrepConfig, run_prep
@@ -112,7 +113,7 @@ def variants() -> dict:
         "no mouth shape from the target": (same, lambda: zero_weight("w_mouth")),
         "source's teeth allowed on the lips": (same, lambda: patched(meshswap, "mouth_interior", lambda img, labels, *a, **k: labels == fm.MOUTH_R)),
         "source's upper lip outside its mesh kept": (same, lambda: patched(meshswap, "stray_upper_lip", lambda img, mesh, labels: torch.zeros_like(labels, dtype=torch.bool))),
-        "source's lips as its mesh fits them": (same, lambda: patched(meshswap, "refine_lips", lambda img, mesh: mesh)),
+        "source's lips as its mesh fits them": (same, lambda: patched(meshswap, "refine_lips", lambda img, mesh, *_: mesh)),
         "no hand masks": (over({"masks.hands": False}), none),
         "no glasses rule (masks.glasses = off)": (over({"masks.glasses": "off"}), none),
         "target's glasses kept (masks.glasses = keep)": (over({"masks.glasses": "keep"}), none),
@@ -222,7 +223,7 @@ def main() -> None:
             rows[name] = bench.run(recipe())
         if a.dump is not None:
             a.dump.mkdir(parents=True, exist_ok=True)
-            np.savez(a.dump / f"{name.replace(' ', '_').replace('/', '_')}.npz",
+            np.savez(dump_file(a.dump, name),
                      **{f"{k}_{d}": v for d, f in bench.per_fake.items() for k, v in f.items()})
             if bench.real_feats is not None:
                 np.save(a.dump / "real_inception.npy", bench.real_feats.numpy())

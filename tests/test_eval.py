@@ -286,7 +286,7 @@ def test_eval_refuses_bad_invocations_in_one_line(tmp_path, capsys):
     assert "give one of --checkpoint" in err and "not a finetune run folder" in err and "Traceback" not in err
 
 
-def test_the_paired_fid_bootstrap_tells_a_real_gap_from_the_sample():
+def test_the_paired_fid_bootstrap_tells_a_real_gap_from_the_sample(monkeypatch):
     """scripts/fid_bootstrap.py: the same fakes twice differ by 0 in every draw; fakes moved away
     from the real features by a shift much larger than their spread are worse in every draw; the
     point differences are FID's own (Gaussian features: no weights needed)."""
@@ -296,6 +296,7 @@ def test_the_paired_fid_bootstrap_tells_a_real_gap_from_the_sample():
 
     from reliableswap.evaluation import frechet_distance
 
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # its shared helpers, as when the script runs
     spec = importlib.util.spec_from_file_location("fid_bootstrap", ROOT / "scripts" / "fid_bootstrap.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -191,7 +191,7 @@ def _run_length(hit: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(hit.to(torch.uint8), -1).sum(-1)
 
 
-def refine_lips(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
+def refine_lips(img: torch.Tensor, mesh: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """B×468×3 meshes whose lips cover the lips the image (B×3×S×S in [0, 1]) shows. The face mesh
     fits a wide grin's lips where a closed mouth's would be: its upper lip contour sits below the
     lifted upper lip, its inner contours on the teeth. Read through such a mesh, the lip laid on a
@@ -207,14 +207,14 @@ def refine_lips(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
       follows, less and less up to the nose base, so no triangle folds.
 
     The two lip rings between move with the contours, linearly along the column; z is kept. Where
-    the colours show no teeth and no left-out lip (a closed mouth the mesh fits), nothing moves."""
+    the colours show no teeth and no left-out lip (a closed mouth the mesh fits), nothing moves.
+    ``backend``: the rasterizer of the mesh's region map (:func:`region_map`)."""
     s = img.shape[-1]
     dev = mesh.device
     xy = mesh[..., :2].float()
-    labels = region_map(mesh, s)[2]
-    inside = teeth_or_cavity(img, *skin_lab_stats(img, labels))
-    stray = stray_upper_lip(img, mesh, labels)
-    maps = torch.cat([inside, stray], 1).float()  # B×2×S×S
+    labels = region_map(mesh, s, backend)[2]
+    inside = teeth_or_cavity(img, *skin_lab_stats(img, labels)).float()
+    stray = stray_upper_lip(img, mesh, labels).float()
     rings = torch.as_tensor(LIP_RINGS, device=dev)  # 4×20
     outer, inner = xy[:, rings[0]], xy[:, rings[3]]  # B×20×2
     nose = xy[:, SUBNASALE].unsqueeze(1)  # B×1×2
@@ -224,7 +224,7 @@ def refine_lips(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
     unit = sign.view(1, -1, 1) * up  # B×20×2: outwards from the mouth (zero at the corners)
     thick = ((outer - inner) * unit).sum(-1).clamp_min(0)  # B×20
     rise = ((nose - outer) * up).sum(-1).clamp_min(0)  # B×20
-    span = torch.cat([thick, (LIP_MAX_GROW + 1) * thick], 1).amax() + 2
+    span = (LIP_MAX_GROW + 1) * thick.amax() + 2  # the inner contour's run, the outer one's beyond it
     k = int(torch.ceil(span / LIP_STEP)) + 1
     steps = torch.arange(k, device=dev, dtype=xy.dtype) * LIP_STEP  # K
     ray = (unit.unsqueeze(2) * steps.view(1, 1, -1, 1))  # B×20×K×2
@@ -233,8 +233,8 @@ def refine_lips(img: torch.Tensor, mesh: torch.Tensor) -> torch.Tensor:
         grid = (start.unsqueeze(2) + ray + 0.5) / s * 2 - 1
         return torch.nn.functional.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0] > 0.5
 
-    move_in = (_run_length(sample(maps[:, :1], inner)) * LIP_STEP).minimum((1 - LIP_MIN_KEEP) * thick)  # B×20
-    grow = (_run_length(sample(maps[:, 1:], outer + LIP_STEP * unit)[..., :]) * LIP_STEP)
+    move_in = (_run_length(sample(inside, inner)) * LIP_STEP).minimum((1 - LIP_MIN_KEEP) * thick)  # B×20
+    grow = _run_length(sample(stray, outer + LIP_STEP * unit)) * LIP_STEP
     grow = grow.minimum(LIP_MAX_GROW * move_in).minimum(STRAY_LIP_BAND * rise) * (sign > 0)
     grow = torch.stack([grow.roll(1, 1), grow, grow.roll(-1, 1)], -1).median(-1).values * (sign > 0)  # corners are 0
     out = xy.clone()

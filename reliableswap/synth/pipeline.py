@@ -171,7 +171,7 @@ class Synthesizer:
         backend = r.flame.rasterizer.value
         occluded_a = _union(hands_id, hair_id)  # what covers a's face and must not come along: its hands, stored hair
         # a's texture is read through its lips as the image shows them (a grin's mesh lips sit on the teeth)
-        rend = meshswap.render_mesh(img_id, meshswap.refine_lips(img_id, mesh_id), img_attr, mesh_attr, mesh_ab, backend,
+        rend = meshswap.render_mesh(img_id, meshswap.refine_lips(img_id, mesh_id, backend), img_attr, mesh_attr, mesh_ab, backend,
                                     occluded_a=occluded_a, fill_a=glasses_id)
         face, covered, labels = rend["face"], rend["covered"], rend["labels"]
         if self.restorer is not None:
