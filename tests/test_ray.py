@@ -43,8 +43,9 @@ LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every Ray port on 127.0
 #: The default recipe with its QC measured and no pair dropped: these tests compare engines.
 QC_ALL = TripletRecipe().with_overrides({"qc.enabled": True, "qc.min_id_margin": -2.0})
 TPS = load_recipe(Path(__file__).parents[1] / "recipes" / "tps.toml", TripletRecipe)
-#: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves two to retry.
-RAY_PAIRS = 6
+#: Pairs of the triplet runs, two a chunk: a kill after the first chunk leaves the re-run two or
+#: more chunks, one to write before its own kill and one to retry.
+RAY_PAIRS = 8
 
 
 def _free_port() -> int:
@@ -150,9 +151,9 @@ def _render_workers() -> list:
     return [p for p in psutil.process_iter(["cmdline"]) if "TripletRenderWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
-    """Start ``run()`` in a thread; once its first chunk is recorded, kill -9 every render worker.
-    Returns (the killed processes, chunks recorded at the kill, {"summary" or "error"})."""
+def _kill_render_worker_mid_run(run, out: Path, after: int = 0) -> tuple[list, int, dict]:
+    """Start ``run()`` in a thread; once it has recorded more than ``after`` chunks, kill -9 every
+    render worker. Returns (the killed processes, chunks recorded at the kill, {"summary" or "error"})."""
     res: dict = {}
 
     def go():
@@ -164,7 +165,7 @@ def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
     th = threading.Thread(target=go)
     th.start()
     units = out / ".triplets" / "units"
-    while th.is_alive() and not (units.is_dir() and any(units.glob("*.json"))):
+    while th.is_alive() and not (units.is_dir() and len(list(units.glob("*.json"))) > after):
         time.sleep(0.05)
     victims = _render_workers()
     n_at_kill = len(list(units.glob("*.json")))
@@ -175,23 +176,36 @@ def _kill_render_worker_mid_run(run, out: Path) -> tuple[list, int, dict]:
     return victims, n_at_kill, res
 
 
-def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped, ray_pairs, local_triplets, ray_address,
-                                                                        tmp_path):
-    """Same seed, same inputs, and kill -9 of the only render worker once a chunk is written: Ray
-    restarts it and re-runs its chunk; every JPEG, the manifest (QC figures included) and the
-    rejects are byte-identical to the local engine's, the summary counts the same and says where
-    it ran, no temp is left, and a re-run finds nothing to do."""
+def test_ray_a_worker_lost_stops_in_one_line_and_one_killed_in_the_rerun_is_retried(prepped, ray_pairs, local_triplets,
+                                                                                   ray_address, tmp_path):
+    """Same seed, same inputs, one render worker. First run, no retries: kill -9 of the worker once
+    a chunk is written stops the run in one line, keeping the chunks recorded. The re-run, with
+    retries: kill -9 of its worker once it has written a chunk of its own; Ray restarts it and
+    re-runs its chunk. Every JPEG, the manifest (QC figures included) and the rejects are then
+    byte-identical to the local engine's, the summary counts the same and says where it ran, no
+    temp is left, and a third run finds nothing to do."""
     local, ls = local_triplets
+    chunks = ls["details"]["chunks"]
     out = tmp_path / "t"
+    victims, _, res = _kill_render_worker_mid_run(
+        lambda: run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2,
+                             ray=RayOptions(address=ray_address, workers=1, retries=0)), out)
+    err = res.get("error")
+    assert len(victims) == 1
+    assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
+    kept = len(list((out / ".triplets" / "units").glob("*.json")))
+    assert 1 <= kept <= chunks - 2, "the first kill must leave two chunks or more to the re-run"
+
     ray = RayOptions(address=ray_address, workers=1, retries=2)
     victims, n_at_kill, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2, ray=ray), out)
+        lambda: run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2, ray=ray), out, after=kept)
     if "error" in res:
         raise res["error"]
-    assert len(victims) == 1 and n_at_kill < ls["details"]["chunks"], "the kill came after the run or hit no worker"
+    assert len(victims) == 1 and kept < n_at_kill < chunks, "the kill came after the re-run or hit no worker"
     assert not victims[0].is_running()
     s = res["summary"]
-    assert s["counts"] == ls["counts"] and s["counts"]["written_this_run"] == ls["counts"]["written"]
+    assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
+    assert s["counts"]["rejected"] == ls["counts"]["rejected"]
     assert _files(out, "*.jpg") == _files(local, "*.jpg") and len(_files(local, "*.jpg")) == 4 * ls["counts"]["written"]
     for name in ("manifest.jsonl", "rejects.jsonl", "recipe.resolved.toml"):
         assert (out / name).read_bytes() == (local / name).read_bytes(), name
@@ -201,26 +215,7 @@ def test_ray_triplets_match_local_and_a_worker_killed_mid_run_is_retried(prepped
     assert s["timings"]["stages_s"]["synth"] > 0 and s["throughput"]["per_s"] > 0
     assert _temps(out) == []
     again = run_triplets(prepped[0], ray_pairs, out, QC_ALL, device="cpu", batch=2, ray=ray)
-    assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == s["details"]["chunks"]
-
-
-def test_ray_worker_lost_beyond_retries_stops_in_one_line_and_a_rerun_completes(prepped, ray_pairs, local_triplets,
-                                                                               ray_address, tmp_path):
-    local, ls = local_triplets
-    out = tmp_path / "t"
-    recipe = QC_ALL
-    victims, _, res = _kill_render_worker_mid_run(
-        lambda: run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2,
-                             ray=RayOptions(address=ray_address, workers=1, retries=0)), out)
-    err = res.get("error")
-    assert len(victims) == 1
-    assert isinstance(err, WorkerLost) and "\n" not in str(err) and "re-run to resume" in str(err), repr(err)[:2000]
-    kept = len(list((out / ".triplets" / "units").glob("*.json")))
-    assert 1 <= kept < ls["details"]["chunks"]
-    # the rerun on one actor a stage (each actor loads every model: seconds of the suite)
-    s = run_triplets(prepped[0], ray_pairs, out, recipe, device="cpu", batch=2, ray=RayOptions(address=ray_address, workers=1))
-    assert s["counts"]["skipped"] == kept and s["counts"]["written"] == ls["counts"]["written"]
-    assert _files(out, "*.jpg") == _files(local, "*.jpg") and _temps(out) == []
+    assert again["counts"]["written_this_run"] == 0 and again["counts"]["skipped"] == chunks
 
 
 def test_ray_an_error_in_a_worker_is_its_own_one_line(prepped, ray_pairs, ray_address, tmp_path):
@@ -274,7 +269,8 @@ def test_ray_flows_match_local(ray_address, tmp_path):
     cfg = FlowsConfig(batch=2, max_rmse=50.0)
     with one_thread():  # the fit's float sums, as in the 1-CPU workers
         local = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "local", str(model), cfg)
-    s = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "ray", str(model), cfg, ray=RayOptions(address=ray_address))
+    # one actor (the prep test above runs two): each actor's start-up is seconds of the suite
+    s = run_flows(prep, tmp_path / "pairs.jsonl", tmp_path / "ray", str(model), cfg, ray=RayOptions(address=ray_address, workers=1))
     assert s["counts"] == local["counts"] and s["counts"]["written"] == 4
     assert s["details"]["faces_fitted_on_the_fly"] == local["details"]["faces_fitted_on_the_fly"] == 8
     assert _files(tmp_path / "ray", "*.npz") == _files(tmp_path / "local", "*.npz")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -87,6 +89,26 @@ def nesting_depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
+#: A JSON string token, escapes included (only applied to text ``json.loads`` accepted).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: Each byte's step in nesting depth: +1 for ``[`` and ``{``, −1 for ``]`` and ``}``, 0 otherwise.
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+_NOT_BRACKETS = bytes(b for b in range(256) if not _DEPTH_STEP[b])
+
+
+def text_depth(text: str | bytes) -> int:
+    """Depth of nested arrays/objects of valid JSON ``text`` (as :func:`nesting_depth` of its
+    value), from its brackets outside strings: one pass in C over the bytes instead of a walk over
+    every parsed value (a face record's mesh holds thousands)."""
+    data = text.encode() if isinstance(text, str) else bytes(text)
+    if b'"' in data:
+        data = _JSON_STRING.sub(b"", data)
+    brackets = data.translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
 def loads_bounded(text: str | bytes, limit: int = MAX_DEPTH) -> Any:
     """``json.loads`` that refuses (:class:`ValueError`) nesting deeper than ``limit`` instead of
     overflowing the interpreter's stack."""
@@ -94,7 +116,7 @@ def loads_bounded(text: str | bytes, limit: int = MAX_DEPTH) -> Any:
         obj = json.loads(text)
     except RecursionError:
         raise ValueError(f"nested deeper than {limit} levels") from None
-    if nesting_depth(obj, limit) > limit:
+    if text_depth(text) > limit:
         raise ValueError(f"nested deeper than {limit} levels")
     return obj
 

@@ -18,7 +18,7 @@ import dlib
 import numpy as np
 
 from reliableswap.errors import UserError
-from reliableswap.faces.models import YUNET_MODEL, dlib_model, wheel_model
+from reliableswap.faces.models import YUNET_MODEL, dlib_model, model_pool, wheel_model
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,19 @@ class DlibDetector:
         self.kind = kind
         self.passes = passes
         if kind == "hog":
-            self._det = dlib.get_frontal_face_detector()
+            self._pool = model_pool("dlib:frontal_face_detector", dlib.get_frontal_face_detector)
         else:
-            self._det = dlib.cnn_face_detection_model_v1(str(dlib_model("cnn_detector")))
+            path = str(dlib_model("cnn_detector"))
+            self._pool = model_pool(path, lambda: dlib.cnn_face_detection_model_v1(path))
 
     def _run(self, img: np.ndarray, upsample: int) -> tuple[np.ndarray, np.ndarray]:
         if self.kind == "hog":
-            rects, scores, _ = self._det.run(img, upsample, 0.0)
+            with self._pool.borrow() as det:
+                rects, scores, _ = det.run(img, upsample, 0.0)
             boxes = [(r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r in rects]
             return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores, np.float64)
-        dets = self._det(img, upsample)
+        with self._pool.borrow() as det:
+            dets = det(img, upsample)
         boxes = [(d.rect.left(), d.rect.top(), d.rect.right() + 1, d.rect.bottom() + 1) for d in dets]
         return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray([d.confidence for d in dets])
 

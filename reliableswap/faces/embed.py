@@ -8,7 +8,7 @@ from __future__ import annotations
 import dlib
 import numpy as np
 
-from reliableswap.faces.models import dlib_model
+from reliableswap.faces.models import dlib_model, model_pool
 
 SAME_PERSON_DISTANCE = 0.6
 
@@ -17,7 +17,8 @@ class DlibEmbedder:
     """Call with an H×W×3 uint8 RGB image and N×68×2 landmarks in its pixels → N×128 float32."""
 
     def __init__(self) -> None:
-        self._net = dlib.face_recognition_model_v1(str(dlib_model("recognition")))
+        path = str(dlib_model("recognition"))
+        self._pool = model_pool(path, lambda: dlib.face_recognition_model_v1(path))
 
     def __call__(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         if len(landmarks) == 0:
@@ -29,7 +30,8 @@ class DlibEmbedder:
             rect = dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
             pts = [dlib.point(int(round(x)), int(round(y))) for x, y in lm]
             shapes.append(dlib.full_object_detection(rect, pts))
-        desc = self._net.compute_face_descriptor(np.ascontiguousarray(rgb), shapes)
+        with self._pool.borrow() as net:
+            desc = net.compute_face_descriptor(np.ascontiguousarray(rgb), shapes)
         return np.asarray([np.asarray(d) for d in desc], np.float32)
 
 

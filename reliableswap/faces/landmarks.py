@@ -18,7 +18,7 @@ from kornia.geometry.transform import warp_affine
 
 from reliableswap.errors import UserError
 from reliableswap.checkpoints import CheckpointRefused, check_state, state_bytes, torch_load
-from reliableswap.faces.models import MissingWeightsError, dlib_model, weights_dir
+from reliableswap.faces.models import MissingWeightsError, dlib_model, model_pool, weights_dir
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
 
@@ -32,14 +32,16 @@ class DlibLandmarks:
     name = "dlib"
 
     def __init__(self) -> None:
-        self._sp = dlib.shape_predictor(str(dlib_model("landmarks68")))
+        path = str(dlib_model("landmarks68"))
+        self._pool = model_pool(path, lambda: dlib.shape_predictor(path))
 
     def __call__(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         out = np.zeros((len(boxes), 68, 2), np.float32)
-        for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes)):
-            rect = dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
-            shape = self._sp(rgb, rect)
-            out[i] = [(p.x, p.y) for p in shape.parts()]
+        with self._pool.borrow() as predictor:
+            for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes)):
+                rect = dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
+                shape = predictor(rgb, rect)
+                out[i] = [(p.x, p.y) for p in shape.parts()]
         return out
 
     def remeasure(self, images: np.ndarray, hint: np.ndarray) -> np.ndarray:

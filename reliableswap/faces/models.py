@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from triplets.jsonl import file_sha256, remove_dead_temps
 from reliableswap.errors import UserError
@@ -63,6 +66,48 @@ def dlib_model(name: str) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"dlib model file missing: {path}")
     return path
+
+
+class ModelPool:
+    """Loaded copies of one model, shared by every user in this process: a command run twice in one
+    process (a library caller, the tests) loads dlib's files once, not once a run (about half a
+    second each for the 68-point predictor and the HOG detector). A copy is lent to one caller at a
+    time (dlib's detectors keep scratch buffers, and its calls release the GIL), so concurrent
+    threads each get their own and the pool holds as many copies as were ever in use at once."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Any]:
+        with self._lock:
+            model = self._free.pop() if self._free else None
+        if model is None:
+            model = self._make()
+        try:
+            yield model
+        finally:
+            with self._lock:
+                self._free.append(model)
+
+
+_POOLS: dict[str, ModelPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def model_pool(key: str, make: Callable[[], Any]) -> ModelPool:
+    """The process's pool for ``key`` (a model file's path), made on first use with one copy loaded
+    (so a missing or broken file fails here, at start-up, not at the first face)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = ModelPool(make)
+            with pool.borrow():
+                pass
+            _POOLS[key] = pool
+    return pool
 
 
 def weights_dir(configured: str | os.PathLike | None = None) -> Path:

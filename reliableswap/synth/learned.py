@@ -138,7 +138,9 @@ class Restorer:
 
     @torch.no_grad()
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        nets = load_nets(self.backend, self.root, img.device)
+        nets = load_nets(self.backend, self.root, img.device)  # the files are checked at any strength
+        if self.strength == 0:  # nothing of the restored face is kept: the network need not run
+            return img
         net = next(iter(nets.values()))
         s = img.shape[-1]
 

@@ -13,7 +13,6 @@ import os
 import re
 from pathlib import Path
 
-import dlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 
 from reliableswap.checkpoints import torch_load
 from reliableswap.faces.embed import DlibEmbedder
+from reliableswap.faces.landmarks import DlibLandmarks
 from reliableswap.judge import SFaceJudge
-from reliableswap.faces.models import dlib_model
 from reliableswap.errors import UserError
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
@@ -155,15 +154,13 @@ class DlibEncoder:
     """
 
     def __init__(self, box: tuple[float, float, float, float] = CROP_FACE_BOX):
-        self._sp = dlib.shape_predictor(str(dlib_model("landmarks68")))
+        self._landmarks = DlibLandmarks()
         self._emb = DlibEmbedder()
         self.box = box
         self._cache: dict[bytes, np.ndarray] = {}  # sources repeat across steps: describe each image once
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import dlib
-
         imgs = (x.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         out = []
         for img in imgs:
@@ -172,8 +169,9 @@ class DlibEncoder:
                 out.append(self._cache[key])
                 continue
             h, w = img.shape[:2]
-            rect = dlib.rectangle(int(self.box[0] * w), int(self.box[1] * h), int(self.box[2] * w), int(self.box[3] * h))
-            lm = np.array([(p.x, p.y) for p in self._sp(img, rect).parts()], np.float32)
+            # the box's right/bottom pixels inclusive, as DlibLandmarks takes them (x1 − 1, y1 − 1)
+            box = np.array([[int(self.box[0] * w), int(self.box[1] * h), int(self.box[2] * w) + 1, int(self.box[3] * h) + 1]])
+            lm = self._landmarks(img, box)[0]
             out.append(self._emb(np.ascontiguousarray(img), lm[None])[0])
             if len(self._cache) < 100_000:
                 self._cache[key] = out[-1]
