@@ -11,6 +11,8 @@ import torch
 from reliableswap.faces.landmarks import FAN_WEIGHTS, FanLandmarks, FanNet, MissingWeightsError, decode_heatmaps, fan_crop_transforms
 from reliableswap.geometry.affine import apply_affine, invert_affine
 
+pytestmark = pytest.mark.usefixtures("flush_denormals")  # random weights: see conftest.py
+
 
 def test_missing_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -16,6 +16,8 @@ import pytest
 from reliableswap.cli import main
 from reliableswap.commands.ffpp import frame_indices, read_pair_list
 
+pytestmark = pytest.mark.usefixtures("flush_denormals")  # random weights: see conftest.py
+
 
 @pytest.fixture(scope="module")
 def ffpp_videos(faces_dir, tmp_path_factory):

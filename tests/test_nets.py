@@ -25,6 +25,8 @@ from reliableswap.recipes import TripletRecipe, load_recipe
 from reliableswap.testing.nets import (LP_CONFIG, cuda_calls_are_noops, randomize, reference_dir, reference_model,
                                        write_random_weights)
 
+pytestmark = pytest.mark.usefixtures("flush_denormals")  # random weights: see conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_NAME = {"lia": "LIA", "bisenet": "face-parsing.PyTorch", "gfpgan": "GFPGAN", "gpen": "GPEN", "liveportrait": "LivePortrait"}
 
