@@ -44,11 +44,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# In dependency order: bench_triplets makes bench_out/prep_shared, which bench_mesh reads.
+# In dependency order: bench_triplets makes bench_out/prep_shared, which bench_mesh and bench_records read.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prep.py --copies 4
 	$(BIN)/python scripts/bench_triplets.py
 	$(BIN)/python scripts/bench_mesh.py
+	$(BIN)/python scripts/bench_records.py bench_out/prep_shared/faces.jsonl
 	$(BIN)/python scripts/bench_nets.py
 	$(BIN)/python scripts/bench_judge.py
 	$(BIN)/python scripts/bench_hands.py

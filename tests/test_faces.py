@@ -172,3 +172,38 @@ def test_face_mask_covers_face_not_background(faces_dir, dlib_models):
     assert (m[inner[:, 1], inner[:, 0]] > 0.5).all()
     assert m[0, 0] == 0 and m[-1, -1] == 0 and m[0, -1] == 0
     assert 0 < float(m.mean()) < 0.5
+
+
+def test_dlib_models_load_once_a_process_and_threads_each_get_their_own(faces_dir):
+    """A second DlibDetector/DlibLandmarks in one process loads nothing (a command run twice, a
+    library caller); callers at once each borrow a copy of their own (dlib's calls release the GIL
+    and its detectors keep scratch buffers), and threads detecting together find what one finds."""
+    import threading
+
+    from reliableswap.faces.detect import DlibDetector
+    from reliableswap.faces.landmarks import DlibLandmarks
+
+    det, lmk = DlibDetector(), DlibLandmarks()
+    assert DlibDetector()._pool is det._pool and DlibLandmarks()._pool is lmk._pool
+    with det._pool.borrow() as one, det._pool.borrow() as two:
+        assert one is not two  # lent at once: two copies
+    with det._pool.borrow() as three:
+        assert three is one or three is two  # given back: no third load
+    photos = [read_image(p)[0] for p in sorted((faces_dir / "london_set").glob("*.jpg"))[:6]]
+    alone = []
+    for rgb in photos:
+        boxes = det(rgb)[0]
+        alone.append((boxes, lmk(rgb, boxes[:1])))
+    got: dict[int, tuple] = {}
+
+    def work(i: int) -> None:
+        boxes = det(photos[i])[0]
+        got[i] = boxes, lmk(photos[i], boxes[:1])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(photos))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (boxes, lm) in enumerate(alone):
+        assert np.array_equal(got[i][0], boxes) and np.array_equal(got[i][1], lm), i
