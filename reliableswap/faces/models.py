@@ -98,8 +98,9 @@ _POOLS_LOCK = threading.Lock()
 
 
 def model_pool(key: str, make: Callable[[], Any]) -> ModelPool:
-    """The process's pool for ``key`` (a model file's path), made on first use with one copy loaded
-    (so a missing or broken file fails here, at start-up, not at the first face)."""
+    """The process's pool for ``key`` (a model file's path, or a name for a model built into dlib),
+    made on first use with one copy loaded by ``make`` (so a missing or broken file fails here, at
+    start-up, not at the first face; a pool whose first load failed is not kept)."""
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
