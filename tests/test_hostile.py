@@ -296,7 +296,8 @@ def test_disk_full_stops_the_run_and_a_rerun_completes(synth_prep, tmp_path, mon
     import reliableswap.commands.triplets as cmd
 
     PairRecord.write(tmp_path / "p.jsonl", [PairRecord(a=f"synthetic_0_{i:05d}", b=f"synthetic_0_{i + 4:05d}") for i in range(4)])
-    clean = run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "clean", device="cpu", batch=2)
+    tps = load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe)  # what is synthesized does not matter here
+    clean = run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "clean", tps, device="cpu", batch=2)
     real = cmd.atomic_dir
     calls = {"n": 0}
 
@@ -308,9 +309,9 @@ def test_disk_full_stops_the_run_and_a_rerun_completes(synth_prep, tmp_path, mon
 
     monkeypatch.setattr(cmd, "atomic_dir", full)
     with pytest.raises(OSError, match="No space left"):
-        run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "cut", device="cpu", batch=2)
+        run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "cut", tps, device="cpu", batch=2)
     monkeypatch.setattr(cmd, "atomic_dir", real)
-    s = run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "cut", device="cpu", batch=2)
+    s = run_triplets(synth_prep, tmp_path / "p.jsonl", tmp_path / "cut", tps, device="cpu", batch=2)
     assert s["counts"]["rejected"] == 0 and s["counts"]["written"] == clean["counts"]["written"] == 4
     assert (tmp_path / "cut" / "manifest.jsonl").read_bytes() == (tmp_path / "clean" / "manifest.jsonl").read_bytes()
 

@@ -22,13 +22,15 @@ from PIL import Image
 from reliableswap.commands.prep import PrepConfig, run_prep, slug
 from reliableswap.commands.triplets import run_triplets
 from reliableswap.pairs import make_pairs
-from reliableswap.recipes import PairsSection
+from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
 from reliableswap.testing import stub_modules
 from triplets import TripletDataset
 from triplets.layout import FILES, TYPE_TABLE
 from triplets.official import read_triplet_pickle, read_vanilla_pickle
 from triplets.records import ManifestRecord, PairRecord
 from reliableswap.contracts import FaceSet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def official_files(faces_dir, tmp_path_factory):
     run_prep([inputs], prep, PrepConfig(identity_from_folder=True, largest=True), workers=1)
     fs = FaceSet.load(prep)
     PairRecord.write(root / "pairs.jsonl", make_pairs(fs.faces, PairsSection(n=6, strategy="random")))
-    run_triplets(prep, root / "pairs.jsonl", root / "tri", device="cpu", batch=8)
+    # the 2D recipe: the layout is what these tests read, not what is synthesized
+    run_triplets(prep, root / "pairs.jsonl", root / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), device="cpu", batch=8)
     return prep, root / "tri"
 
 

@@ -27,7 +27,7 @@ def real_triplets(prepped, tmp_path_factory):
     """16 cycle triplets synthesized from the shared real faces (2D recipe)."""
     from reliableswap.commands.triplets import run_triplets
     from reliableswap.pairs import make_pairs
-    from reliableswap.recipes import PairsSection
+    from reliableswap.recipes import PairsSection, TripletRecipe, load_recipe
     from triplets.records import PairRecord
     from reliableswap.contracts import FaceRecord
 
@@ -35,7 +35,7 @@ def real_triplets(prepped, tmp_path_factory):
     d = tmp_path_factory.mktemp("train_triplets")
     faces = FaceRecord.read(src / "faces.jsonl")
     PairRecord.write(d / "pairs.jsonl", make_pairs(faces, PairsSection(n=16, max_yaw_diff=30.0)))
-    run_triplets(src, d / "pairs.jsonl", d / "tri", device="cpu", batch=8)
+    run_triplets(src, d / "pairs.jsonl", d / "tri", load_recipe(ROOT / "recipes" / "tps.toml", TripletRecipe), device="cpu", batch=8)
     return src, d / "tri"
 
 
