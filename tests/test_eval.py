@@ -5,6 +5,7 @@ eval of a tiny fine-tune run, and the triplet QC report."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from pathlib import Path
@@ -102,28 +103,31 @@ def test_frechet_distance_equals_the_sqrtm_formula():
         ev.frechet_distance(x[:1], y)
 
 
-_HE_INCEPTION: list[bytes] = []
+@functools.cache
+def _he_inception_bytes() -> bytes:
+    """The file's bytes, made once a process (three tests write it)."""
+    import io
+
+    from reliableswap.nets.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    return buf.getvalue()
 
 
 def _he_inception_file(folder: Path) -> Path:
     """FID's Inception with He-initialised convolutions and identity BatchNorm statistics, in the
     published file name (random weights that keep the activations at a real network's scale;
     small random weights die out over its ~40 layers)."""
-    import io
+    from reliableswap.nets.inception import FID_WEIGHTS
 
-    from reliableswap.nets.inception import FID_WEIGHTS, FIDInceptionV3
-
-    if not _HE_INCEPTION:  # made once a process: three tests write it
-        torch.manual_seed(0)
-        net = FIDInceptionV3()
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        buf = io.BytesIO()
-        torch.save(net.state_dict(), buf)
-        _HE_INCEPTION.append(buf.getvalue())
     (folder / "inception").mkdir(parents=True, exist_ok=True)
-    (folder / "inception" / FID_WEIGHTS).write_bytes(_HE_INCEPTION[0])
+    (folder / "inception" / FID_WEIGHTS).write_bytes(_he_inception_bytes())
     return folder / "inception" / FID_WEIGHTS
 
 

@@ -235,8 +235,9 @@ def refine_lips(img: torch.Tensor, mesh: torch.Tensor, backend: str = "auto") ->
 
     move_in = (_run_length(sample(inside, inner)) * LIP_STEP).minimum((1 - LIP_MIN_KEEP) * thick)  # B×20
     grow = _run_length(sample(stray, outer + LIP_STEP * unit)) * LIP_STEP
-    grow = grow.minimum(LIP_MAX_GROW * move_in).minimum(STRAY_LIP_BAND * rise) * (sign > 0)
-    grow = torch.stack([grow.roll(1, 1), grow, grow.roll(-1, 1)], -1).median(-1).values * (sign > 0)  # corners are 0
+    grow = grow.minimum(LIP_MAX_GROW * move_in).minimum(STRAY_LIP_BAND * rise)  # 0 at the corners: no thickness, no move_in
+    # a median of three along the upper lip (its end columns' neighbours are the corners); the lower lip never grows
+    grow = torch.stack([grow.roll(1, 1), grow, grow.roll(-1, 1)], -1).median(-1).values * (sign > 0)
     out = xy.clone()
     for ring in rings:  # each lip vertex: the two contours' moves, mixed by where it lies on its column
         t = (((xy[:, ring] - inner) * unit).sum(-1) / thick.clamp_min(1e-6)).clamp(0, 1)  # B×20
